@@ -1,0 +1,140 @@
+"""The contract between ``Buffer`` (the public, DeepEP-compatible surface) and a backend.
+
+``Buffer`` validates every argument (dtype, shape, device, ranges, buffer sizes), manages streams and events
+(``previous_event``, ``async_finish``, ``allocate_on_comm_stream``) and converts results to DeepEP's tuples.
+A backend only moves data: each method runs on the *current* stream (``Buffer`` makes the communication stream
+current where DeepEP would use it), receives arguments that are already validated, and returns the named
+results below.
+
+Handles are ``NamedTuple``s, so they index like DeepEP's tuples (``handle[0]`` is the rank prefix matrix) and
+read by name inside the library. Every backend produces the *same* handle contents for the same inputs and
+``Config.num_sms``: a handle is a pure function of the layout (tests compare backends element by element).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Protocol
+
+import torch
+
+from ..config import Config
+
+
+class DispatchLayout(NamedTuple):
+    """Result of ``get_dispatch_layout`` (see ``deepep_plugin.layout`` for exact semantics)."""
+
+    num_tokens_per_rank: torch.Tensor  # [R] int32: tokens with >= 1 expert on rank j
+    num_tokens_per_rdma_rank: Optional[torch.Tensor]  # [N_nodes] int32, None within one node
+    num_tokens_per_expert: torch.Tensor  # [E] int32: (token, k) entries selecting expert e
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+
+
+class IntranodeHandle(NamedTuple):
+    """DeepEP V1's 6-tuple intranode handle. ``C = Config.num_sms // 2`` channels, ``T`` local tokens.
+
+    Channel partition: tokens ``[0, T)`` in ``C`` contiguous ranges of ``ceil(T / C)`` tokens.
+    """
+
+    # [R, R] int32: [i][j] = sum over source ranks k <= i of tokens sent from k to j (inclusive prefix over
+    # the source rank). Unlike DeepEP, every column is valid, not only this rank's.
+    rank_prefix_matrix: torch.Tensor
+    # [R, C] int32, sender side: [j][c] = tokens of this rank in channels <= c that go to rank j (inclusive).
+    channel_prefix_matrix: torch.Tensor
+    # [R, C] int32, receiver side: [i][c] = tokens from source rank i in its channels < c (exclusive prefix),
+    # i.e. where channel c starts inside source i's block of received rows.
+    recv_channel_prefix_matrix: torch.Tensor
+    # [n_recv] int32: index, within its source rank, of each received row.
+    recv_src_idx: torch.Tensor
+    # [T, R] bool: the dispatch input.
+    is_token_in_rank: torch.Tensor
+    # [T, R] int32: for token t going to rank j, the number of earlier tokens of t's channel that go to j
+    # (its slot in the (channel, j) stream); -1 where the token does not go to j.
+    send_head: torch.Tensor
+
+
+class InternodeHandle(NamedTuple):
+    """DeepEP V1's 10-tuple internode handle (EP groups spanning more than one node).
+
+    ``N`` nodes of ``G`` ranks (``G`` = node size, 8 unless configured), ``C`` channels. Rows received by
+    RDMA on a forwarder are ordered by source node, then source token index.
+    """
+
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+    rdma_channel_prefix_matrix: torch.Tensor  # [N, C] int32: inclusive prefix of this rank's tokens to node n
+    gbl_channel_prefix_matrix: torch.Tensor  # [R, C] int32: inclusive prefix of this rank's tokens to rank j
+    recv_rdma_channel_prefix_matrix: torch.Tensor  # [N, C] int32: per source node, inclusive channel prefix
+    recv_rdma_rank_prefix_sum: torch.Tensor  # [N] int32: inclusive prefix over source nodes of RDMA-recv tokens
+    recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C] int32: absolute start row of (source rank, channel)
+    recv_gbl_rank_prefix_sum: torch.Tensor  # [R] int32: inclusive prefix over source ranks of received tokens
+    recv_src_meta: torch.Tensor  # [n_recv, 8] uint8: int32 source token index + int32 source rank
+    send_rdma_head: torch.Tensor  # [T, N] int32: slot of token t in the (channel, node n) stream, or -1
+    send_nvl_head: torch.Tensor  # [n_rdma_recv, G] int32: forwarder's slot per local destination, or -1
+
+
+Handle = IntranodeHandle | InternodeHandle
+
+
+class DispatchResult(NamedTuple):
+    recv_x: torch.Tensor  # [n_recv or num_worst_tokens, H], dtype of x
+    recv_x_scales: Optional[torch.Tensor]  # [rows, S] (dtype of the input scales, row-major), FP8 only
+    recv_topk_idx: Optional[torch.Tensor]  # [rows, K] int64, local expert ids or -1
+    recv_topk_weights: Optional[torch.Tensor]  # [rows, K] float32, 0.0 where recv_topk_idx == -1
+    num_recv_tokens_per_expert_list: list[int]  # [E_loc], rounded up to expert_alignment; [] for worst-tokens
+    handle: Handle
+
+
+class CombineResult(NamedTuple):
+    combined_x: torch.Tensor  # [T, H], dtype of x
+    combined_topk_weights: Optional[torch.Tensor]  # [T, K] float32
+
+
+class LowLatencyHandle(NamedTuple):
+    """DeepEP V1's low-latency handle ``(src_info, layout_range, N_ll, H, E)``."""
+
+    src_info: torch.Tensor  # [E_loc, R * N_ll] int32: source token index of each valid row
+    layout_range: torch.Tensor  # [E_loc, R] int64: (start row << 32) | count, per (local expert, source rank)
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+
+
+class LowLatencyDispatchResult(NamedTuple):
+    recv_x: torch.Tensor  # [E_loc, R*N_ll, H] bf16, or float8_e4m3fn when FP8
+    recv_x_scales: Optional[torch.Tensor]  # FP8: [E_loc, R*N_ll, S] float32 or [.., S/4] int32 (UE8M0),
+    # a transposed view of a [E_loc, S, R*N_ll] contiguous tensor
+    recv_count: torch.Tensor  # [E_loc] int32
+    handle: LowLatencyHandle
+    hook: Optional[Callable[[], None]]  # completes the receive when return_recv_hook=True, else None
+
+
+class Backend(Protocol):
+    """What ``Buffer`` needs from a backend. ``name`` is 'reference' or 'cuda'."""
+
+    name: str
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout: ...
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: Optional[torch.Tensor],
+        handle: Optional[Handle],
+        layout: Optional[DispatchLayout],
+        topk_idx: Optional[torch.Tensor],
+        topk_weights: Optional[torch.Tensor],
+        expert_alignment: int,
+        num_worst_tokens: int,
+        config: Config,
+    ) -> DispatchResult: ...
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: Handle,
+        topk_weights: Optional[torch.Tensor],
+        bias0: Optional[torch.Tensor],
+        bias1: Optional[torch.Tensor],
+        config: Config,
+    ) -> CombineResult: ...
+
+    def destroy(self) -> None: ...

@@ -1,0 +1,738 @@
+"""``Buffer``: the DeepEP-V1-compatible public surface.
+
+Code written for ``deep_ep.Buffer`` runs unchanged: same constructor, methods, defaults and return tuples
+(``shared/spec/deepep_v1_interface.md``). Differences, all on the side of safety:
+
+* every argument is validated up front and a bad one raises :class:`~deepep_plugin.errors.DeepEPInputError`
+  (a ``ValueError`` *and* an ``AssertionError``) naming the argument and what was expected;
+* waits on peers time out (``DEEPEP_PLUGIN_TIMEOUT_S``) with :class:`~deepep_plugin.errors.DeepEPTimeoutError`;
+* more shapes: any hidden size whose row is a multiple of 16 bytes, top-k up to 32 (normal) / 16 (low-latency),
+  any EP size up to one node (not only 2/4/8);
+* keyword-only extras: ``backend=`` (``"auto"``, ``"reference"`` or ``"cuda"``; default from
+  ``DEEPEP_PLUGIN_BACKEND``) and ``num_ranks_per_node=`` (the node size, 8 unless given; smaller values emulate
+  several nodes on one host).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .backends.base import (
+    DispatchLayout,
+    Handle,
+    InternodeHandle,
+    IntranodeHandle,
+    LowLatencyHandle,
+)
+from .config import NUM_MAX_NVL_PEERS, TOPK_IDX_BYTES, Config, combine_config, dispatch_config, get_timeout_s
+from .errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, expect
+from .events import EventHandle, EventOverlap
+
+#: dtype of top-k expert indices (DeepEP's default build).
+topk_idx_t = torch.int64
+
+#: Most top-k slots per token the normal / low-latency paths accept.
+MAX_TOPK_NORMAL = 32
+MAX_TOPK_LOW_LATENCY = 16
+#: Most experts per rank (DeepEP's ``NUM_MAX_LOCAL_EXPERTS``).
+MAX_LOCAL_EXPERTS = 1024
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+
+XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_tensor(t: Any, name: str, *, dtype: Any = None, ndim: Optional[int] = None,
+                  shape: Optional[Sequence[Optional[int]]] = None, device: Optional[torch.device] = None,
+                  contiguous: bool = False) -> None:
+    expect(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        expect(t.dtype in allowed, f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if ndim is not None:
+        expect(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        expect(ok, f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None:
+        expect(t.device == device, f"{name} must be on {device} (where x is), got {t.device}")
+    if contiguous:
+        expect(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
+    """Entries must lie in ``[-1, num_experts)``. Checked where it costs no extra device sync: always on CPU,
+    on CUDA only outside graph capture (callers invoke it only on paths that synchronise anyway)."""
+    if topk_idx.numel() == 0:
+        return
+    if topk_idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(topk_idx.min()), int(topk_idx.max())
+    expect(lo >= -1 and hi < num_experts,
+           f"{name} entries must be in [-1, num_experts={num_experts}) (-1 = unused slot), got values in [{lo}, {hi}]")
+
+
+def _is_cuda_tensor(x: XType) -> bool:
+    return (x[0] if isinstance(x, tuple) else x).is_cuda
+
+
+class Buffer:
+    """The communication buffer of an expert-parallel group (DeepEP V1's ``Buffer``).
+
+    Args:
+        group: the EP process group (``rank = group.rank()``, ``R = group.size()``). ``None`` uses ``comm``.
+        num_nvl_bytes: bytes of the NVLink buffer of the normal kernels (size it with
+            ``Config.get_nvl_buffer_size_hint``).
+        num_rdma_bytes: bytes of the NVSHMEM buffer (internode normal kernels, all low-latency kernels; size it
+            with ``get_low_latency_rdma_size_hint`` / ``Config.get_rdma_buffer_size_hint``).
+        low_latency_mode: enable the low-latency kernels.
+        num_qps_per_rank: RDMA queue pairs per peer (NVSHMEM IBGDA).
+        allow_nvlink_for_low_latency_mode: let low-latency traffic use NVLink between peers of one node.
+        allow_mnnvl: allow multi-node NVLink detection.
+        use_fabric: allocate with fabric handles (not supported: raises).
+        explicitly_destroy: release resources only in :meth:`destroy`.
+        enable_shrink: rank masking for low-latency mode (not supported: raises).
+        comm: an mpi4py communicator, used only when ``group`` is ``None``; it must describe the same ranks as
+            the default ``torch.distributed`` group, which carries the traffic.
+        backend: ``"auto"`` (CUDA kernels where they apply, else the reference), ``"reference"`` or ``"cuda"``.
+        num_ranks_per_node: ranks per node (default 8, or ``DEEPEP_PLUGIN_RANKS_PER_NODE``).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False, use_fabric: bool = False,
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Any = None, *,
+                 backend: Optional[str] = None, num_ranks_per_node: Optional[int] = None) -> None:
+        if group is None:
+            if comm is None:
+                raise DeepEPInputError("Buffer: pass a torch.distributed process group as group (or an mpi4py comm)")
+            expect(dist.is_initialized(), "Buffer: with comm=... torch.distributed must be initialised too "
+                                          "(it carries the traffic)")
+            expect(comm.Get_size() == dist.get_world_size() and comm.Get_rank() == dist.get_rank(),
+                   "Buffer: comm must have the same ranks as the default torch.distributed group")
+            group = dist.group.WORLD
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.num_qps_per_rank = num_qps_per_rank
+        self.runtime: Any = None
+
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            expect(isinstance(value, int) and value >= 0, f"Buffer: {name} must be a non-negative int, got {value!r}")
+            expect(value % 128 == 0, f"Buffer: {name} must be a multiple of 128, got {value}")
+        if num_ranks_per_node is None:
+            num_ranks_per_node = int(os.environ.get("DEEPEP_PLUGIN_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
+        expect(1 <= num_ranks_per_node <= NUM_MAX_NVL_PEERS,
+               f"Buffer: num_ranks_per_node must be in [1, {NUM_MAX_NVL_PEERS}], got {num_ranks_per_node}")
+        self.num_ranks_per_node = min(num_ranks_per_node, self.group_size)
+        expect(self.group_size % self.num_ranks_per_node == 0,
+               f"Buffer: the group size ({self.group_size}) must be at most num_ranks_per_node "
+               f"({num_ranks_per_node}) or a multiple of it")
+        expect(low_latency_mode or self.group_size <= NUM_MAX_NVL_PEERS * 20,
+               f"Buffer: normal mode supports at most 160 ranks, got {self.group_size}")
+        expect(num_rdma_bytes == 0 or low_latency_mode or self.num_nodes > 1,
+               "Buffer: num_rdma_bytes > 0 needs low_latency_mode=True or a group spanning several nodes")
+        expect(not use_fabric, "Buffer: use_fabric=True is not supported by deepep_plugin (pass use_fabric=False)")
+        expect(not enable_shrink,
+               "Buffer: enable_shrink=True (rank masking) is not supported by deepep_plugin (pass False)")
+        expect(num_qps_per_rank > 0, f"Buffer: num_qps_per_rank must be > 0, got {num_qps_per_rank}")
+
+        from .backends import create_backend
+
+        self.runtime = create_backend(
+            backend if backend is not None else os.environ.get("DEEPEP_PLUGIN_BACKEND", "auto"),
+            group=group, rank=self.rank, num_ranks=self.group_size, num_ranks_per_node=self.num_ranks_per_node,
+            num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode,
+            num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
+            timeout_s=get_timeout_s())
+        self.backend_name: str = self.runtime.name
+        if low_latency_mode:
+            self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
+        self._comm_stream: Optional[torch.cuda.Stream] = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # Static helpers (DeepEP's)
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def num_nodes(self) -> int:
+        return self.group_size // self.num_ranks_per_node
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True when the CUDA kernels were built for sm_90 (FP8 and TMA paths)."""
+        from .backends import cuda_extensions_available
+
+        return cuda_extensions_available()
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        """Set the SMs the normal kernels may use (even; shared by all buffers)."""
+        expect(isinstance(new_num_sms, int) and new_num_sms > 0 and new_num_sms % 2 == 0,
+               f"Buffer.set_num_sms: new_num_sms must be a positive even int, got {new_num_sms!r}")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An ``EventOverlap`` recorded on the current stream (to pass as ``previous_event``)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of RDMA buffer the low-latency kernels need (DeepEP's formula; ``num_ranks`` is not used)."""
+        expect(hidden % 128 == 0, f"get_low_latency_rdma_size_hint: hidden must be a multiple of 128, got {hidden}")
+        num_scales = hidden // 128
+        n = num_max_dispatch_tokens_per_rank
+        dispatch_msg = 16 + max(2 * hidden, hidden + 4 * num_scales)
+        combine_msg = 4 * num_scales + 2 * hidden
+        send = max(n * dispatch_msg, num_experts * n * combine_msg)
+        recv = max(num_experts * n * dispatch_msg, num_experts * n * combine_msg)
+        signal = (4 * num_experts + 127) // 128 * 128
+        total = 2 * send + 2 * recv + 2 * signal
+        return (total + 128) // 128 * 128
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """The default dispatch ``Config`` for ``num_ranks`` (DeepEP's table; ``num_sms = Buffer.num_sms``)."""
+        return dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """The default combine ``Config`` for ``num_ranks`` (DeepEP's table; ``num_sms = Buffer.num_sms``)."""
+        return combine_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def _unpack_bias(bias: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if bias is None:
+            return None, None
+        if isinstance(bias, torch.Tensor):
+            return bias, None
+        expect(isinstance(bias, (tuple, list)) and len(bias) == 2,
+               "bias must be None, a tensor or a tuple of two tensors")
+        return bias[0], bias[1]
+
+    # ------------------------------------------------------------------------------------------------------
+    # Resources
+    # ------------------------------------------------------------------------------------------------------
+    def _alive(self) -> Any:
+        if self.runtime is None:
+            raise DeepEPError("Buffer: this buffer was destroyed")
+        self.runtime.check_error()
+        return self.runtime
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """The stream the normal kernels run on (CUDA only)."""
+        expect(torch.cuda.is_available(), "get_comm_stream: CUDA is not available on this machine")
+        if self._comm_stream is None:
+            self._comm_stream = torch.cuda.Stream(priority=-1)
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """A view of this rank's NVL (or RDMA) buffer as ``dtype``, starting ``offset`` **bytes** in (as DeepEP)."""
+        runtime = self._alive()
+        raw = runtime.local_buffer(use_rdma_buffer, self._default_device())
+        expect(0 <= offset < raw.numel(), f"get_local_buffer_tensor: offset must be in [0, {raw.numel()}), got {offset}")
+        element = torch.empty(0, dtype=dtype).element_size()
+        usable = (raw.numel() - offset) // element * element
+        view = raw[offset: offset + usable].view(dtype)
+        if size is not None:
+            expect(torch.Size(size).numel() <= view.numel(),
+                   f"get_local_buffer_tensor: size {tuple(size)} does not fit in the buffer")
+            view = view[: torch.Size(size).numel()].view(size)
+        return view
+
+    def _default_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend_name == "cuda" else \
+            torch.device("cpu")
+
+    def destroy(self) -> None:
+        """Release the buffer's resources (collective). Only for ``explicitly_destroy=True`` buffers, as DeepEP."""
+        expect(self.explicitly_destroy, "Buffer.destroy: only buffers created with explicitly_destroy=True are "
+                                        "destroyed by hand; others are released when they are garbage collected")
+        if self.runtime is not None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            dist.barrier(group=self.group)
+            self.runtime.destroy()
+            self.runtime = None
+
+    def __del__(self) -> None:
+        runtime = getattr(self, "runtime", None)
+        if runtime is None:
+            return
+        if self.explicitly_destroy:
+            import warnings
+
+            warnings.warn("deepep_plugin.Buffer created with explicitly_destroy=True was not destroyed", stacklevel=1)
+            return
+        try:
+            runtime.destroy()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    # ------------------------------------------------------------------------------------------------------
+    # Streams and events (DeepEP's model, spec 1.5)
+    # ------------------------------------------------------------------------------------------------------
+    def _run(self, fn: Callable[[], Any], cuda: bool, previous_event: Optional[EventOverlap], async_finish: bool,
+             allocate_on_comm_stream: bool, inputs: Sequence[Optional[torch.Tensor]]) -> Tuple[Any, EventOverlap]:
+        expect(not allocate_on_comm_stream or (previous_event is not None and async_finish),
+               "allocate_on_comm_stream=True requires previous_event and async_finish=True")
+        if not cuda:
+            result = fn()
+            return result, EventOverlap(EventHandle() if async_finish else None)
+        compute = torch.cuda.current_stream()
+        comm = self.get_comm_stream()
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event.stream_wait(comm)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            result = fn()
+        outputs = [t for t in _tensors_in(result)]
+        live_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
+        if async_finish:
+            event = EventHandle(comm)
+            for t in live_inputs + outputs:
+                t.record_stream(comm)
+            if not allocate_on_comm_stream:
+                for t in outputs:
+                    t.record_stream(compute)
+            return result, EventOverlap(event, tuple(live_inputs + outputs))
+        compute.wait_stream(comm)
+        for t in outputs:
+            t.record_stream(compute)
+        return result, EventOverlap(None)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Normal kernels
+    # ------------------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Count, per rank, node and expert, the tokens of a routing.
+
+        Args:
+            topk_idx: ``[T, K]`` ``topk_idx_t`` (int64), contiguous; ``-1`` marks an unused slot.
+            num_experts: ``E``, a positive multiple of the group size.
+
+        Returns:
+            ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32 or None within one node,
+            num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, EventOverlap)``, on ``topk_idx``'s
+            device.
+        """
+        runtime = self._alive()
+        self._check_num_experts(num_experts)
+        _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, ndim=2, contiguous=True)
+        if not topk_idx.is_cuda:
+            _check_topk_values(topk_idx, num_experts)
+        layout, event = self._run(lambda: runtime.get_dispatch_layout(topk_idx, num_experts), topk_idx.is_cuda,
+                                  previous_event, async_finish, allocate_on_comm_stream, [topk_idx])
+        return (layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
+                layout.is_token_in_rank, event)
+
+    def _check_num_experts(self, num_experts: int) -> None:
+        expect(isinstance(num_experts, int) and num_experts > 0,
+               f"num_experts must be a positive int, got {num_experts!r}")
+        expect(num_experts % self.group_size == 0,
+               f"num_experts ({num_experts}) must be divisible by the group size ({self.group_size})")
+        expect(num_experts // self.group_size <= MAX_LOCAL_EXPERTS,
+               f"num_experts / group size must be at most {MAX_LOCAL_EXPERTS}, got {num_experts // self.group_size}")
+
+    def _split_x(self, x: XType, what: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(x, (tuple, list)):
+            expect(len(x) == 2, f"{what}: x must be a tensor or a tuple (x_fp8, x_scales), got {len(x)} items")
+            data, scales = x
+            _check_tensor(data, "x[0] (FP8 data)", dtype=_FP8_DTYPES, ndim=2, contiguous=True)
+            hidden = data.size(1)
+            expect(hidden % 128 == 0, f"{what}: FP8 x must have a hidden size that is a multiple of 128, got {hidden}")
+            _check_tensor(scales, "x[1] (scales)", dtype=(torch.float32, torch.int32), ndim=2, device=data.device)
+            num_scales = hidden // 128 if scales.dtype == torch.float32 else (hidden // 128 + 3) // 4
+            expect(scales.size(0) == data.size(0) and scales.size(1) == num_scales,
+                   f"{what}: x[1] (scales) must have shape [{data.size(0)}, {num_scales}] "
+                   f"({'hidden/128 float32' if scales.dtype == torch.float32 else 'hidden/512 packed UE8M0 int32'}),"
+                   f" got {list(scales.shape)}")
+            return data, scales
+        _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
+        expect(x.size(1) * x.element_size() % 16 == 0,
+               f"{what}: a row of x must be a multiple of 16 bytes (hidden {x.size(1)} x {x.element_size()} bytes)")
+        return x, None
+
+    def _check_handle(self, handle: Any, num_tokens: Optional[int], config: Optional[Config], what: str) -> Handle:
+        if isinstance(handle, (IntranodeHandle, InternodeHandle)):
+            pass
+        elif isinstance(handle, (tuple, list)) and len(handle) == 6:
+            handle = IntranodeHandle(*handle)
+        elif isinstance(handle, (tuple, list)) and len(handle) == 10:
+            handle = InternodeHandle(*handle)
+        else:
+            raise DeepEPInputError(f"{what}: handle must be the handle returned by dispatch, got {type(handle)}")
+        intranode = self.num_nodes == 1
+        expect(isinstance(handle, IntranodeHandle) == intranode,
+               f"{what}: handle is an {'internode' if intranode else 'intranode'} handle, but this buffer spans "
+               f"{self.num_nodes} node(s)")
+        expect(handle.is_token_in_rank.size(1) == self.group_size,
+               f"{what}: handle was made for a group of {handle.is_token_in_rank.size(1)} ranks, this buffer's group "
+               f"has {self.group_size}")
+        if num_tokens is not None:
+            expect(handle.is_token_in_rank.size(0) == num_tokens,
+                   f"{what}: handle was made for {handle.is_token_in_rank.size(0)} tokens, x has {num_tokens}")
+        if config is not None:
+            channels = (handle.channel_prefix_matrix if intranode else handle.gbl_channel_prefix_matrix).size(1)
+            expect(channels == config.num_channels,
+                   f"{what}: handle was made with num_sms={2 * channels}, config has num_sms={config.num_sms}")
+        return handle
+
+    def _handle_recv_count(self, handle: Handle) -> int:
+        if isinstance(handle, IntranodeHandle):
+            return handle.recv_src_idx.size(0)
+        return handle.recv_src_meta.size(0)
+
+    def _check_nvl_bytes(self, what: str, needed: int) -> None:
+        if self.num_nodes == 1 and needed > self.num_nvl_bytes:
+            raise DeepEPBufferTooSmall(
+                f"{what}: num_nvl_bytes={self.num_nvl_bytes} is too small for this call; it needs at least "
+                f"{needed} bytes (size it with Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))")
+
+    def dispatch(self, x: XType, handle: Optional[Any] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> Tuple[XType, Optional[torch.Tensor],
+                                                                 Optional[torch.Tensor], Optional[list],
+                                                                 Optional[Handle], EventOverlap]:
+        """Send each token to every rank that holds one of its experts.
+
+        Args:
+            x: ``[T, H]`` BF16/FP16/FP32, or the FP8 tuple ``(x_e4m3 [T, H] float8_e4m3fn, scales)`` with scales
+                ``[T, H/128]`` float32 (any strides) or ``[T, H/512]`` int32 (packed UE8M0).
+            handle: a handle from an earlier dispatch: cached mode (same routing, no layout work, no host sync).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: the outputs of
+                :meth:`get_dispatch_layout` (non-cached mode).
+            topk_idx: ``[T, K]`` int64 (optional, non-cached only); topk_weights: ``[T, K]`` float32.
+            expert_alignment: round each per-expert receive count up to a multiple of this.
+            num_worst_tokens: if > 0, outputs have exactly this many rows and no host sync happens.
+            config: defaults to ``Buffer.get_dispatch_config(R)``.
+            previous_event, async_finish, allocate_on_comm_stream: stream control as in DeepEP.
+
+        Returns:
+            ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``:
+            ``recv_x`` ``[n_recv, H]`` (or the FP8 tuple with row-major scales), rows grouped by source rank then
+            source token index; ``recv_topk_idx`` ``[n_recv, K]`` int64 local expert ids or -1;
+            ``recv_topk_weights`` ``[n_recv, K]`` float32, 0 where the id is -1; the per-local-expert receive
+            counts as a list (``[]`` with ``num_worst_tokens``). Cached mode returns
+            ``(recv_x, None, None, None, None, event)``.
+        """
+        runtime = self._alive()
+        data, scales = self._split_x(x, "dispatch")
+        num_tokens, hidden = data.shape
+        dev = data.device
+        config = config if config is not None else self.get_dispatch_config(self.group_size)
+        expect(isinstance(config, Config), f"dispatch: config must be a deepep_plugin.Config, got {type(config)}")
+        expect(isinstance(expert_alignment, int) and expert_alignment >= 1,
+               f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
+        expect(isinstance(num_worst_tokens, int) and num_worst_tokens >= 0,
+               f"dispatch: num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+        num_topk = topk_idx.size(1) if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
+        layout = None
+        if handle is not None:
+            handle = self._check_handle(handle, num_tokens, config, "dispatch")
+            expect(topk_idx is None and topk_weights is None,
+                   "dispatch: with a cached handle, topk_idx and topk_weights must be None")
+            expect(handle.is_token_in_rank.device == dev, f"dispatch: handle is on {handle.is_token_in_rank.device}, "
+                                                          f"x on {dev}")
+            if num_worst_tokens:
+                expect(self._handle_recv_count(handle) <= num_worst_tokens,
+                       f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the "
+                       f"{self._handle_recv_count(handle)} tokens the handle receives")
+        else:
+            r = self.group_size
+            _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype=torch.int32, shape=[r], device=dev)
+            _check_tensor(is_token_in_rank, "is_token_in_rank", dtype=torch.bool, shape=[num_tokens, r], device=dev)
+            _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype=torch.int32, ndim=1, device=dev)
+            self._check_num_experts(num_tokens_per_expert.numel())
+            if self.num_nodes > 1:
+                _check_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtype=torch.int32,
+                              shape=[self.num_nodes], device=dev)
+            if topk_idx is None:
+                expect(topk_weights is None, "dispatch: topk_weights given without topk_idx")
+                expect(num_worst_tokens == 0 or self.num_nodes > 1,
+                       "dispatch: num_worst_tokens needs topk_idx and topk_weights")
+            else:
+                _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, shape=[num_tokens, None], device=dev,
+                              contiguous=True)
+                expect(1 <= num_topk <= MAX_TOPK_NORMAL, f"dispatch: top-k must be in [1, {MAX_TOPK_NORMAL}], "
+                                                         f"got {num_topk}")
+                _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, shape=[num_tokens, num_topk],
+                              device=dev, contiguous=True)
+                if num_worst_tokens == 0:
+                    _check_topk_values(topk_idx, num_tokens_per_expert.numel())
+            layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+                                    is_token_in_rank)
+            num_experts = num_tokens_per_expert.numel()
+            local = num_experts // self.group_size
+            self._check_nvl_bytes("dispatch", self.group_size * (self.group_size + local) * 4)
+        c, q, r = config.num_channels, config.num_max_nvl_chunked_recv_tokens, self.group_size
+        num_scales = scales.size(1) if scales is not None else 0
+        self._check_nvl_bytes("dispatch", r * r * 4 + c * r * 16 + c * r * q * (
+            hidden * data.element_size() + 4 + num_topk * (TOPK_IDX_BYTES + 4) + 4 * num_scales))
+
+        def run() -> Any:
+            return runtime.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
+                                    num_worst_tokens, config)
+
+        result, event = self._run(run, dev.type == "cuda", previous_event, async_finish, allocate_on_comm_stream,
+                                  [data, scales, topk_idx, topk_weights, is_token_in_rank])
+        recv_x = result.recv_x if result.recv_x_scales is None else (result.recv_x, result.recv_x_scales)
+        if handle is not None:
+            return recv_x, None, None, None, None, event
+        counts = result.num_recv_tokens_per_expert_list
+        return recv_x, result.recv_topk_idx, result.recv_topk_weights, counts, result.handle, event
+
+    def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Send each received row back to its source and sum the copies there (unweighted).
+
+        Args:
+            x: ``[n_recv, H]`` (or ``[num_worst_tokens, H]``) BF16 (the CUDA kernels) or FP16/FP32 (reference),
+                contiguous, rows in the order dispatch produced.
+            handle: the handle of the non-cached dispatch.
+            topk_weights: ``[n_recv, K]`` float32, summed the same way (optional).
+            bias: ``None``, a ``[T, H]`` tensor or a pair of them (same dtype as x), added to the result.
+            config: defaults to ``Buffer.get_combine_config(R)``.
+
+        Returns:
+            ``(combined_x [T, H] x.dtype, combined_topk_weights [T, K] float32 or None, event)``, accumulated in
+            FP32: ``combined_x[t] = bias0[t] + bias1[t] + sum over ranks j that received t of x_j[row of t]``.
+        """
+        runtime = self._alive()
+        config = config if config is not None else self.get_combine_config(self.group_size)
+        expect(isinstance(config, Config), f"combine: config must be a deepep_plugin.Config, got {type(config)}")
+        _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
+        handle = self._check_handle(handle, None, None, "combine")
+        dev = x.device
+        n_recv = self._handle_recv_count(handle)
+        expect(x.size(0) >= n_recv, f"combine: x must have at least the {n_recv} rows dispatch received, "
+                                    f"got {x.size(0)}")
+        num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
+        expect(hidden * x.element_size() % 16 == 0,
+               f"combine: a row of x must be a multiple of 16 bytes (hidden {hidden} x {x.element_size()} bytes)")
+        num_topk = 0
+        if topk_weights is not None:
+            _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, ndim=2, device=dev, contiguous=True)
+            expect(topk_weights.size(0) == x.size(0),
+                   f"combine: topk_weights must have {x.size(0)} rows (as x), got {topk_weights.size(0)}")
+            num_topk = topk_weights.size(1)
+        bias0, bias1 = self._unpack_bias(bias)
+        for name, b in (("bias[0]", bias0), ("bias[1]", bias1)):
+            if b is not None:
+                _check_tensor(b, name, dtype=x.dtype, shape=[num_tokens, hidden], device=dev, contiguous=True)
+        c, q, r = config.num_channels, config.num_max_nvl_chunked_recv_tokens, self.group_size
+        self._check_nvl_bytes("combine", c * r * 8 + c * r * q * (hidden * x.element_size() + 4 + 4 * num_topk))
+
+        def run() -> Any:
+            return runtime.combine(x, handle, topk_weights, bias0, bias1, config)
+
+        result, event = self._run(run, dev.type == "cuda", previous_event, async_finish, allocate_on_comm_stream,
+                                  [x, topk_weights, bias0, bias1])
+        return result.combined_x, result.combined_topk_weights, event
+
+    def internode_dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        """Same as :meth:`dispatch` (DeepEP exposes it; ``dispatch`` routes to it for several nodes)."""
+        expect(self.num_nodes > 1, "internode_dispatch: this buffer spans one node; call dispatch")
+        return self.dispatch(*args, **kwargs)
+
+    def internode_combine(self, *args: Any, **kwargs: Any) -> Any:
+        """Same as :meth:`combine` for buffers spanning several nodes."""
+        expect(self.num_nodes > 1, "internode_combine: this buffer spans one node; call combine")
+        return self.combine(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Low-latency kernels
+    # ------------------------------------------------------------------------------------------------------
+    def _check_low_latency(self, what: str, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                           num_experts: int) -> None:
+        expect(self.low_latency_mode, f"{what}: this Buffer was created without low_latency_mode=True")
+        expect(isinstance(num_max_dispatch_tokens_per_rank, int) and num_max_dispatch_tokens_per_rank > 0,
+               f"{what}: num_max_dispatch_tokens_per_rank must be a positive int, "
+               f"got {num_max_dispatch_tokens_per_rank!r}")
+        expect(hidden % 128 == 0, f"{what}: hidden must be a multiple of 128, got {hidden}")
+        self._check_num_experts(num_experts)
+        needed = self.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size,
+                                                     num_experts)
+        if needed > self.num_rdma_bytes:
+            raise DeepEPBufferTooSmall(
+                f"{what}: num_rdma_bytes={self.num_rdma_bytes} is too small; it needs at least {needed} bytes "
+                f"(Buffer.get_low_latency_rdma_size_hint({num_max_dispatch_tokens_per_rank}, {hidden}, "
+                f"{self.group_size}, {num_experts}))")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency signalling state (collective; needed after using the buffer in normal mode)."""
+        runtime = self._alive()
+        self._check_low_latency("clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        runtime.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False) -> Tuple[XType, torch.Tensor, tuple, EventOverlap,
+                                                                      Optional[Callable[[], None]]]:
+        """Send each token to the ranks of its experts, into fixed-size per-expert slots (decoding).
+
+        Args:
+            x: ``[T, H]`` BF16, contiguous, ``T <= num_max_dispatch_tokens_per_rank``, ``H % 128 == 0``.
+            topk_idx: ``[T, K]`` int64, ``-1`` for unused slots, ``K <= 16``.
+            num_max_dispatch_tokens_per_rank: ``N_ll``, the same on every rank.
+            num_experts: ``E``, a multiple of the group size.
+            cumulative_local_expert_recv_stats: optional ``[E_loc]`` int32; receive counts are added to it.
+            dispatch_wait_recv_cost_stats: optional ``[R]`` int64; time spent waiting per source is added.
+            use_fp8, round_scale, use_ue8m0: cast to FP8 e4m3 with per-128-channel scales (power-of-two with
+                ``round_scale``; packed UE8M0 int32 with ``use_ue8m0``, which needs ``round_scale``).
+            async_finish: return an event instead of making the current stream wait.
+            return_recv_hook: only send now; the returned ``hook()`` completes the receive.
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` ``[E_loc, R*N_ll, H]`` BF16 or the tuple
+            ``(float8_e4m3fn [E_loc, R*N_ll, H], scales [E_loc, R*N_ll, H/128] float32 or [.., H/512] int32)``
+            (scales a transposed view, token dimension fastest); ``recv_count`` ``[E_loc]`` int32 valid rows per
+            local expert; ``handle = (src_info, layout_range, N_ll, H, E)``; ``hook`` or ``None``.
+        """
+        runtime = self._alive()
+        _check_tensor(x, "x", dtype=torch.bfloat16, ndim=2, contiguous=True)
+        num_tokens, hidden = x.shape
+        self._check_low_latency("low_latency_dispatch", num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        expect(num_tokens <= num_max_dispatch_tokens_per_rank,
+               f"low_latency_dispatch: x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+               f"{num_max_dispatch_tokens_per_rank}")
+        _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, shape=[num_tokens, None], device=x.device,
+                      contiguous=True)
+        expect(1 <= topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
+               f"low_latency_dispatch: top-k must be in [1, {MAX_TOPK_LOW_LATENCY}], got {topk_idx.size(1)}")
+        _check_topk_values(topk_idx, num_experts)
+        local = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            _check_tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",
+                          dtype=torch.int32, shape=[local], device=x.device, contiguous=True)
+        if dispatch_wait_recv_cost_stats is not None:
+            _check_tensor(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", dtype=torch.int64,
+                          shape=[self.group_size], device=x.device, contiguous=True)
+        expect(not use_ue8m0 or round_scale, "low_latency_dispatch: use_ue8m0=True requires round_scale=True")
+        expect(not (async_finish and return_recv_hook),
+               "low_latency_dispatch: async_finish and return_recv_hook cannot both be True")
+
+        def run() -> Any:
+            return runtime.low_latency_dispatch(
+                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+                dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8,
+                round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=return_recv_hook)
+
+        if return_recv_hook:
+            result, event = run(), EventOverlap(None)
+        else:
+            result, event = self._run(run, x.is_cuda, None, async_finish, False,
+                                      [x, topk_idx, cumulative_local_expert_recv_stats])
+        recv_x = result.recv_x if result.recv_x_scales is None else (result.recv_x, result.recv_x_scales)
+        return recv_x, result.recv_count, tuple(result.handle), event, result.hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: tuple, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
+        """Send expert outputs back and reduce them with the top-k weights (decoding).
+
+        Args:
+            x: ``[E_loc, R*N_ll, H]`` BF16, contiguous (only each expert's valid rows are read).
+            topk_idx: ``[T, K]`` int64 and topk_weights ``[T, K]`` float32: those of the matching dispatch.
+            handle: from :meth:`low_latency_dispatch`.
+            use_logfmt: DeepEP's internal log format (not supported: raises).
+            zero_copy: the outputs were written into :meth:`get_next_low_latency_combine_buffer`.
+            out: optional ``[T, H]`` BF16 contiguous result tensor.
+            combine_wait_recv_cost_stats: optional ``[R]`` int64.
+
+        Returns:
+            ``(combined_x [T, H] BF16, event, hook)``: ``combined_x[t] = sum_k w[t, k] * y(topk_idx[t, k], t)``
+            in FP32, rounded to BF16.
+        """
+        runtime = self._alive()
+        expect(isinstance(handle, (tuple, list)) and len(handle) == 5,
+               "low_latency_combine: handle must be the 5-tuple returned by low_latency_dispatch")
+        handle = LowLatencyHandle(*handle)
+        n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_low_latency("low_latency_combine", n_ll, hidden, num_experts)
+        local = num_experts // self.group_size
+        _check_tensor(x, "x", dtype=torch.bfloat16, shape=[local, self.group_size * n_ll, hidden], contiguous=True)
+        _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, ndim=2, device=x.device, contiguous=True)
+        num_tokens, num_topk = topk_idx.shape
+        expect(num_tokens <= n_ll, f"low_latency_combine: topk_idx has {num_tokens} tokens, more than "
+                                   f"num_max_dispatch_tokens_per_rank={n_ll}")
+        expect(1 <= num_topk <= MAX_TOPK_LOW_LATENCY,
+               f"low_latency_combine: top-k must be in [1, {MAX_TOPK_LOW_LATENCY}], got {num_topk}")
+        _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, shape=[num_tokens, num_topk],
+                      device=x.device, contiguous=True)
+        expect(not use_logfmt, "low_latency_combine: use_logfmt=True is not supported by deepep_plugin "
+                               "(pass use_logfmt=False; combine is BF16)")
+        expect(not (async_finish and return_recv_hook),
+               "low_latency_combine: async_finish and return_recv_hook cannot both be True")
+        if out is not None:
+            _check_tensor(out, "out", dtype=torch.bfloat16, shape=[num_tokens, hidden], device=x.device,
+                          contiguous=True)
+        if combine_wait_recv_cost_stats is not None:
+            _check_tensor(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", dtype=torch.int64,
+                          shape=[self.group_size], device=x.device, contiguous=True)
+
+        def run() -> Any:
+            return runtime.low_latency_combine(x, topk_idx, topk_weights, handle, zero_copy=zero_copy,
+                                               return_recv_hook=return_recv_hook, out=out,
+                                               combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
+
+        if return_recv_hook:
+            (combined, hook), event = run(), EventOverlap(None)
+        else:
+            (combined, hook), event = self._run(run, x.is_cuda, None, async_finish, False,
+                                                [x, topk_idx, topk_weights, out])
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """BF16 ``[E_loc, R*N_ll, H]`` view (row stride ``H + H/64``) of the send buffer the next low-latency call
+        uses; fill it and call ``low_latency_combine(..., zero_copy=True)``."""
+        runtime = self._alive()
+        expect(isinstance(handle, (tuple, list)) and len(handle) == 5,
+               "get_next_low_latency_combine_buffer: handle must be the 5-tuple returned by low_latency_dispatch")
+        handle = LowLatencyHandle(*handle)
+        self._check_low_latency("get_next_low_latency_combine_buffer", handle.num_max_dispatch_tokens_per_rank,
+                                handle.hidden, handle.num_experts)
+        return runtime.get_next_low_latency_combine_buffer(handle)
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every CUDA tensor inside a (nested) result."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_cuda else []
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors_in(item)]
+    return []

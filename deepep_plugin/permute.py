@@ -1,0 +1,81 @@
+"""Group received tokens by local expert for the expert MLPs, and scatter the expert outputs back.
+
+After ``dispatch`` each received row carries up to ``K`` local expert ids (``-1`` for experts elsewhere). The
+experts want their rows contiguous (one block per local expert, optionally padded for grouped GEMMs);
+``permute`` builds that and ``unpermute`` sums each expert row back into its received row. Both are plain,
+differentiable PyTorch on any device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .errors import expect
+
+
+class Permutation(NamedTuple):
+    x: torch.Tensor  # [M, H]: rows grouped by local expert, zero rows padding each block to the alignment
+    tokens_per_expert: torch.Tensor  # [E_loc] int64 (padded block sizes), on x's device
+    row_ids: torch.Tensor  # [M] int64: received row of each permuted row, -1 for padding
+    probs: Optional[torch.Tensor]  # [M] float32: routing weight of each permuted row (0 for padding), or None
+
+
+def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts: int,
+            recv_topk_weights: Optional[torch.Tensor] = None, alignment: int = 1) -> Permutation:
+    """Rows of ``recv_x`` grouped by local expert (stable: received order inside an expert).
+
+    Args:
+        recv_x: ``[N, H]`` received tokens.
+        recv_topk_idx: ``[N, K]`` int64 local expert ids, ``-1`` (or anything outside ``[0, E_loc)``) ignored.
+        num_local_experts: ``E_loc``.
+        recv_topk_weights: ``[N, K]`` float32 routing weights (optional; gives ``probs``).
+        alignment: pad each expert's block with zero rows to a multiple of this.
+
+    Returns:
+        ``Permutation(x [M, H], tokens_per_expert [E_loc] int64, row_ids [M] int64, probs [M] float32 or None)``.
+        A row selecting two local experts appears in both blocks. Computing ``M`` reads the counts on the host.
+    """
+    expect(recv_x.dim() == 2, f"permute: recv_x must be 2-D [N, H], got shape {tuple(recv_x.shape)}")
+    expect(recv_topk_idx.dim() == 2 and recv_topk_idx.size(0) == recv_x.size(0),
+           f"permute: recv_topk_idx must be [N={recv_x.size(0)}, K], got shape {tuple(recv_topk_idx.shape)}")
+    expect(alignment >= 1, f"permute: alignment must be >= 1, got {alignment}")
+    if recv_topk_weights is not None:
+        expect(recv_topk_weights.shape == recv_topk_idx.shape,
+               f"permute: recv_topk_weights must have the shape of recv_topk_idx {tuple(recv_topk_idx.shape)}, "
+               f"got {tuple(recv_topk_weights.shape)}")
+    dev = recv_x.device
+    idx = recv_topk_idx.long()
+    valid = (idx >= 0) & (idx < num_local_experts)
+    rows, slots = torch.nonzero(valid, as_tuple=True)
+    experts = idx[rows, slots]
+    order = torch.argsort(experts * max(recv_x.size(0), 1) + rows, stable=True)
+    rows, slots, experts = rows[order], slots[order], experts[order]
+    counts = torch.bincount(experts, minlength=num_local_experts)
+    padded = (counts + alignment - 1) // alignment * alignment
+    start = torch.cumsum(counts, 0) - counts
+    padded_start = torch.cumsum(padded, 0) - padded
+    dest = padded_start[experts] + torch.arange(rows.numel(), device=dev) - start[experts]
+    total = int(padded.sum())
+    row_ids = torch.full((total,), -1, dtype=torch.long, device=dev)
+    row_ids[dest] = rows
+    x = recv_x.new_zeros(total, recv_x.size(1)).index_copy(0, dest, recv_x.index_select(0, rows))
+    probs = None
+    if recv_topk_weights is not None:
+        probs = recv_topk_weights.new_zeros(total).index_copy(0, dest, recv_topk_weights[rows, slots])
+    return Permutation(x, padded, row_ids, probs)
+
+
+def unpermute(y: torch.Tensor, perm: Permutation, num_rows: int) -> torch.Tensor:
+    """Sum expert rows back into received rows: ``[M, H]`` -> ``[num_rows, H]`` (FP32 sums, y's dtype).
+
+    Padding rows are dropped. Weighting by the routing probabilities is the caller's (multiply ``y`` by
+    ``perm.probs[:, None]`` first), as Megatron's experts do.
+    """
+    expect(y.dim() == 2 and y.size(0) == perm.row_ids.numel(),
+           f"unpermute: y must be [{perm.row_ids.numel()}, H], got shape {tuple(y.shape)}")
+    real = torch.nonzero(perm.row_ids >= 0, as_tuple=False).flatten()
+    out = torch.zeros(num_rows, y.size(1), dtype=torch.float32, device=y.device)
+    out = out.index_add(0, perm.row_ids[real], y.index_select(0, real).float())
+    return out.to(y.dtype)

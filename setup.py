@@ -1,0 +1,96 @@
+"""Build deepep_plugin.
+
+Everywhere: the pure-Python package (``deepep_plugin`` and ``deepep_plugin.integrations``).
+Where a CUDA build of PyTorch and nvcc are present (build with ``--no-build-isolation`` so the build sees that
+torch), also the kernels:
+
+* ``deepep_plugin._intranode_C`` from ``csrc/intranode`` (normal kernels, CUDA IPC; no NVSHMEM);
+* ``deepep_plugin._low_latency_C`` from ``csrc/low_latency`` (NVSHMEM from the ``nvidia-nvshmem-cu13``/``-cu12``
+  wheel, relocatable device code).
+
+Environment: ``DEEPEP_PLUGIN_NO_EXT=1`` skips the kernels; ``DEEPEP_PLUGIN_EXTENSIONS=intranode,low_latency``
+builds only the named ones; ``TORCH_CUDA_ARCH_LIST`` (default ``9.0``);
+``NVSHMEM_DIR`` overrides the wheel's location.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(folder: str) -> list[str]:
+    return sorted(glob.glob(f"csrc/{folder}/*.cpp") + glob.glob(f"csrc/{folder}/*.cu"))
+
+
+def _nvshmem_dir() -> str | None:
+    if os.environ.get("NVSHMEM_DIR"):
+        return os.environ["NVSHMEM_DIR"]
+    try:
+        import nvidia.nvshmem as nvshmem  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return list(nvshmem.__path__)[0]
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("DEEPEP_PLUGIN_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc")
+    ):
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    cccl = os.path.join(CUDA_HOME, "include", "cccl")
+    include_dirs = [os.path.join(HERE, "csrc"), cccl]
+    cxx = ["-O3", "-std=c++17", "-Wno-deprecated-declarations"]
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v,-warn-spills"]
+    wanted = set(os.environ.get("DEEPEP_PLUGIN_EXTENSIONS", "intranode,low_latency").split(","))
+    exts = []
+    if "intranode" in wanted and _sources("intranode"):
+        exts.append(CUDAExtension(
+            "deepep_plugin._intranode_C",
+            _sources("intranode") + glob.glob("csrc/common/*.cu"),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            libraries=["cuda"],
+        ))
+    nv = _nvshmem_dir()
+    if "low_latency" in wanted and _sources("low_latency") and nv is not None:
+        lib = os.path.join(nv, "lib")
+        exts.append(CUDAExtension(
+            "deepep_plugin._low_latency_C",
+            _sources("low_latency"),
+            include_dirs=include_dirs + [os.path.join(nv, "include")],
+            library_dirs=[lib],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["-rdc=true"]},
+            dlink=True,
+            dlink_libraries=["nvshmem_device"],
+            extra_link_args=[f"-L{lib}", "-l:libnvshmem_host.so.3", "-lnvshmem_device", f"-Wl,-rpath,{lib}"],
+            libraries=["cuda"],
+        ))
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["deepep_plugin", "deepep_plugin.*"]) + [
+        "deepep_plugin.integrations",
+        "deepep_plugin.integrations.megatron",
+        "deepep_plugin.integrations.deepspeed",
+    ],
+    package_dir={"deepep_plugin.integrations": "integrations"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
