@@ -245,7 +245,8 @@ class Buffer:
         """A view of this rank's NVL (or RDMA) buffer as ``dtype``, starting ``offset`` **bytes** in (as DeepEP)."""
         runtime = self._alive()
         raw = runtime.local_buffer(use_rdma_buffer, self._default_device())
-        expect(0 <= offset < raw.numel(), f"get_local_buffer_tensor: offset must be in [0, {raw.numel()}), got {offset}")
+        expect(0 <= offset < raw.numel(),
+               f"get_local_buffer_tensor: offset must be in [0, {raw.numel()}), got {offset}")
         element = torch.empty(0, dtype=dtype).element_size()
         usable = (raw.numel() - offset) // element * element
         view = raw[offset: offset + usable].view(dtype)

@@ -56,7 +56,7 @@ class _Comm:
         """Send ``rows[sum(send_counts[:j]) : ...]`` to rank j; return the rows received, grouped by source rank."""
         rows = rows.contiguous()
         row_shape = rows.shape[1:]
-        row_bytes = rows[0:1].numel() * rows.element_size() if rows.dim() > 1 else rows.element_size()
+        row_bytes = row_shape.numel() * rows.element_size()
         src = rows.reshape(-1).view(torch.uint8) if rows.numel() else \
             torch.empty(0, dtype=torch.uint8, device=rows.device)
         comm_device = self._comm_device(rows.device)
