@@ -1,0 +1,26 @@
+"""``python -m deepep_plugin.bench {intranode,low-latency} [options]``: the benchmarks (programs, not tests)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = "usage: python -m deepep_plugin.bench {intranode,low-latency} [options]  (--help after the name for options)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    name, rest = argv[0], argv[1:]
+    if name == "intranode":
+        from .intranode import main as run
+    elif name in ("low-latency", "low_latency"):
+        from .low_latency import main as run
+    else:
+        raise SystemExit(f"unknown benchmark {name!r}\n{USAGE}")
+    run(rest)
+
+
+if __name__ == "__main__":
+    main()
