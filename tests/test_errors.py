@@ -89,3 +89,20 @@ def _check_destroy(rank: int, world_size: int) -> None:
 
 def test_destroyed_buffer_refuses_work() -> None:
     run_distributed(_check_destroy, 2)
+
+
+def _check_local_buffer(rank: int, world_size: int) -> None:
+    buf = dp.Buffer(dist.group.WORLD, 1 << 12, 0)
+    whole = buf.get_local_buffer_tensor(torch.int32)
+    assert whole.numel() == (1 << 12) // 4
+    part = buf.get_local_buffer_tensor(torch.float32, torch.Size([4, 8]), offset=64)
+    part.fill_(rank + 1)
+    assert torch.equal(whole[16:48].view(torch.float32), torch.full((32,), float(rank + 1)))
+    with pytest.raises(dp.DeepEPInputError, match="offset"):
+        buf.get_local_buffer_tensor(torch.int32, offset=1 << 12)
+    with pytest.raises(dp.DeepEPInputError, match="num_rdma_bytes"):
+        buf.get_local_buffer_tensor(torch.int32, use_rdma_buffer=True)
+
+
+def test_local_buffer_tensor_is_a_byte_offset_view() -> None:
+    run_distributed(_check_local_buffer, 2)
