@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q pytest hypothesis ruff numpy matplotlib tqdm pybind11 setuptools wheel
+"$PY" -m pip install -q pytest hypothesis ruff numpy matplotlib tqdm pyyaml pybind11 setuptools wheel
 "$PY" -m pip install -q --no-deps "nvidia-nvshmem-cu13==3.4.5"   # headers for the kernel compile check
 [[ -f tools/ci_install_megatron.sh ]] && PYTHON="$PY" bash tools/ci_install_megatron.sh >/dev/null
 [[ -f tools/ci_install_deepspeed.sh ]] && PYTHON="$PY" bash tools/ci_install_deepspeed.sh >/dev/null

@@ -1,0 +1,169 @@
+"""Test-harness helpers that let megatron-core 0.16.1 MoE layers run on a CPU-only machine (gloo).
+
+Megatron's MoE path assumes CUDA in a few places that have nothing to do with token dispatch (see
+``/work/shared/spec/megatron_core_integration.md`` section 4). ``apply_cpu_shims()`` patches exactly those, inside
+the calling (worker) process only, so the tests can build real ``MoELayer``s and compare dispatchers:
+
+1. ``torch.cuda.current_device()`` returns ``"cpu"`` (the router moves its weights there on every forward; the
+   tensor-parallel mappings allocate their outputs there);
+2. ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` become inert stand-ins (the alltoall dispatcher creates a
+   device-to-host copy stream and records events on it);
+3. ``moe_utils.te_general_gemm = None`` (0.16.1 leaves the name unbound without TransformerEngine, so the router
+   gating GEMM raises ``NameError``; fixed upstream after 0.16.1);
+4. the alltoall dispatcher's ``maybe_move_tensor_to_cpu`` also turns CPU split-size tensors into numpy arrays when
+   asked (it only converts CUDA tensors, and gloo's ``all_to_all_single`` wants Python/numpy split sizes).
+
+It also turns ``torch.compile`` off (Megatron's ``jit_fuser``), which changes no result and saves the compile time.
+None of this lives in the library: ``deepep_plugin.integrations.megatron`` itself never patches CUDA behaviour.
+
+``build_moe_layer(...)`` and ``init_megatron_parallel(...)`` build the layers the tests and the example compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Optional
+
+import torch
+
+_APPLIED = False
+
+
+class _InertStream:
+    """Stands in for ``torch.cuda.Stream`` on CPU: every operation is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_InertEvent":
+        return _InertEvent()
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _InertStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _InertEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def apply_cpu_shims() -> None:
+    """Patch the CUDA-only spots of megatron-core's MoE path in this process (idempotent). Call in workers only."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True  # Megatron's jit_fuser is torch.compile, applied at import time
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.Stream = _InertStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _InertStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    original_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        out = original_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        if as_numpy and torch.is_tensor(out):
+            out = out.numpy()
+        return out
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+    _APPLIED = True
+
+
+def init_megatron_parallel(expert_model_parallel_size: int, expert_tensor_parallel_size: int = 1) -> None:
+    """Initialise Megatron's parallel state over the already-initialised default (gloo) group."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=1,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+
+
+def destroy_megatron_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def moe_config(dispatcher_type: str, *, style: str = "default", hidden_size: int = 32, ffn_hidden_size: int = 64,
+               num_experts: int = 8, topk: int = 2, **overrides: Any):
+    """A small fp32 CPU ``TransformerConfig`` for one MoE layer.
+
+    ``style="default"``: softmax router with aux loss. ``style="deepseek_v3"``: sigmoid scores, expert bias
+    (aux-loss-free balancing), group-limited routing (``num_groups`` groups, ``group_topk`` kept), routed
+    scaling factor 2.5, sequence aux loss, as Megatron's DeepSeek-V3 proxy config.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw: dict[str, Any] = dict(
+        num_layers=1, hidden_size=hidden_size, num_attention_heads=4, ffn_hidden_size=ffn_hidden_size,
+        num_moe_experts=num_experts, moe_router_topk=topk, moe_token_dispatcher_type=dispatcher_type,
+        use_cpu_initialization=True, add_bias_linear=False, params_dtype=torch.float32,
+        moe_router_dtype="fp32", bf16=False, fp16=False, gradient_accumulation_fusion=False,
+        expert_model_parallel_size=int(torch.distributed.get_world_size()) if torch.distributed.is_initialized()
+        else 1,
+    )
+    if style == "default":
+        kw.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
+    elif style == "deepseek_v3":
+        kw.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                  moe_router_bias_update_rate=1e-3, moe_router_num_groups=8, moe_router_group_topk=4,
+                  moe_router_topk_scaling_factor=2.5, moe_router_pre_softmax=True,
+                  moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-4)
+    else:
+        raise ValueError(f"style must be 'default' or 'deepseek_v3', got {style!r}")
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_moe_layer(config: Any, *, seed: int = 1234, state_dict: Optional[dict] = None):
+    """Build a ``MoELayer`` (local SequentialMLP experts, no TransformerEngine) from ``config``.
+
+    The weights come from ``torch.manual_seed(seed)`` (identical on every rank), or from ``state_dict``.
+    """
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import build_module
+
+    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    torch.manual_seed(seed)
+    layer = build_module(spec, config=config)
+    assert isinstance(layer, MoELayer)
+    if state_dict is not None:
+        layer.load_state_dict(state_dict)
+    return layer
