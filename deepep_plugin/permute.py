@@ -23,7 +23,8 @@ class Permutation(NamedTuple):
 
 
 def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts: int,
-            recv_topk_weights: Optional[torch.Tensor] = None, alignment: int = 1) -> Permutation:
+            recv_topk_weights: Optional[torch.Tensor] = None, alignment: int = 1,
+            num_out_rows: Optional[int] = None) -> Permutation:
     """Rows of ``recv_x`` grouped by local expert (stable: received order inside an expert).
 
     Args:
@@ -32,10 +33,14 @@ def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts
         num_local_experts: ``E_loc``.
         recv_topk_weights: ``[N, K]`` float32 routing weights (optional; gives ``probs``).
         alignment: pad each expert's block with zero rows to a multiple of this.
+        num_out_rows: ``M`` if known (e.g. the sum of dispatch's ``num_recv_tokens_per_expert_list``, or a fixed
+            worst case for CUDA graphs): no host sync then. Rows past the padded blocks are padding; ``M`` must be
+            at least the padded total.
 
     Returns:
         ``Permutation(x [M, H], tokens_per_expert [E_loc] int64, row_ids [M] int64, probs [M] float32 or None)``.
-        A row selecting two local experts appears in both blocks. Computing ``M`` reads the counts on the host.
+        A row selecting two local experts appears in both blocks. Without ``num_out_rows``, computing ``M`` reads
+        the counts on the host.
     """
     expect(recv_x.dim() == 2, f"permute: recv_x must be 2-D [N, H], got shape {tuple(recv_x.shape)}")
     expect(recv_topk_idx.dim() == 2 and recv_topk_idx.size(0) == recv_x.size(0),
@@ -57,7 +62,7 @@ def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts
     start = torch.cumsum(counts, 0) - counts
     padded_start = torch.cumsum(padded, 0) - padded
     dest = padded_start[experts] + torch.arange(rows.numel(), device=dev) - start[experts]
-    total = int(padded.sum())
+    total = int(padded.sum()) if num_out_rows is None else num_out_rows
     row_ids = torch.full((total,), -1, dtype=torch.long, device=dev)
     row_ids[dest] = rows
     x = recv_x.new_zeros(total, recv_x.size(1)).index_copy(0, dest, recv_x.index_select(0, rows))

@@ -111,3 +111,12 @@ def test_permute_is_differentiable() -> None:
     perm = permute(x, idx, 2)
     unpermute(perm.x * 2, perm, 4).sum().backward()
     assert x.grad[:, 0].tolist() == [4.0, 2.0, 4.0, 0.0]
+
+
+def test_permute_with_a_known_row_count_pads_at_the_end() -> None:
+    x = torch.randn(3, 4)
+    idx = torch.tensor([[1, 0], [0, -1], [1, -1]])
+    perm = permute(x, idx, 2, num_out_rows=6)
+    assert perm.x.shape == (6, 4) and perm.row_ids.tolist() == [0, 1, 0, 2, -1, -1]
+    assert perm.tokens_per_expert.tolist() == [2, 2]
+    torch.testing.assert_close(unpermute(perm.x, perm, 3), x * torch.tensor([[2.0], [1.0], [1.0]]))
