@@ -51,13 +51,13 @@ class _Dispatch(torch.autograd.Function):
                 num_experts: int, fp8: bool, round_scale: bool, use_ue8m0: bool, expert_alignment: int,
                 num_worst_tokens: int, config: Optional[Config], state: _State) -> Any:
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
-            buffer.get_dispatch_layout(topk_idx, num_experts)
+            buffer.get_dispatch_layout(topk_idx.contiguous(), num_experts)
         payload: Any = x.contiguous()
         if fp8:
             payload = fp8_mod.per_token_cast_to_fp8(payload, round_scale=round_scale, use_ue8m0=use_ue8m0)
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
             payload, None, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-            topk_idx, topk_weights.float().contiguous(), expert_alignment=expert_alignment,
+            topk_idx.contiguous(), topk_weights.float().contiguous(), expert_alignment=expert_alignment,
             num_worst_tokens=num_worst_tokens, config=config)
         if fp8:
             recv_x = fp8_mod.per_token_cast_back(recv_x[0], recv_x[1], dtype=x.dtype)

@@ -144,7 +144,7 @@ def group_limited_topk(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + NORMALIZE_EPS)
     if routed_scaling_factor != 1.0:
         weights = weights * routed_scaling_factor
-    return topk_idx, weights
+    return topk_idx.contiguous(), weights.contiguous()
 
 
 def check_node_limited_groups(num_experts: int, num_groups: int, num_ranks: int, ranks_per_node: int) -> List[int]:

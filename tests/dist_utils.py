@@ -49,8 +49,13 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable[..
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
-                    start_method: str = "fork", timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; raise if any of them fails or hangs."""
+                    start_method: str | None = None, timeout: float = 240.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; raise if any of them fails or hangs.
+
+    ``start_method`` defaults to fork, or spawn once CUDA is initialised in this process (fork would break it).
+    """
+    if start_method is None:
+        start_method = "spawn" if torch.cuda.is_initialized() else "fork"
     ctx = mp.get_context(start_method)
     errors = ctx.SimpleQueue()
     port = free_port()

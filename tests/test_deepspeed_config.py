@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("deepspeed", reason="deepspeed is installed by tools/ci_install_deepspeed.sh")
 
-from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from deepspeed.moe.layer import MoE  # noqa: E402
 from deepspeed.moe.sharded_moe import MOELayer  # noqa: E402
 
 from deepep_plugin.errors import DeepEPInputError  # noqa: E402
+from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 
 SECTION = {"enabled": True, "backend": "auto", "fp8_dispatch": False, "num_sms": 24}
 

@@ -26,10 +26,10 @@ import torch.distributed as dist
 pytest.importorskip("deepspeed", reason="deepspeed is installed by tools/ci_install_deepspeed.sh")
 
 import deepspeed.moe.layer  # noqa: E402,F401  (imported once here, not in every forked worker)
-from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 
 from deepep_plugin import fp8  # noqa: E402
+from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from deepep_plugin.routing import group_limited_topk  # noqa: E402
 
 WORLD = 2

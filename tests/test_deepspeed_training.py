@@ -19,9 +19,10 @@ import torch
 pytest.importorskip("deepspeed", reason="deepspeed is installed by tools/ci_install_deepspeed.sh")
 
 import deepspeed  # noqa: E402
-from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
+
+from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 
 WORLD = 2
 HIDDEN = 16

@@ -15,12 +15,12 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is installed by tools/ci_install_megatron.sh")
 
 import megatron.core  # noqa: E402
-from deepep_plugin.integrations import megatron as dpm  # noqa: E402
-from deepep_plugin.integrations.megatron.dispatcher import routing_map_to_topk  # noqa: E402
 from megatron.core.transformer.moe import fused_a2a, moe_layer, token_dispatcher  # noqa: E402
 
 import deepep_plugin  # noqa: E402
 from deepep_plugin.errors import DeepEPInputError  # noqa: E402
+from deepep_plugin.integrations import megatron as dpm  # noqa: E402
+from deepep_plugin.integrations.megatron.dispatcher import routing_map_to_topk  # noqa: E402
 
 STOCK_FLEX = ["--moe-token-dispatcher-type", "flex", "--moe-flex-dispatcher-backend", "deepep"]
 

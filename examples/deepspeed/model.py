@@ -19,9 +19,9 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
 from torch import nn
 
-from deepspeed.moe.layer import MoE
 from examples.deepseek_v3.configs import ModelConfig
 from examples.deepseek_v3.model import MultiHeadLatentAttention, RMSNorm, SwiGLU
 

@@ -28,10 +28,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
-import torch.distributed as dist  # noqa: E402
-from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
-
 import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from examples.deepseek_v3.configs import load_preset  # noqa: E402
 from examples.deepseek_v3.data import MarkovCorpus  # noqa: E402
 from examples.deepspeed.model import DeepSeekV3DeepSpeedModel  # noqa: E402

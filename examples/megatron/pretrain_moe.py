@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
 from deepep_plugin.integrations import megatron as dp_megatron
 
 
