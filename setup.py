@@ -38,6 +38,15 @@ def _nvshmem_dir() -> str | None:
     return list(nvshmem.__path__)[0]
 
 
+def _gencode_flags() -> list[str]:
+    """``-gencode`` flags for every arch of ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0`` -> compute_90/sm_90)."""
+    flags = []
+    for arch in os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(";", " ").split():
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("DEEPEP_PLUGIN_NO_EXT") == "1":
         return [], {}
@@ -73,7 +82,9 @@ def _extensions() -> tuple[list, dict]:
             _sources("low_latency"),
             include_dirs=include_dirs + [os.path.join(nv, "include")],
             library_dirs=[lib],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["-rdc=true"]},
+            # torch's device-link step gets no arch flags of its own and would link for nvcc's default arch,
+            # dropping NVSHMEM's sm_90 device code: pass the arch list there too.
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["-rdc=true"], "nvcc_dlink": _gencode_flags()},
             dlink=True,
             dlink_libraries=["nvshmem_device"],
             extra_link_args=[f"-L{lib}", "-l:libnvshmem_host.so.3", "-lnvshmem_device", f"-Wl,-rpath,{lib}"],

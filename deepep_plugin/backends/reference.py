@@ -206,6 +206,9 @@ class ReferenceBackend:
                                   None, None, [], handle)
         src_idx = self.comm.alltoall_rows(order.to(torch.int32)[:, None], send_counts, recv_counts).flatten()
         new_handle = self._make_handle(is_token_in_rank, config.num_channels, count_matrix, src_idx)
+        if num_worst_tokens and isinstance(new_handle, IntranodeHandle):
+            # A shape cannot depend on a count the GPU kernels know only on the device: pad with -1, as they do.
+            new_handle = new_handle._replace(recv_src_idx=self._pad(src_idx, num_worst_tokens, fill=-1))
         recv_idx = recv_w = None
         counts_list: list[int] = []
         if topk_idx is not None:

@@ -1,0 +1,93 @@
+// Launch interface of the intranode kernels: plain structs of pointers and sizes, so the .cu files need no
+// torch headers (the CPU torch wheel has no CUDA headers) and the torch/pybind glue stays in runtime.cpp.
+// All launches are asynchronous on the given stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/error_env.h"
+#include "intranode/buffer_layout.h"
+
+namespace deepep::intranode {
+
+struct Peers {
+  uint8_t* buffers[kMaxRanks];  // every rank's NVL buffer (queues) as this process sees it (own one included)
+  Header* ctrl[kMaxRanks];      // every rank's control block
+  size_t region_bytes;          // bytes of NVL buffer reserved for each source rank (num_nvl_bytes / R, 16-aligned)
+  int rank;
+  int num_ranks;
+};
+
+// get_dispatch_layout. Outputs must be zeroed by the caller (counts are accumulated atomically).
+struct LayoutArgs {
+  const int64_t* topk_idx;      // [T, K]
+  int num_tokens, num_topk, num_experts, num_ranks;
+  int* num_tokens_per_rank;     // [R]
+  int* num_tokens_per_expert;   // [E]
+  bool* is_token_in_rank;       // [T, R]
+};
+cudaError_t launch_layout(const LayoutArgs& a, cudaStream_t stream);
+
+// Notify step of a non-cached dispatch: per-channel counts, an all-to-all of counts through the NVL
+// buffers (a barrier), and the receiver-side matrices of the handle.
+struct NotifyArgs {
+  Peers peers;
+  ErrorEnv env;
+  int num_tokens, num_channels, num_local_experts, expert_alignment;
+  const int* num_tokens_per_rank;     // [R]
+  const int* num_tokens_per_expert;   // [E]
+  const bool* is_token_in_rank;       // [T, R]
+  int* rank_prefix_matrix;            // [R, R] out
+  int* channel_prefix_matrix;         // [R, C] out
+  int* recv_channel_prefix_matrix;    // [R, C] out
+  int64_t* host_counters;             // device alias of host-mapped [2 + E_loc]: ready, n_recv, per expert;
+                                      // nullptr in num_worst_tokens mode (no host sync)
+};
+cudaError_t launch_notify(const NotifyArgs& a, cudaStream_t stream);
+
+struct DispatchArgs {
+  Peers peers;
+  ErrorEnv env;
+  int num_tokens, num_channels, queue_tokens;
+  int num_scales, num_topk, num_local_experts;
+  DispatchSlot slot;
+  int64_t scale_stride_token, scale_stride_elem;  // in elements (4 bytes)
+  const uint8_t* x;                   // [T, row_bytes]
+  const int32_t* x_scales;            // [T, S] (float32 or int32 bits), arbitrary strides; may be null
+  const int64_t* topk_idx;            // [T, K] global expert ids; may be null
+  const float* topk_weights;          // [T, K]; null iff topk_idx null
+  const bool* is_token_in_rank;       // [T, R]
+  const int* rank_prefix_matrix;      // [R, R]
+  const int* recv_channel_prefix_matrix;  // [R, C]
+  uint8_t* recv_x;                    // [rows, row_bytes]
+  int32_t* recv_scales;               // [rows, S]
+  int64_t* recv_topk_idx;             // [rows, K]
+  float* recv_topk_weights;           // [rows, K]
+  int* recv_src_idx;                  // [rows]; null for a cached dispatch (the handle has it)
+  int* send_head;                     // [T, R]; null for a cached dispatch
+  int num_rows;                       // rows allocated in the outputs (n_recv, or num_worst_tokens)
+  int worst_mode;                     // rows beyond the received count: recv_topk_idx = -1, recv_src_idx = -1
+};
+cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
+
+struct CombineArgs {
+  Peers peers;
+  ErrorEnv env;
+  int num_tokens, num_channels, queue_tokens, hidden, num_topk;
+  CombineSlot slot;
+  const uint16_t* x;                  // [n_rows, H] bf16: the rows this rank received in dispatch
+  const float* topk_weights;          // [n_rows, K]; may be null (num_topk == 0)
+  const uint16_t* bias0;              // [T, H] bf16; may be null
+  const uint16_t* bias1;              // [T, H] bf16; may be null
+  const int* rank_prefix_matrix;      // [R, R]
+  const int* channel_prefix_matrix;   // [R, C] (dispatch sender side)
+  const int* recv_channel_prefix_matrix;  // [R, C]
+  const int* send_head;               // [T, R]
+  uint16_t* combined_x;               // [T, H] bf16
+  float* combined_topk_weights;       // [T, K]; null iff topk_weights null
+};
+cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
+
+}  // namespace deepep::intranode

@@ -1,0 +1,272 @@
+// Intranode dispatch: every token goes once to every rank that owns one of its experts, over NVLink,
+// pushed by the sender (remote stores reach NVLink bandwidth with far fewer SMs than remote loads).
+//
+// Grid: 2 blocks per channel (C = num_sms / 2 channels; channel c owns source tokens
+// [c * ceil(T/C), (c + 1) * ceil(T/C))), 32 warps each.
+//   even block = sender of channel c: one warp group per *remote* destination j. The group scans its
+//       channel 32 tokens at a time (ballot over is_token_in_rank[:, j]), gives the k-th message of the
+//       round to warp k % G, and each warp pushes whole messages {row, scales, local top-k ids, weights,
+//       source index} into slot m % Q of queue (c, this rank) in j's buffer (16-byte stores over NVLink).
+//       Before writing message m it waits until head > m - Q (free slot). After each round the group meets at
+//       a named barrier and its leader publishes tail = m_end with st.release.sys into j's buffer.
+//   odd block = receiver of channel c: one warp group per *source* i.
+//       i == this rank: no queue at all: the group copies its own tokens from x straight into the output
+//           (local HBM traffic on SMs that are not pushing over NVLink).
+//       i != this rank: warps wait (lane 0, acquire) until tail > m, copy message m from the local queue to
+//           the output rows (ld.cg: the data came from another GPU), and after each round the leader
+//           publishes head into i's buffer (st.release.sys), which frees the slots.
+// Output rows: source i's tokens start at rank_prefix_matrix[i - 1][this rank]; its channel c starts
+// recv_channel_prefix_matrix[i][c] rows later; message k of stream (c, i) is the k-th row after that. This
+// is the receive order of the contract (source rank, then source token index).
+// At the end each sender waits until its streams are drained (head == tail), so queues are empty between
+// kernels (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the whole group
+// leave its loop at the next barrier.
+#include <cuda_runtime.h>
+
+#include "common/vec_copy.cuh"
+#include "common/wait.cuh"
+#include "intranode/api.h"
+#include "intranode/kernel_common.cuh"
+
+namespace deepep::intranode {
+namespace {
+
+// Rows of source `src` on this rank, as [first row, count) of channel `c`.
+__device__ __forceinline__ void source_channel_rows(const DispatchArgs& a, int src, int c, int& row0, int& n) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels;
+  const int src_start = src == 0 ? 0 : a.rank_prefix_matrix[(src - 1) * R + rank];
+  const int src_total = a.rank_prefix_matrix[src * R + rank] - src_start;
+  const int c_start = a.recv_channel_prefix_matrix[src * C + c];
+  const int c_end = c + 1 < C ? a.recv_channel_prefix_matrix[src * C + c + 1] : src_total;
+  row0 = src_start + c_start;
+  n = c_end - c_start;
+}
+
+// Writes the per-token metadata (scales, local top-k ids, weights, source index) of `token` for
+// destination rank `dst`, with the warp's lanes. `Store*` functors write one 4-byte value each.
+template <typename StoreScale, typename StoreIdx, typename StoreWeight, typename StoreSrc>
+__device__ __forceinline__ void write_meta(const DispatchArgs& a, int token, int dst, StoreScale store_scale,
+                                           StoreIdx store_idx, StoreWeight store_weight, StoreSrc store_src) {
+  const int lane = lane_id();
+  if (a.x_scales != nullptr) {
+    const int32_t* s = a.x_scales + token * a.scale_stride_token;
+    for (int i = lane; i < a.num_scales; i += 32) store_scale(i, s[i * a.scale_stride_elem]);
+  }
+  if (a.topk_idx != nullptr && lane < a.num_topk) {
+    const int64_t e = a.topk_idx[static_cast<int64_t>(token) * a.num_topk + lane];
+    const int64_t lo = static_cast<int64_t>(dst) * a.num_local_experts;
+    const bool mine = e >= lo && e < lo + a.num_local_experts;
+    store_idx(lane, mine ? static_cast<int>(e - lo) : -1);
+    store_weight(lane, mine ? a.topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] : 0.0f);
+  }
+  if (lane == 0) store_src(token);
+}
+
+__device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst, int group, int group_warps,
+                           int warp_in_group) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
+  const DispatchSlot& sl = a.slot;
+  Header* self = a.peers.ctrl[rank];
+  Header* remote = a.peers.ctrl[dst];
+  uint8_t* queue = queue_base(a.peers.buffers[dst], c, rank, a.peers.region_bytes, Q, sl.slot_bytes);
+  const int round = round_tokens(Q);
+  const int bar = 1 + group, bar_threads = group_warps * 32;
+  const uint64_t base = self->sent[c][dst];
+  uint64_t head = 0;  // last seen head (lazy)
+  int pos = 0;
+  bool failed = false;
+  for (int w0 = t0; w0 < t1; w0 += round) {
+    const int t = w0 + lane;
+    const bool valid = lane < round && t < t1;
+    const bool in = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + dst];
+    const unsigned mask = __ballot_sync(0xffffffffu, in);
+    if (a.send_head != nullptr && warp_in_group == 0 && valid)
+      a.send_head[static_cast<int64_t>(t) * R + dst] = in ? pos + __popc(mask & lanemask_lt()) : -1;
+    const int n_msgs = __popc(mask);
+    for (int k = (warp_in_group - pos % group_warps + group_warps) % group_warps; k < n_msgs && !failed;
+         k += group_warps) {
+      const int token = w0 + nth_set_bit(mask, k);
+      const uint64_t m = base + pos + k;
+      if (head + Q <= m) {
+        bool ok = true;
+        if (lane == 0)
+          ok = spin_until(
+              a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h + Q > m; },
+              kWaitDispatchSlots, dst, c, static_cast<int64_t>(m + 1 - Q));
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        if (!ok) {
+          failed = true;
+          break;
+        }
+        head = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->head[c][dst]) : 0ull, 0);
+      }
+      uint8_t* slot = queue + (m % Q) * sl.slot_bytes;
+      const uint8_t* src_row = a.x + static_cast<int64_t>(token) * sl.row_bytes;
+      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(slot), reinterpret_cast<const int4*>(src_row),
+                                           sl.row_bytes / 16);
+      write_meta(
+          a, token, dst, [&](int i, int32_t v) { reinterpret_cast<int32_t*>(slot + sl.scales_off)[i] = v; },
+          [&](int k2, int v) { reinterpret_cast<int32_t*>(slot + sl.idx_off)[k2] = v; },
+          [&](int k2, float v) { reinterpret_cast<float*>(slot + sl.weights_off)[k2] = v; },
+          [&](int v) { *reinterpret_cast<int32_t*>(slot + sl.src_off) = v; });
+    }
+    pos += n_msgs;
+    // Every warp's stores of this round happen before the barrier; the leader's release then publishes them.
+    failed = named_barrier_or(bar, bar_threads, failed || aborted(a.env));
+    if (failed) break;
+    if (warp_in_group == 0 && lane == 0 && n_msgs > 0) st_release_sys(&remote->tail[c][rank], base + pos);
+  }
+  if (!failed && warp_in_group == 0 && lane == 0) {
+    const uint64_t end = base + pos;
+    if (spin_until(
+            a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
+            kWaitDispatchDrain, dst, c, static_cast<int64_t>(end)))
+      self->sent[c][dst] = end;
+  }
+}
+
+// Copy one message (already in local memory, written by a peer) into output row `row`.
+__device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const uint8_t* slot, int row) {
+  const DispatchSlot& sl = a.slot;
+  const int lane = lane_id();
+  const int64_t r = row;
+  warp_copy_v4<LoadKind::kL2>(reinterpret_cast<int4*>(a.recv_x + r * sl.row_bytes),
+                              reinterpret_cast<const int4*>(slot), sl.row_bytes / 16);
+  if (a.recv_scales != nullptr)
+    for (int i = lane; i < a.num_scales; i += 32)
+      a.recv_scales[r * a.num_scales + i] = ld_cg(reinterpret_cast<const int*>(slot + sl.scales_off) + i);
+  if (a.recv_topk_idx != nullptr && lane < a.num_topk) {
+    a.recv_topk_idx[r * a.num_topk + lane] = ld_cg(reinterpret_cast<const int*>(slot + sl.idx_off) + lane);
+    a.recv_topk_weights[r * a.num_topk + lane] = ld_cg(reinterpret_cast<const float*>(slot + sl.weights_off) + lane);
+  }
+  if (a.recv_src_idx != nullptr && lane == 0)
+    a.recv_src_idx[r] = ld_cg(reinterpret_cast<const int*>(slot + sl.src_off));
+}
+
+__device__ void report_overflow(const DispatchArgs& a, int row) {
+  if (lane_id() == 0) report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, a.num_rows);
+}
+
+__device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, int group_warps, int warp_in_group) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
+  Header* self = a.peers.ctrl[rank];
+  Header* remote = a.peers.ctrl[src];
+  const uint8_t* queue =
+      queue_base(a.peers.buffers[rank], c, src, a.peers.region_bytes, Q, a.slot.slot_bytes);
+  int row0, n;
+  source_channel_rows(a, src, c, row0, n);
+  const int round = round_tokens(Q);
+  const int bar = 1 + group, bar_threads = group_warps * 32;
+  const uint64_t base = self->consumed[c][src];
+  uint64_t tail = 0;
+  bool failed = false;
+  for (int r0 = 0; r0 < n; r0 += round) {
+    const int m_count = min(round, n - r0);
+    for (int k = warp_in_group; k < m_count; k += group_warps) {
+      const uint64_t m = base + r0 + k;
+      if (tail <= m) {
+        bool ok = true;
+        if (lane == 0)
+          ok = spin_until(
+              a.env, [&] { return ld_acquire_sys(&self->tail[c][src]); }, [&](uint64_t v) { return v > m; },
+              kWaitDispatchTokens, src, c, static_cast<int64_t>(m + 1));
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        if (!ok) {
+          failed = true;
+          break;
+        }
+        tail = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->tail[c][src]) : 0ull, 0);
+      }
+      const int row = row0 + r0 + k;
+      if (row < a.num_rows) store_row_from_slot(a, queue + (m % Q) * a.slot.slot_bytes, row);
+      else report_overflow(a, row);
+    }
+    // All reads of this round's slots happen before the barrier; the release then frees the slots.
+    failed = named_barrier_or(bar, bar_threads, failed || aborted(a.env));
+    if (failed) break;
+    if (warp_in_group == 0 && lane == 0) st_release_sys(&remote->head[c][rank], base + r0 + m_count);
+  }
+  if (!failed && warp_in_group == 0 && lane == 0) self->consumed[c][src] = base + n;
+}
+
+// This rank's own tokens: straight from x to the output rows, no queue.
+__device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int group_warps, int warp_in_group) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, lane = lane_id();
+  const int row_bytes = a.slot.row_bytes;
+  int row0, n;
+  source_channel_rows(a, rank, c, row0, n);
+  int pos = 0;
+  for (int w0 = t0; w0 < t1; w0 += 32) {
+    const int t = w0 + lane;
+    const bool valid = t < t1;
+    const bool in = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + rank];
+    const unsigned mask = __ballot_sync(0xffffffffu, in);
+    if (a.send_head != nullptr && warp_in_group == 0 && valid)
+      a.send_head[static_cast<int64_t>(t) * R + rank] = in ? pos + __popc(mask & lanemask_lt()) : -1;
+    const int n_msgs = __popc(mask);
+    for (int k = (warp_in_group - pos % group_warps + group_warps) % group_warps; k < n_msgs; k += group_warps) {
+      const int token = w0 + nth_set_bit(mask, k);
+      const int64_t row = row0 + pos + k;
+      if (row >= a.num_rows) {
+        report_overflow(a, static_cast<int>(row));
+        continue;
+      }
+      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(a.recv_x + row * row_bytes),
+                                           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * row_bytes),
+                                           row_bytes / 16);
+      write_meta(
+          a, token, rank, [&](int i, int32_t v) { a.recv_scales[row * a.num_scales + i] = v; },
+          [&](int k2, int v) { a.recv_topk_idx[row * a.num_topk + k2] = v; },
+          [&](int k2, float v) { a.recv_topk_weights[row * a.num_topk + k2] = v; },
+          [&](int v) {
+            if (a.recv_src_idx != nullptr) a.recv_src_idx[row] = v;
+          });
+    }
+    pos += n_msgs;
+  }
+}
+
+__global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels, T = a.num_tokens;
+  const int c = blockIdx.x / 2;
+  const bool is_sender = (blockIdx.x % 2) == 0;
+  const int warp = threadIdx.x / 32;
+  int t0, t1;
+  channel_tokens(T, C, c, t0, t1);
+
+  if (is_sender) {
+    if (R == 1) return;
+    const int groups = R - 1, group_warps = kNumWarps / groups;
+    const int group = warp / group_warps;
+    if (group >= groups) return;
+    const int dst = group < rank ? group : group + 1;
+    run_sender(a, c, t0, t1, dst, group, group_warps, warp % group_warps);
+  } else {
+    if (a.worst_mode) {
+      // Rows past the received count: top-k ids -1 (contract), source index -1. Spread over receiver blocks.
+      const int n = a.rank_prefix_matrix[(R - 1) * R + rank];
+      const int64_t first = min(n, a.num_rows);
+      const int64_t stride = static_cast<int64_t>(C) * blockDim.x;
+      const int64_t tid = static_cast<int64_t>(c) * blockDim.x + threadIdx.x;
+      if (a.recv_topk_idx != nullptr)
+        for (int64_t i = first * a.num_topk + tid; i < static_cast<int64_t>(a.num_rows) * a.num_topk; i += stride)
+          a.recv_topk_idx[i] = -1;
+      if (a.recv_src_idx != nullptr)
+        for (int64_t i = first + tid; i < a.num_rows; i += stride) a.recv_src_idx[i] = -1;
+    }
+    const int group_warps = kNumWarps / R;
+    const int group = warp / group_warps;
+    if (group >= R) return;
+    if (group == rank) run_local_copy(a, c, t0, t1, group_warps, warp % group_warps);
+    else run_receiver(a, c, group, group, group_warps, warp % group_warps);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
+  dispatch_kernel<<<2 * a.num_channels, kNumThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace deepep::intranode

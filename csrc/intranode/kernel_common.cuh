@@ -1,0 +1,39 @@
+// Device helpers shared by the intranode kernels (dispatch.cu, combine.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/ptx.cuh"
+#include "intranode/buffer_layout.h"
+
+namespace deepep::intranode {
+
+// Ring of queue (channel, src) inside `buffer` (a rank's NVL buffer): Q slots of `slot_bytes`. The buffer is
+// split into one fixed region per source rank (`region_bytes` = num_nvl_bytes / R, independent of the call),
+// so that whatever slot size or channel count a call uses, source i only ever writes inside region i. A
+// sender's previous call is fully drained before its next one starts, so region i is free for it even while
+// this rank is still receiving from slower sources in their regions.
+__device__ __forceinline__ uint8_t* queue_base(uint8_t* buffer, int channel, int src, size_t region_bytes,
+                                               int queue_tokens, int slot_bytes) {
+  return buffer + src * region_bytes + static_cast<size_t>(channel) * queue_tokens * slot_bytes;
+}
+
+// Messages per publication round for a ring of `queue_tokens` slots (see kRoundTokens).
+__device__ __forceinline__ int round_tokens(int queue_tokens) {
+  return min(kRoundTokens, (queue_tokens + 1) / 2);
+}
+
+// Bit position of the k-th (0-based) set bit of `mask`; k < popc(mask).
+__device__ __forceinline__ int nth_set_bit(unsigned mask, int k) {
+  for (int i = 0; i < k; ++i) mask &= mask - 1;
+  return __ffs(mask) - 1;
+}
+
+// Tokens [t0, t1) of channel c when T tokens are split into C channels of ceil(T / C).
+__device__ __forceinline__ void channel_tokens(int num_tokens, int num_channels, int c, int& t0, int& t1) {
+  const int per_channel = (num_tokens + num_channels - 1) / num_channels;
+  t0 = min(c * per_channel, num_tokens);
+  t1 = min(t0 + per_channel, num_tokens);
+}
+
+}  // namespace deepep::intranode

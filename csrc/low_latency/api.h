@@ -1,0 +1,94 @@
+// The low-latency extension's C++ interface: kernel parameters (plain structs the bindings fill from Python)
+// and the host functions implemented in runtime.cu and low_latency.cu. Plain C++ (no CUDA, no torch headers).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/mailbox.h"
+
+namespace deepep {
+namespace ll {
+
+// Wait codes reported through the mailbox (>= kWaitLowLatencyBase, see common/mailbox.h).
+enum LowLatencyWait : int32_t {
+  kWaitLLDispatchRecv = 64,  // dispatch receive: the peer's "all messages sent" signal
+  kWaitLLCombineRecv = 65,   // combine receive: all rows from the peer
+};
+
+// Geometry of one call, with the byte offsets of the parity it uses (from Layout, layout.h).
+struct Geometry {
+  int num_ranks, num_experts, num_local_experts, hidden, num_max_tokens, combine_slots_per_token;
+  int64_t header_bytes, msg_bytes, combine_send_row_bytes, count_bytes;
+  int64_t signal_offset, send_offset, recv_offset;
+};
+
+// What every kernel needs to reach the buffers and report errors.
+struct Env {
+  int rank;
+  int has_rdma_peers;        // some peer is not mapped (no P2P): the kernels use NVSHMEM puts for it
+  uint8_t* buffer;           // this rank's symmetric buffer
+  uint8_t* const* peers;     // device array [R]: each rank's buffer mapped here (P2P), or null (RDMA)
+  int* workspace;            // device int32 [8]: grid-completion counters, zero between launches
+  int* abort_flag;           // device int32: set once any wait of this rank timed out
+  Mailbox* mailbox;          // device alias of the host-mapped mailbox
+  uint64_t timeout_ns;
+  Geometry geo;
+};
+
+struct DispatchArgs {
+  Env env;
+  const void* x;                 // bf16 [T, H]
+  const int64_t* topk_idx;       // [T, K]
+  int num_tokens, num_topk;
+  int use_fp8, round_scale, use_ue8m0;
+  void* recv_x;                  // [E_loc, R*N, H] fp8 or bf16
+  void* recv_scales;             // fp32 [E_loc, S, R*N] or int32 [E_loc, ceil(S/4), R*N]; null without FP8
+  int* recv_count;               // [E_loc]
+  int* src_info;                 // [E_loc, R*N]
+  int* slot_info;                // [E_loc, R*N]: combine slot q of each row
+  int64_t* layout_range;         // [E_loc, R]
+  int* cumulative_stats;         // [E_loc] or null
+  int64_t* wait_stats;           // [R] or null
+};
+
+struct CombineArgs {
+  Env env;
+  const void* x;                 // bf16 [E_loc, R*N, H] (ignored with zero_copy)
+  const int* src_info;           // [E_loc, R*N]
+  const int* slot_info;          // [E_loc, R*N]
+  const int64_t* layout_range;   // [E_loc, R]
+  const int64_t* topk_idx;       // [T, K]
+  const float* topk_weights;     // [T, K]
+  int num_tokens, num_topk;
+  int zero_copy;
+  void* out;                     // bf16 [T, H]
+  int64_t* wait_stats;           // [R] or null
+};
+
+// low_latency.cu
+void dispatch_send(const DispatchArgs& a, int num_sms, void* stream);
+void dispatch_recv(const DispatchArgs& a, int num_sms, void* stream);
+void combine_send(const CombineArgs& a, int num_sms, void* stream);
+void combine_recv(const CombineArgs& a, int num_sms, void* stream);
+int64_t max_dispatch_smem_experts();  // largest E the kernels' shared memory holds
+
+// runtime.cu
+std::string get_unique_id();
+void init_world(int rank, int num_ranks, const std::string& unique_id, int device);
+bool world_initialized();
+int world_rank();
+int world_size();
+uintptr_t symmetric_alloc(int64_t bytes);
+void symmetric_free(uintptr_t ptr);
+std::vector<uintptr_t> peer_bases(uintptr_t base, int num_ranks);
+void barrier_all();
+void barrier_on_stream(void* stream);
+void finalize_world();
+uintptr_t mailbox_alloc();                      // returns the host pointer
+uintptr_t mailbox_device_ptr(uintptr_t host);
+void mailbox_free(uintptr_t host);
+
+}  // namespace ll
+}  // namespace deepep

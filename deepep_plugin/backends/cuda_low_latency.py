@@ -1,0 +1,390 @@
+"""Low-latency dispatch and combine on CUDA GPUs, over an NVSHMEM symmetric buffer (``_low_latency_C``).
+
+For inference decoding: up to a few hundred tokens per rank, fixed-size buffers (CUDA-graph friendly), FP8 cast
+inside the kernel, and a receive hook (the send kernel returns at once; ``hook()`` launches the receive kernel,
+so no SM waits while the data is in flight). NVSHMEM comes from the ``nvidia-nvshmem-cu13``/``-cu12`` wheel.
+Peers whose buffer NVSHMEM maps into this process (NVLink P2P, or processes sharing a GPU) are written with
+plain stores; other peers (other nodes) with NVSHMEM puts (IBGDA where the machine has it).
+
+What differs from DeepEP V1 (same signatures, same results):
+
+* **A token is sent once per destination rank**, not once per expert: the message header lists the
+  destination's local experts the token selected, and the receiver fans the payload out. A token that lists
+  an expert twice reaches it once (one row), and combine adds both weights to that row.
+* **Deterministic receive layout**: per local expert, the sources' blocks in rank order, each source's tokens
+  in increasing index (DeepEP leaves both orders to atomics). ``layout_range``/``src_info`` describe it.
+* **Any hidden size that is a multiple of 128** (FP8 and BF16) and **top-k up to 16**; ``N_ll`` up to 65535.
+* **Smaller buffer** (``required_rdma_bytes``; about half of DeepEP's hint for DeepSeek-V3 shapes, and never
+  more, so buffers sized by ``get_low_latency_rdma_size_hint`` always work). Layout, for ``R`` ranks, ``E``
+  experts (``E_loc = E / R``), ``N = N_ll`` and hidden ``H``, per parity (there are two):
+  ``align16(4R)`` signal words + ``max(N * Md, E * N * (2H + H/32))`` send/zero-copy staging
+  + ``max(counts + R * N * Md, N * min(16, E) * 2H)`` receive, where
+  ``Md = align16(8 * min(16, E_loc)) + 2H`` is one message and ``counts = align16(4E)`` when ``E_loc >= 2``.
+  Example: ``N=128, H=7168, R=2, E=288`` needs 1.05 GiB (DeepEP's hint: 2.0 GiB).
+* **No hangs**: every wait times out (``timeout_s``, from ``DEEPEP_PLUGIN_TIMEOUT_S``) and reports
+  ``{rank, peer, what}`` through a host-mapped mailbox; :meth:`LowLatencyRuntime.check_error` raises
+  ``DeepEPTimeoutError``. Kernels never ``__trap``.
+* Wait-cost statistics are GPU clock cycles (as DeepEP), measured from the receive kernel's start.
+* NVSHMEM is initialised once per process and kept (NVSHMEM cannot be re-initialised in one process):
+  :meth:`LowLatencyRuntime.destroy` frees the symmetric buffer, and a later runtime with the same rank, group
+  size and device reuses the NVSHMEM world.
+
+Combine reads the per-row combine slot from ``handle.src_info``'s base tensor (``src_info`` is row 0 of an
+int32 ``[2, E_loc, R*N]`` tensor whose row 1 holds the slots), so pass the handle returned by dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DeepEPBufferTooSmall, DeepEPError, DeepEPTimeoutError, expect
+from .base import LowLatencyDispatchResult, LowLatencyHandle
+
+#: Largest top-k the kernels handle (a message header holds up to 16 local experts).
+MAX_TOPK = 16
+#: Largest ``num_max_dispatch_tokens_per_rank`` (token indices and rows travel as 16-bit fields).
+MAX_TOKENS_PER_RANK = 65535
+#: Wait codes of the mailbox (csrc/low_latency/api.h).
+_WAITS = {64: "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)",
+          65: "combine receive: the peer's expert outputs (did it call low_latency_combine?)"}
+#: Set to 1 to send to every peer with NVSHMEM puts (the RDMA code path) even where P2P stores would work.
+FORCE_PUTS_ENV = "DEEPEP_PLUGIN_LL_NVSHMEM_PUTS"
+
+
+def _align16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
+def required_rdma_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Bytes of symmetric buffer the low-latency kernels need (the layout in the module docstring).
+
+    Always ``<=`` DeepEP's ``get_low_latency_rdma_size_hint`` for the same arguments.
+    """
+    n, h, r, e = num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+    e_loc = e // r
+    msg = _align16(8 * min(MAX_TOPK, e_loc)) + 2 * h
+    signal = _align16(4 * r)
+    send = max(n * msg, e * n * (2 * h + 4 * (h // 128)))
+    counts = _align16(4 * e) if e_loc >= 2 else 0
+    recv = max(counts + r * n * msg, n * min(MAX_TOPK, e) * 2 * h)
+    return 2 * (signal + send + recv)
+
+
+def _extension() -> Any:
+    from .. import _low_latency_C  # type: ignore[attr-defined]
+
+    return _low_latency_C
+
+
+class _DeviceMemory:
+    """Wraps a raw device address so that ``torch.as_tensor`` can view it (``__cuda_array_interface__``)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+                                         "strides": None}
+
+
+def _nvshmem_environment(num_qps_per_rank: int, allow_nvlink: bool) -> None:
+    """NVSHMEM settings of DeepEP V1 (interface spec, section 5); NVLink SHARP always off."""
+    os.environ["NVSHMEM_DISABLE_P2P"] = "0" if allow_nvlink else "1"
+    os.environ["NVSHMEM_IB_ENABLE_IBGDA"] = "1"
+    os.environ["NVSHMEM_IBGDA_NUM_RC_PER_PE"] = str(num_qps_per_rank)
+    os.environ["NVSHMEM_QP_DEPTH"] = os.environ.get("NVSHMEM_QP_DEPTH", "1024")
+    os.environ["NVSHMEM_MAX_TEAMS"] = "7"
+    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+    os.environ["NVSHMEM_CUMEM_GRANULARITY"] = str(2**29)
+    os.environ.setdefault("NVSHMEM_DISABLE_MNNVL", "1")
+
+
+class LowLatencyRuntime:
+    """One rank's low-latency state: its NVSHMEM symmetric buffer, peer mappings, workspace and mailbox.
+
+    Collective: every rank of ``group`` constructs it together (and calls :meth:`destroy` together).
+
+    Args:
+        group: the EP process group (any backend; gloo works): used to share the NVSHMEM unique id.
+        rank, num_ranks: this rank and the group size (NVSHMEM PE numbers follow them).
+        num_rdma_bytes: bytes of the symmetric buffer (``>= required_rdma_bytes(...)`` of every call).
+        device: this rank's CUDA device.
+        timeout_s: how long any wait on a peer may take before the kernel gives up and reports.
+        num_qps_per_rank: RDMA queue pairs per peer (``NVSHMEM_IBGDA_NUM_RC_PER_PE``).
+        allow_nvlink: let NVSHMEM use P2P (NVLink) between peers of one node.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_rdma_bytes: int,
+                 device: torch.device, timeout_s: float, num_qps_per_rank: int, allow_nvlink: bool) -> None:
+        self._c = _extension()
+        self.rank, self.num_ranks = rank, num_ranks
+        self.num_rdma_bytes = num_rdma_bytes
+        self.device = torch.device(device)
+        self.timeout_s = timeout_s
+        self._alive = False
+        torch.cuda.set_device(self.device)
+        _nvshmem_environment(num_qps_per_rank, allow_nvlink)
+
+        c = self._c
+        states = [None] * num_ranks
+        dist.all_gather_object(states, bool(c.world_initialized()), group=group)
+        if any(states) and not all(states):
+            raise DeepEPError("LowLatencyRuntime: some ranks already joined an NVSHMEM world and others did not; "
+                              "create every low-latency Buffer of the job on the same group")
+        if not states[0]:
+            uid = [c.get_unique_id() if rank == 0 else None]
+            dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0), group=group)
+            c.init_world(rank, num_ranks, uid[0], self.device.index)
+        else:
+            c.init_world(rank, num_ranks, b"", self.device.index)  # checks that it is the same world
+        self._ptr = c.symmetric_alloc(num_rdma_bytes)
+        peers = c.peer_bases(self._ptr, num_ranks)
+        if os.environ.get(FORCE_PUTS_ENV) == "1":
+            peers = [p if j == rank else 0 for j, p in enumerate(peers)]
+        expect(peers[rank] != 0, "LowLatencyRuntime: NVSHMEM did not map this rank's own buffer")
+        self._has_rdma_peers = int(any(p == 0 for p in peers))
+        self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
+        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
+        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._mailbox = c.mailbox_alloc()
+        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._parity = 0
+        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, num_rdma_bytes), device=self.device)
+        self._alive = True
+        torch.cuda.synchronize(self.device)
+        c.barrier_all()
+
+    # ------------------------------------------------------------------------------------------------------
+    def _check_sizes(self, what: str, n_ll: int, hidden: int, num_experts: int) -> None:
+        expect(self._alive, f"{what}: the low-latency runtime was destroyed")
+        expect(0 < n_ll <= MAX_TOKENS_PER_RANK,
+               f"{what}: num_max_dispatch_tokens_per_rank must be in [1, {MAX_TOKENS_PER_RANK}], got {n_ll}")
+        expect(hidden > 0 and hidden % 128 == 0, f"{what}: hidden must be a positive multiple of 128, got {hidden}")
+        expect(num_experts % self.num_ranks == 0,
+               f"{what}: num_experts={num_experts} must be a multiple of the group size {self.num_ranks}")
+        expect(num_experts <= self._c.max_experts(),
+               f"{what}: num_experts={num_experts} exceeds what the kernels hold ({self._c.max_experts()})")
+        need = required_rdma_bytes(n_ll, hidden, self.num_ranks, num_experts)
+        if need > self.num_rdma_bytes:
+            raise DeepEPBufferTooSmall(
+                f"{what}: num_rdma_bytes={self.num_rdma_bytes} is too small for num_max_dispatch_tokens_per_rank="
+                f"{n_ll}, hidden={hidden}, num_experts={num_experts}: it needs at least {need} bytes")
+
+    def _env(self, parity: int, n_ll: int, hidden: int, num_experts: int) -> dict:
+        return {"rank": self.rank, "num_ranks": self.num_ranks, "num_experts": num_experts, "hidden": hidden,
+                "num_max_tokens": n_ll, "parity": parity, "has_rdma_peers": self._has_rdma_peers,
+                "buffer": self._ptr, "peers": self._peers.data_ptr(), "workspace": self._workspace.data_ptr(),
+                "abort_flag": self._abort.data_ptr(), "mailbox": self._mailbox_device,
+                "timeout_ns": int(self.timeout_s * 1e9)}
+
+    def _next_parity(self) -> int:
+        parity = self._parity
+        self._parity ^= 1
+        return parity
+
+    @staticmethod
+    def _stream() -> int:
+        return torch.cuda.current_stream().cuda_stream
+
+    # ------------------------------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, *, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool,
+                             use_ue8m0: bool, return_recv_hook: bool) -> LowLatencyDispatchResult:
+        """Send each token to the ranks of its experts; receive this rank's experts' tokens.
+
+        Args:
+            x: ``[T, H]`` bfloat16, contiguous, on this rank's GPU; ``T <= N_ll``.
+            topk_idx: ``[T, K]`` int64 global expert ids (``-1`` = unused), ``K <= 16``.
+            num_max_dispatch_tokens_per_rank: ``N_ll``, the same on every rank.
+            num_experts: ``E``, a multiple of the group size ``R``.
+            cumulative_local_expert_recv_stats: optional int32 ``[E_loc]``: received rows are added to it.
+            dispatch_wait_recv_cost_stats: optional int64 ``[R]``: clock cycles waited per source are added.
+            use_fp8, round_scale, use_ue8m0: the in-kernel FP8 cast (``deepep_plugin.fp8`` semantics).
+            return_recv_hook: launch only the send kernel; the returned hook launches the receive kernel.
+
+        Returns:
+            ``LowLatencyDispatchResult``: ``recv_x`` ``[E_loc, R*N_ll, H]`` (float8_e4m3fn or bfloat16),
+            ``recv_x_scales`` (FP8: float32 ``[E_loc, R*N_ll, H/128]`` or UE8M0 int32 ``[E_loc, R*N_ll,
+            ceil(H/512)]``, transposed views of ``[E_loc, S, R*N_ll]`` tensors; else ``None``), ``recv_count``
+            int32 ``[E_loc]``, the handle and the hook (or ``None``). All on this rank's GPU; rows past
+            ``recv_count[i]`` are unspecified.
+        """
+        n_ll, hidden, r = num_max_dispatch_tokens_per_rank, x.size(1), self.num_ranks
+        self._check_sizes("low_latency_dispatch", n_ll, hidden, num_experts)
+        expect(topk_idx.size(1) <= MAX_TOPK, f"low_latency_dispatch: top-k must be <= {MAX_TOPK}, got "
+                                             f"{topk_idx.size(1)}")
+        e_loc, slots, dev = num_experts // r, r * n_ll, x.device
+        parity = self._next_parity()
+        if use_fp8:
+            recv_x = torch.empty((e_loc, slots, hidden), dtype=torch.float8_e4m3fn, device=dev)
+            groups = hidden // 128
+            if use_ue8m0:
+                scales = torch.empty((e_loc, (groups + 3) // 4, slots), dtype=torch.int32, device=dev)
+            else:
+                scales = torch.empty((e_loc, groups, slots), dtype=torch.float32, device=dev)
+        else:
+            recv_x = torch.empty((e_loc, slots, hidden), dtype=torch.bfloat16, device=dev)
+            scales = None
+        recv_count = torch.empty(e_loc, dtype=torch.int32, device=dev)
+        info = torch.empty((2, e_loc, slots), dtype=torch.int32, device=dev)  # [0] source token, [1] combine slot
+        layout_range = torch.empty((e_loc, r), dtype=torch.int64, device=dev)
+        x = x.contiguous()
+        topk_idx = topk_idx.contiguous()
+        args = self._env(parity, n_ll, hidden, num_experts)
+        args.update({
+            "x": x.data_ptr(), "topk_idx": topk_idx.data_ptr(), "num_tokens": x.size(0),
+            "num_topk": topk_idx.size(1), "use_fp8": int(use_fp8), "round_scale": int(round_scale),
+            "use_ue8m0": int(use_ue8m0), "recv_x": recv_x.data_ptr(),
+            "recv_scales": scales.data_ptr() if scales is not None else None,
+            "recv_count": recv_count.data_ptr(), "src_info": info[0].data_ptr(), "slot_info": info[1].data_ptr(),
+            "layout_range": layout_range.data_ptr(),
+            "cumulative_stats": (cumulative_local_expert_recv_stats.data_ptr()
+                                 if cumulative_local_expert_recv_stats is not None else None),
+            "wait_stats": dispatch_wait_recv_cost_stats.data_ptr() if dispatch_wait_recv_cost_stats is not None
+            else None,
+            "stream": self._stream()})
+        self._c.dispatch_send(args, self._num_sms)
+        keep = (x, topk_idx, recv_x, scales, recv_count, info, layout_range, cumulative_local_expert_recv_stats,
+                dispatch_wait_recv_cost_stats)
+
+        def hook() -> None:
+            expect(self._alive, "low_latency_dispatch hook: the low-latency runtime was destroyed")
+            expect(bool(keep_alive), "low_latency_dispatch hook: a receive hook can be called only once")
+            self._c.dispatch_recv(dict(args, stream=self._stream()), self._num_sms)
+            del keep_alive[:]
+
+        keep_alive = list(keep)
+        if not return_recv_hook:
+            hook()
+        handle = LowLatencyHandle(info[0], layout_range, n_ll, hidden, num_experts)
+        return LowLatencyDispatchResult(recv_x, scales.transpose(1, 2) if scales is not None else None, recv_count,
+                                        handle, hook if return_recv_hook else None)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, *, zero_copy: bool, return_recv_hook: bool,
+                            out: Optional[torch.Tensor], combine_wait_recv_cost_stats: Optional[torch.Tensor]
+                            ) -> tuple[torch.Tensor, Optional[Callable[[], None]]]:
+        """Send the expert outputs back to their sources and reduce them there.
+
+        Args:
+            x: ``[E_loc, R*N_ll, H]`` bfloat16 expert outputs in the layout of the dispatch that made ``handle``
+                (only each expert's first ``recv_count`` rows are read); ignored with ``zero_copy``.
+            topk_idx: ``[T, K]`` int64, the same as given to that dispatch.
+            topk_weights: ``[T, K]`` float32.
+            handle: the handle returned by that dispatch.
+            zero_copy: the outputs were written into :meth:`get_next_low_latency_combine_buffer`.
+            return_recv_hook: launch only the send kernel; the returned hook launches the reduction.
+            out: optional ``[T, H]`` bfloat16 result tensor (written and returned).
+            combine_wait_recv_cost_stats: optional int64 ``[R]``: clock cycles waited per source are added.
+
+        Returns:
+            ``(combined_x, hook)``: ``combined_x`` ``[T, H]`` bfloat16 on this GPU with
+            ``combined_x[t] = bf16(sum_k w[t, k] * y(topk_idx[t, k], t))`` (FP32, in k order, ``-1`` skipped);
+            ``hook`` or ``None``.
+        """
+        n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_sizes("low_latency_combine", n_ll, hidden, num_experts)
+        e_loc, slots = num_experts // self.num_ranks, self.num_ranks * n_ll
+        info = handle.src_info._base
+        expect(info is not None and tuple(info.shape) == (2, e_loc, slots) and info.dtype == torch.int32
+               and info[0].data_ptr() == handle.src_info.data_ptr(),
+               "low_latency_combine: handle.src_info must be the tensor returned by this Buffer's "
+               "low_latency_dispatch (its base tensor carries the combine slots)")
+        expect(topk_idx.size(1) <= MAX_TOPK, f"low_latency_combine: top-k must be <= {MAX_TOPK}, got "
+                                             f"{topk_idx.size(1)}")
+        parity = self._next_parity()
+        num_tokens = topk_idx.size(0)
+        result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
+                                                         device=topk_idx.device)
+        topk_idx = topk_idx.contiguous()
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+        x = x.contiguous()
+        args = self._env(parity, n_ll, hidden, num_experts)
+        args.update({
+            "x": x.data_ptr(), "src_info": info[0].data_ptr(), "slot_info": info[1].data_ptr(),
+            "layout_range": handle.layout_range.data_ptr(), "topk_idx": topk_idx.data_ptr(),
+            "topk_weights": topk_weights.data_ptr(), "num_tokens": num_tokens, "num_topk": topk_idx.size(1),
+            "zero_copy": int(zero_copy), "out": result.data_ptr(),
+            "wait_stats": combine_wait_recv_cost_stats.data_ptr() if combine_wait_recv_cost_stats is not None
+            else None,
+            "stream": self._stream()})
+        self._c.combine_send(args, self._num_sms)
+        keep_alive = [x, info, handle.layout_range, topk_idx, topk_weights, result, combine_wait_recv_cost_stats]
+
+        def hook() -> None:
+            expect(self._alive, "low_latency_combine hook: the low-latency runtime was destroyed")
+            expect(bool(keep_alive), "low_latency_combine hook: a receive hook can be called only once")
+            self._c.combine_recv(dict(args, stream=self._stream()), self._num_sms)
+            del keep_alive[:]
+
+        if not return_recv_hook:
+            hook()
+            return result, None
+        return result, hook
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency state on every rank (collective, on the current stream, with barriers).
+
+        Zeroes the signal words of both parities and the kernels' counters, and restarts the buffer toggle at
+        parity 0 on every rank, so ranks that fell out of step (a call that timed out on some ranks only)
+        agree again.
+        """
+        self._check_sizes("clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        stream = self._stream()
+        self._c.barrier_on_stream(stream)
+        self._buffer[: 2 * _align16(4 * self.num_ranks)].zero_()
+        self._workspace.zero_()
+        self._abort.zero_()
+        self._parity = 0
+        self._c.barrier_on_stream(stream)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """BF16 ``[E_loc, R*N_ll, H]`` view of the zero-copy send area of the next call.
+
+        Strides ``(R*N_ll*M, M, 1)`` with ``M = H + H/64`` elements (DeepEP's): fill it with the expert outputs
+        and call ``low_latency_combine(..., zero_copy=True)`` next.
+        """
+        n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_sizes("get_next_low_latency_combine_buffer", n_ll, hidden, num_experts)
+        sizes = self._c.layout_bytes(self.num_ranks, num_experts, hidden, n_ll)
+        e_loc, slots, row = num_experts // self.num_ranks, self.num_ranks * n_ll, hidden + hidden // 64
+        start = sizes[f"send_offset_{self._parity}"]
+        area = self._buffer[start:start + e_loc * slots * row * 2].view(torch.bfloat16)
+        return area.as_strided((e_loc, slots, hidden), (slots * row, row, 1))
+
+    def local_buffer(self) -> torch.Tensor:
+        """uint8 ``[num_rdma_bytes]`` view of this rank's symmetric buffer (valid until :meth:`destroy`)."""
+        expect(self._alive, "local_buffer: the low-latency runtime was destroyed")
+        return self._buffer
+
+    def check_error(self) -> None:
+        """Raise ``DeepEPTimeoutError`` if a kernel of this rank reported a timed-out wait (no device sync).
+
+        The report is cleared, so later calls can go on once the caller has recovered (after a timeout the
+        signal words are in an unknown state: call ``clean_low_latency_buffer`` on every rank, or destroy).
+        """
+        if not self._alive:
+            return
+        status, rank, peer, what, expected, observed = self._c.mailbox_read(self._mailbox)
+        if status == 0:
+            return
+        self._c.mailbox_clear(self._mailbox)
+        self._abort.zero_()
+        raise DeepEPTimeoutError(
+            f"low-latency kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
+            f"{_WAITS.get(what, f'wait code {what}')} (expected {expected}, last seen {observed}). The peer died, "
+            "hung or did not make the same call; call clean_low_latency_buffer() on every rank or destroy the "
+            "Buffer (DEEPEP_PLUGIN_TIMEOUT_S sets the timeout)")
+
+    def destroy(self) -> None:
+        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
+        if not self._alive:
+            return
+        self._alive = False
+        torch.cuda.synchronize(self.device)
+        self._buffer = None  # type: ignore[assignment]
+        self._c.symmetric_free(self._ptr)
+        self._c.mailbox_free(self._mailbox)
