@@ -120,3 +120,11 @@ def test_permute_with_a_known_row_count_pads_at_the_end() -> None:
     assert perm.x.shape == (6, 4) and perm.row_ids.tolist() == [0, 1, 0, 2, -1, -1]
     assert perm.tokens_per_expert.tolist() == [2, 2]
     torch.testing.assert_close(unpermute(perm.x, perm, 3), x * torch.tensor([[2.0], [1.0], [1.0]]))
+
+
+def test_is_sm90_compiled_reports_the_built_kernels() -> None:
+    from deepep_plugin.backends import cuda_extensions_available
+
+    assert dp.Buffer.is_sm90_compiled() == cuda_extensions_available()
+    if not torch.cuda.is_available():
+        assert dp.Buffer.is_sm90_compiled() is False
