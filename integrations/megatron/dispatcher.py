@@ -273,11 +273,13 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         from deepep_plugin.permute import permute
 
         state = self._comm_manager
+        a = self.expert_alignment
+        # Dispatch already read the per-expert counts on the host: size the permutation from them (no host read).
+        rows = sum((c + a - 1) // a * a for c in state.num_recv_tokens_per_expert)
         perm = permute(hidden_states, state.dispatched_indices, self.num_local_experts,
-                       recv_topk_weights=state.dispatched_probs, alignment=self.expert_alignment)
+                       recv_topk_weights=state.dispatched_probs, alignment=a, num_out_rows=rows)
         state.permutation = perm
         if self.tokens_per_expert_on_cpu:
-            a = self.expert_alignment
             tokens_per_expert = torch.tensor([(c + a - 1) // a * a for c in state.num_recv_tokens_per_expert],
                                              dtype=torch.int64)
         else:
