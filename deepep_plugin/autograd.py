@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import fp8 as fp8_mod
-from .backends.base import IntranodeHandle
+from .backends.base import handle_num_channels, handle_recv_count
 from .buffer import Buffer
 from .config import Config, dispatch_config
 
@@ -36,13 +36,7 @@ class _State:
 
 def _handle_config(handle: Any, num_ranks: int) -> Config:
     """A dispatch config whose channel count matches ``handle`` (cached dispatch requires it)."""
-    channels = (handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle)
-                else handle.gbl_channel_prefix_matrix).size(1)
-    return dispatch_config(num_ranks, 2 * channels)
-
-
-def _recv_count(handle: Any) -> int:
-    return handle.recv_src_idx.size(0) if isinstance(handle, IntranodeHandle) else handle.recv_src_meta.size(0)
+    return dispatch_config(num_ranks, 2 * handle_num_channels(handle))
 
 
 class _Dispatch(torch.autograd.Function):
@@ -61,7 +55,7 @@ class _Dispatch(torch.autograd.Function):
             num_worst_tokens=num_worst_tokens, config=config)
         if fp8:
             recv_x = fp8_mod.per_token_cast_back(recv_x[0], recv_x[1], dtype=x.dtype)
-        state.handle, state.counts, state.num_recv = handle, counts, _recv_count(handle)
+        state.handle, state.counts, state.num_recv = handle, counts, handle_recv_count(handle)
         ctx.buffer, ctx.handle, ctx.x_dtype, ctx.w_dtype = buffer, handle, x.dtype, topk_weights.dtype
         ctx.save_for_backward(recv_idx)
         ctx.mark_non_differentiable(recv_idx)
@@ -71,7 +65,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx: Any, grad_recv_x: Optional[torch.Tensor], _grad_idx: Any,
                  grad_recv_w: Optional[torch.Tensor]) -> Any:
         (recv_idx,) = ctx.saved_tensors
-        n = _recv_count(ctx.handle)
+        n = handle_recv_count(ctx.handle)
         hidden = grad_recv_x.size(1) if grad_recv_x is not None else 0
         if grad_recv_x is None:
             grad_recv_x = torch.zeros(recv_idx.size(0), hidden, dtype=ctx.x_dtype, device=recv_idx.device)

@@ -27,6 +27,8 @@ from .backends.base import (
     InternodeHandle,
     IntranodeHandle,
     LowLatencyHandle,
+    handle_num_channels,
+    handle_recv_count,
 )
 from .config import NUM_MAX_NVL_PEERS, TOPK_IDX_BYTES, Config, combine_config, dispatch_config, get_timeout_s
 from .errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, expect
@@ -399,15 +401,10 @@ class Buffer:
             expect(handle.is_token_in_rank.size(0) == num_tokens,
                    f"{what}: handle was made for {handle.is_token_in_rank.size(0)} tokens, x has {num_tokens}")
         if config is not None:
-            channels = (handle.channel_prefix_matrix if intranode else handle.gbl_channel_prefix_matrix).size(1)
+            channels = handle_num_channels(handle)
             expect(channels == config.num_channels,
                    f"{what}: handle was made with num_sms={2 * channels}, config has num_sms={config.num_sms}")
         return handle
-
-    def _handle_recv_count(self, handle: Handle) -> int:
-        if isinstance(handle, IntranodeHandle):
-            return handle.recv_src_idx.size(0)
-        return handle.recv_src_meta.size(0)
 
     def _check_nvl_bytes(self, what: str, needed: int) -> None:
         if self.num_nodes == 1 and needed > self.num_nvl_bytes:
@@ -467,9 +464,9 @@ class Buffer:
             expect(handle.is_token_in_rank.device == dev, f"dispatch: handle is on {handle.is_token_in_rank.device}, "
                                                           f"x on {dev}")
             if num_worst_tokens:
-                expect(self._handle_recv_count(handle) <= num_worst_tokens,
+                expect(handle_recv_count(handle) <= num_worst_tokens,
                        f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the "
-                       f"{self._handle_recv_count(handle)} tokens the handle receives")
+                       f"{handle_recv_count(handle)} tokens the handle receives")
         else:
             r = self.group_size
             _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype=torch.int32, shape=[r], device=dev)
@@ -539,7 +536,7 @@ class Buffer:
         _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
         handle = self._check_handle(handle, None, None, "combine")
         dev = x.device
-        n_recv = self._handle_recv_count(handle)
+        n_recv = handle_recv_count(handle)
         expect(x.size(0) >= n_recv, f"combine: x must have at least the {n_recv} rows dispatch received, "
                                     f"got {x.size(0)}")
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)

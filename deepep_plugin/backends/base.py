@@ -74,6 +74,17 @@ class InternodeHandle(NamedTuple):
 Handle = IntranodeHandle | InternodeHandle
 
 
+def handle_recv_count(handle: Handle) -> int:
+    """Rows the dispatch that made ``handle`` received (``num_worst_tokens`` when it padded them)."""
+    return (handle.recv_src_idx if isinstance(handle, IntranodeHandle) else handle.recv_src_meta).size(0)
+
+
+def handle_num_channels(handle: Handle) -> int:
+    """Channels (``num_sms / 2``) of the config that made ``handle``."""
+    matrix = handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle) else handle.gbl_channel_prefix_matrix
+    return matrix.size(1)
+
+
 class DispatchResult(NamedTuple):
     recv_x: torch.Tensor  # [n_recv or num_worst_tokens, H], dtype of x
     recv_x_scales: Optional[torch.Tensor]  # [rows, S] (dtype of the input scales, row-major), FP8 only
