@@ -15,14 +15,7 @@
 // Buffer layout and wire formats: layout.h. Every wait is bounded (common/wait.cuh): on timeout the mailbox
 // gets {rank, peer, what} and the kernel finishes without trapping.
 
-// PyTorch's extension build defines these (to keep its own half/bfloat16 operators); NVSHMEM's device headers
-// need CUDA's, and nothing here includes torch, so take them back before any CUDA header.
-#undef __CUDA_NO_HALF_OPERATORS__
-#undef __CUDA_NO_HALF_CONVERSIONS__
-#undef __CUDA_NO_HALF2_OPERATORS__
-#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
-#undef __CUDA_NO_BFLOAT16_OPERATORS__
-#undef __CUDA_NO_BFLOAT162_OPERATORS__
+#include "low_latency/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>

@@ -6,14 +6,7 @@
 // first is undefined behaviour), so the world is created once per process and kept: a later runtime of the
 // same (rank, size) reuses it, and destroying a runtime frees only its symmetric buffer.
 
-// PyTorch's extension build defines these (to keep its own half/bfloat16 operators); NVSHMEM's device headers
-// need CUDA's, and nothing here includes torch, so take them back before any CUDA header.
-#undef __CUDA_NO_HALF_OPERATORS__
-#undef __CUDA_NO_HALF_CONVERSIONS__
-#undef __CUDA_NO_HALF2_OPERATORS__
-#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
-#undef __CUDA_NO_BFLOAT16_OPERATORS__
-#undef __CUDA_NO_BFLOAT162_OPERATORS__
+#include "low_latency/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
 
 #include <cuda_runtime.h>
 #include <nvshmem.h>
