@@ -17,6 +17,12 @@ if [[ " $STAGES " == *" build "* ]]; then
   MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
     || { echo "BUILD FAILED"; grep -E "error" "$OUT/build.log" | head -40; exit 1; }
   python3 -m deepep_plugin.cli doctor 2>&1 | tee "$OUT/doctor.txt"
+  # Hand the built extensions back (the device tool returns $OUT), so a later call can carry them: put them in
+  # .ext/ (ignored), name it in `carry`, and run with STAGES without "build" (the "unpack" stage installs them).
+  tar czf "$OUT/ext.tar.gz" deepep_plugin/*.so && ls -la "$OUT/ext.tar.gz"
+fi
+if [[ " $STAGES " == *" unpack "* ]]; then
+  tar xzf .ext/ext.tar.gz && ls deepep_plugin/*.so && python3 -m deepep_plugin.cli doctor 2>&1 | tail -5
 fi
 if [[ " $STAGES " == *" test "* ]]; then
   echo "== tests"
