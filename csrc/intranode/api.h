@@ -78,7 +78,7 @@ struct CombineArgs {
   int num_tokens, num_channels, queue_tokens, hidden, num_topk;
   CombineSlot slot;
   const uint16_t* x;                  // [n_rows, H] bf16: the rows this rank received in dispatch
-  const float* topk_weights;          // [n_rows, K]; may be null (num_topk == 0)
+  const float* topk_weights;          // [n_rows, K]; null when num_topk == 0 or n_rows == 0
   const uint16_t* bias0;              // [T, H] bf16; may be null
   const uint16_t* bias1;              // [T, H] bf16; may be null
   const int* rank_prefix_matrix;      // [R, R]
@@ -86,7 +86,7 @@ struct CombineArgs {
   const int* recv_channel_prefix_matrix;  // [R, C]
   const int* send_head;               // [T, R]
   uint16_t* combined_x;               // [T, H] bf16
-  float* combined_topk_weights;       // [T, K]; null iff topk_weights null
+  float* combined_topk_weights;       // [T, K]; null when num_topk == 0 or T == 0 (test num_topk, not pointers)
 };
 cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 

@@ -72,7 +72,7 @@ __device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int 
       warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(slot),
                                            reinterpret_cast<const int4*>(a.x) + row * (sl.row_bytes / 16),
                                            sl.row_bytes / 16);
-      if (a.topk_weights != nullptr && lane < a.num_topk)
+      if (a.num_topk > 0 && lane < a.num_topk)
         reinterpret_cast<float*>(slot + sl.weights_off)[lane] = a.topk_weights[row * a.num_topk + lane];
     }
     failed = named_barrier_or(bar, bar_threads, failed || aborted(a.env));
@@ -145,7 +145,7 @@ __device__ void run_receiver(const CombineArgs& a, int c, int t0, int t1) {
         if (sh >= 0 && j == rank) {
           const int64_t r = local_row0 + sh;
           row = reinterpret_cast<const int4*>(a.x) + r * vec_per_row;
-          if (a.topk_weights != nullptr) w = a.topk_weights + r * a.num_topk;
+          if (a.num_topk > 0) w = a.topk_weights + r * a.num_topk;
         } else if (sh >= 0) {
           const uint64_t m = base_s[j] + sh;
           if (tail <= m) {
@@ -156,7 +156,7 @@ __device__ void run_receiver(const CombineArgs& a, int c, int t0, int t1) {
           }
           const uint8_t* slot = queue_s[j] + (m % Q) * a.slot.slot_bytes;
           row = reinterpret_cast<const int4*>(slot);
-          if (a.topk_weights != nullptr) w = reinterpret_cast<const float*>(slot + a.slot.weights_off);
+          if (a.num_topk > 0) w = reinterpret_cast<const float*>(slot + a.slot.weights_off);
         }
         row_s[warp][j] = row;
         weight_s[warp][j] = w;
@@ -207,7 +207,7 @@ __device__ void run_receiver(const CombineArgs& a, int c, int t0, int t1) {
           st_na_v4(out + v, to_bf16x8(acc0));
           if (has2) st_na_v4(out + v + 32, to_bf16x8(acc1));
         }
-        if (a.topk_weights != nullptr && lane < a.num_topk) {
+        if (a.num_topk > 0 && lane < a.num_topk) {
           float w = 0.0f;
           for (int j = 0; j < R; ++j) {
             const float* p = weight_s[warp][j];
