@@ -55,8 +55,10 @@ class IntranodeHandle(NamedTuple):
 class InternodeHandle(NamedTuple):
     """DeepEP V1's 10-tuple internode handle (EP groups spanning more than one node).
 
-    ``N`` nodes of ``G`` ranks (``G`` = node size, 8 unless configured), ``C`` channels. Rows received by
-    RDMA on a forwarder are ordered by source node, then source token index.
+    ``N`` nodes of ``G`` ranks (``G`` = node size, 8 unless configured), ``C`` channels. A token crosses the
+    network once per destination node ``n``, to its forwarder ``n * G + (source rank % G)``, which passes it on by
+    NVLink. A forwarder's RDMA-received records are ordered by source node, then source token index. With
+    ``num_worst_tokens = W > 0`` the shapes that depend on received counts are fixed (padding noted per field).
     """
 
     is_token_in_rank: torch.Tensor  # [T, R] bool
@@ -66,9 +68,12 @@ class InternodeHandle(NamedTuple):
     recv_rdma_rank_prefix_sum: torch.Tensor  # [N] int32: inclusive prefix over source nodes of RDMA-recv tokens
     recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C] int32: absolute start row of (source rank, channel)
     recv_gbl_rank_prefix_sum: torch.Tensor  # [R] int32: inclusive prefix over source ranks of received tokens
-    recv_src_meta: torch.Tensor  # [n_recv, 8] uint8: int32 source token index + int32 source rank
-    send_rdma_head: torch.Tensor  # [T, N] int32: slot of token t in the (channel, node n) stream, or -1
-    send_nvl_head: torch.Tensor  # [n_rdma_recv, G] int32: forwarder's slot per local destination, or -1
+    # [n_recv, 8] uint8 ([W, 8] with W): int32 source token index + int32 source rank; padding rows 0xFF (-1, -1).
+    recv_src_meta: torch.Tensor
+    # [T, N] int32: index of token t among this rank's tokens to node n (over all tokens, not per channel), or -1.
+    send_rdma_head: torch.Tensor
+    # [n_rdma_recv, G] int32 ([G*W, G] with W), forwarder: row of record i in recv_x of rank node*G + g, else -1.
+    send_nvl_head: torch.Tensor
 
 
 Handle = IntranodeHandle | InternodeHandle

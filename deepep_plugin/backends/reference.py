@@ -71,6 +71,14 @@ class _Comm:
         dist.barrier(group=self.group)
 
 
+def _index_among_selected(mask: torch.Tensor) -> torch.Tensor:
+    """``[T, D]`` int32: for each selected ``(t, d)`` of ``mask [T, D]``, the number of earlier tokens selecting
+    ``d`` (over all tokens, not per channel); ``-1`` where ``mask[t, d]`` is false."""
+    m = mask.long()
+    exclusive = torch.cumsum(m, 0) - m
+    return torch.where(mask, exclusive, torch.full_like(exclusive, -1)).to(torch.int32)
+
+
 def _rows_to(mask: torch.Tensor) -> list[torch.Tensor]:
     """Per destination column of ``mask [T, R]``, the token indices going there (increasing)."""
     return [torch.nonzero(mask[:, j], as_tuple=False).flatten() for j in range(mask.size(1))]
@@ -135,37 +143,27 @@ class ReferenceBackend:
         recv_gbl_rank_prefix = torch.cumsum(recv_counts, 0).to(torch.int32)
         src_rank = torch.repeat_interleave(torch.arange(nr, device=dev), recv_counts)
         meta = torch.stack([recv_src_idx.to(torch.int32), src_rank.to(torch.int32)], 1).contiguous()
-        send_rdma_head = stream_slots(in_node, num_channels)
-        # Forwarder slots: every source (n, local) sends me the tokens that go to my node, with their local
-        # destination mask and their channel; I compute each token's slot per local destination.
-        send_masks = [in_node[:, n] for n in range(nn)]
-        sel = [torch.nonzero(m, as_tuple=False).flatten() for m in send_masks]
-        counts_to = torch.zeros(nr, dtype=torch.int64)
-        for n in range(nn):
-            counts_to[n * g + local] = sel[n].numel()
-        counts_from = self.comm.all_gather(counts_to)[:, r]
-        # Rows for destination (n, local): [channel, mask of node n's ranks].
-        channel = torch.div(torch.arange(num_tokens, device=dev), max(-(-num_tokens // num_channels), 1),
-                            rounding_mode="floor")
-        payload = []
+        # send_rdma_head: each token's index among my tokens to node n, over all channels.
+        send_rdma_head = _index_among_selected(in_node)
+        # Row of each of my tokens in each destination's recv_x: the rows from lower source ranks come first,
+        # then my earlier tokens to that destination.
+        cm = count_matrix.long()
+        row_base = (torch.cumsum(cm, 0) - cm)[r].to(dev)  # [R(dst)]
+        dst_row = torch.where(is_token_in_rank, _index_among_selected(is_token_in_rank).long() + row_base,
+                              torch.full_like(row_base, -1))  # [T, R]
+        # Each source n*G + local sends its forwarder on node n, for every token going to node n (in token
+        # order), the rows that token takes on node n's G ranks; the forwarder receives them by source node.
         send_counts = [0] * nr
+        rows_by_node = []
         for n in range(nn):
-            rows = torch.cat([channel[sel[n]][:, None], is_token_in_rank[sel[n]][:, n * g:(n + 1) * g].long()], 1)
-            payload.append(rows)
-            send_counts[n * g + local] = rows.size(0)
-        ordered = [torch.empty(0, g + 1, dtype=torch.int64, device=dev)] * nr
+            sel = torch.nonzero(in_node[:, n], as_tuple=False).flatten()
+            rows_by_node.append(dst_row[sel, n * g:(n + 1) * g])
+            send_counts[n * g + local] = sel.numel()
+        recv_counts_rdma = [0] * nr
         for n in range(nn):
-            ordered[n * g + local] = payload[n]
-        got = self.comm.alltoall_rows(torch.cat(ordered, 0), send_counts, [int(c) for c in counts_from])
-        # Group by (source node, channel): slot = earlier rows of the same group selecting the destination.
-        key = torch.repeat_interleave(torch.arange(nr, device=dev), counts_from.to(dev)) * num_channels + got[:, 0]
-        mask = got[:, 1:].bool()
-        send_nvl_head = torch.full((got.size(0), g), -1, dtype=torch.int32, device=dev)
-        for k in torch.unique(key).tolist():
-            rows = torch.nonzero(key == k, as_tuple=False).flatten()
-            m = mask[rows].long()
-            slots = (torch.cumsum(m, 0) - m).to(torch.int32)
-            send_nvl_head[rows] = torch.where(mask[rows], slots, send_nvl_head[rows])
+            recv_counts_rdma[n * g + local] = int(recv_rdma_channel[n, -1])
+        send_nvl_head = self.comm.alltoall_rows(torch.cat(rows_by_node, 0), send_counts, recv_counts_rdma)
+        send_nvl_head = send_nvl_head.to(torch.int32).contiguous()
         return InternodeHandle(is_token_in_rank, torch.cumsum(node_channels, 1, dtype=torch.int32),
                                torch.cumsum(my_channels, 1, dtype=torch.int32), recv_rdma_channel.contiguous(),
                                recv_rdma_rank_prefix, recv_gbl_channel.contiguous(), recv_gbl_rank_prefix,
@@ -206,9 +204,17 @@ class ReferenceBackend:
                                   None, None, [], handle)
         src_idx = self.comm.alltoall_rows(order.to(torch.int32)[:, None], send_counts, recv_counts).flatten()
         new_handle = self._make_handle(is_token_in_rank, config.num_channels, count_matrix, src_idx)
-        if num_worst_tokens and isinstance(new_handle, IntranodeHandle):
+        if num_worst_tokens:
             # A shape cannot depend on a count the GPU kernels know only on the device: pad with -1, as they do.
-            new_handle = new_handle._replace(recv_src_idx=self._pad(src_idx, num_worst_tokens, fill=-1))
+            if isinstance(new_handle, IntranodeHandle):
+                new_handle = new_handle._replace(recv_src_idx=self._pad(src_idx, num_worst_tokens, fill=-1))
+            else:
+                # A forwarder holds at most G * W records: each goes to >= 1 of the G local ranks, which receive
+                # <= W rows each. 0xFF bytes read as int32 (-1, -1) in recv_src_meta.
+                new_handle = new_handle._replace(
+                    recv_src_meta=self._pad(new_handle.recv_src_meta, num_worst_tokens, fill=0xFF),
+                    send_nvl_head=self._pad(new_handle.send_nvl_head, self.num_ranks_per_node * num_worst_tokens,
+                                            fill=-1))
         recv_idx = recv_w = None
         counts_list: list[int] = []
         if topk_idx is not None:
