@@ -79,7 +79,7 @@ def _extensions() -> tuple[list, dict]:
         lib = os.path.join(nv, "lib")
         exts.append(CUDAExtension(
             "deepep_plugin._low_latency_C",
-            _sources("low_latency"),
+            _sources("low_latency") + _sources("internode"),
             include_dirs=include_dirs + [os.path.join(nv, "include")],
             library_dirs=[lib],
             # torch's device-link step gets no arch flags of its own and would link for nvcc's default arch,

@@ -4,7 +4,7 @@
 #
 # Include paths: csrc/ (our headers), $CUDA_HOME/include/cccl (CUB/libcu++ of CUDA 13), and NVSHMEM's
 # headers from the nvidia-nvshmem-cu13 wheel (or $NVSHMEM_DIR). Files under csrc/low_latency use NVSHMEM
-# device calls and are compiled as relocatable device code (-rdc=true), as setup.py builds them.
+# device calls (and csrc/internode) and are compiled as relocatable device code (-rdc=true), as setup.py builds them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ pids=()
 names=()
 for f in "${files[@]}"; do
   extra=()
-  [[ "$f" == csrc/low_latency/* ]] && extra=(-rdc=true)
+  [[ "$f" == csrc/low_latency/* || "$f" == csrc/internode/* ]] && extra=(-rdc=true)
   obj="$out/$(echo "$f" | tr '/' '_').o"
   ( "$NVCC" "${flags[@]}" "${extra[@]}" "${includes[@]}" -c "$f" -o "$obj" > "$obj.log" 2>&1 ) &
   pids+=($!)

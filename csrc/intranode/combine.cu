@@ -18,6 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "common/bf16x8.cuh"
 #include "common/vec_copy.cuh"
 #include "common/wait.cuh"
 #include "intranode/api.h"
@@ -38,7 +39,7 @@ __device__ __forceinline__ void source_channel_rows(const CombineArgs& a, int sr
 }
 
 __device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int group_warps, int warp_in_group) {
-  const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
+  const int rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   const CombineSlot& sl = a.slot;
   Header* self = a.peers.ctrl[rank];
   Header* remote = a.peers.ctrl[dst];
@@ -86,24 +87,6 @@ __device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int 
             kWaitCombineDrain, dst, c, static_cast<int64_t>(end)))
       self->sent[c][dst] = end;
   }
-}
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
 }
 
 __device__ void run_receiver(const CombineArgs& a, int c, int t0, int t1) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "internode/api.h"
 #include "low_latency/api.h"
 #include "low_latency/layout.h"
 
@@ -98,6 +99,83 @@ CombineArgs make_combine(const py::dict& d) {
   return a;
 }
 
+internode::Env make_internode_env(const py::dict& d) {
+  internode::Env env{};
+  env.rank = static_cast<int>(num(d, "rank"));
+  env.num_ranks = static_cast<int>(num(d, "num_ranks"));
+  env.ranks_per_node = static_cast<int>(num(d, "ranks_per_node"));
+  env.num_nodes = static_cast<int>(num(d, "num_nodes"));
+  env.has_rdma_peers = static_cast<int>(num(d, "has_rdma_peers"));
+  env.buffer = ptr<uint8_t>(d, "buffer");
+  env.peers = ptr<uint8_t* const>(d, "peers");
+  env.epoch = ptr<int64_t>(d, "epoch");
+  env.workspace = ptr<int>(d, "workspace");
+  env.abort_flag = ptr<int>(d, "abort_flag");
+  env.mailbox = ptr<Mailbox>(d, "mailbox");
+  env.timeout_ns = static_cast<uint64_t>(num(d, "timeout_ns"));
+  env.notify_off = num(d, "notify_off");
+  env.notify_stage_off = num(d, "notify_stage_off");
+  env.notify_row_ints = num(d, "notify_row_ints");
+  env.data_off = num(d, "data_off");
+  env.stage_off = num(d, "stage_off");
+  env.cap = num(d, "cap");
+  env.nvl_off = num(d, "nvl_off");
+  env.nvl_rows = num(d, "nvl_rows");
+  return env;
+}
+
+internode::DispatchArgs make_internode_dispatch(const py::dict& d) {
+  internode::DispatchArgs a{};
+  a.env = make_internode_env(d);
+  a.rec_bytes = num(d, "rec_bytes");
+  a.data_bytes = num(d, "data_bytes");
+  a.scale_bytes = num(d, "scale_bytes");
+  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
+  a.num_topk = static_cast<int>(num(d, "num_topk"));
+  a.num_scales = static_cast<int>(num(d, "num_scales"));
+  a.scale_stride_token = static_cast<int>(num(d, "scale_stride_token"));
+  a.scale_stride_col = static_cast<int>(num(d, "scale_stride_col"));
+  a.x = ptr<const uint8_t>(d, "x");
+  a.x_scales = ptr<const uint8_t>(d, "x_scales");
+  a.topk_idx = ptr<const int64_t>(d, "topk_idx");
+  a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.pos = ptr<const int>(d, "pos");
+  a.node_slot = ptr<const int>(d, "node_slot");
+  a.node_count = ptr<const int>(d, "node_count");
+  a.count_matrix = ptr<const int>(d, "count_matrix");
+  a.send_nvl_head = ptr<int>(d, "send_nvl_head");
+  a.head_rows = num(d, "head_rows");
+  a.recv_base = ptr<const int>(d, "recv_base");
+  a.out_rows = num(d, "out_rows");
+  a.num_local_experts = static_cast<int>(num(d, "num_local_experts"));
+  a.recv_x = ptr<uint8_t>(d, "recv_x");
+  a.recv_scales = ptr<uint8_t>(d, "recv_scales");
+  a.recv_topk_idx = ptr<int64_t>(d, "recv_topk_idx");
+  a.recv_topk_weights = ptr<float>(d, "recv_topk_weights");
+  a.recv_src_meta = ptr<int>(d, "recv_src_meta");
+  return a;
+}
+
+internode::CombineArgs make_internode_combine(const py::dict& d) {
+  internode::CombineArgs a{};
+  a.env = make_internode_env(d);
+  a.row_bytes = num(d, "row_bytes");
+  a.hidden = static_cast<int>(num(d, "hidden"));
+  a.num_topk = static_cast<int>(num(d, "num_topk"));
+  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
+  a.num_rows = num(d, "num_rows");
+  a.x = ptr<const uint16_t>(d, "x");
+  a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.send_nvl_head = ptr<const int>(d, "send_nvl_head");
+  a.recv_rdma_rank_prefix_sum = ptr<const int>(d, "recv_rdma_rank_prefix_sum");
+  a.send_rdma_head = ptr<const int>(d, "send_rdma_head");
+  a.bias0 = ptr<const uint16_t>(d, "bias0");
+  a.bias1 = ptr<const uint16_t>(d, "bias1");
+  a.combined_x = ptr<uint16_t>(d, "combined_x");
+  a.combined_topk_weights = ptr<float>(d, "combined_topk_weights");
+  return a;
+}
+
 void* stream_of(const py::dict& d) { return reinterpret_cast<void*>(static_cast<uintptr_t>(num(d, "stream"))); }
 
 }  // namespace
@@ -153,4 +231,32 @@ PYBIND11_MODULE(_low_latency_C, m) {
   m.def("dispatch_recv", [](const py::dict& d, int num_sms) { dispatch_recv(make_dispatch(d), num_sms, stream_of(d)); });
   m.def("combine_send", [](const py::dict& d, int num_sms) { combine_send(make_combine(d), num_sms, stream_of(d)); });
   m.def("combine_recv", [](const py::dict& d, int num_sms) { combine_recv(make_combine(d), num_sms, stream_of(d)); });
+
+  // Internode normal kernels (csrc/internode): the same NVSHMEM world, their own symmetric buffer.
+  m.def("internode_barrier", [](const py::dict& d) { internode::barrier(make_internode_env(d), stream_of(d)); });
+  m.def("internode_notify", [](const py::dict& d) {
+    internode::NotifyArgs a{};
+    a.env = make_internode_env(d);
+    a.payload = ptr<const int>(d, "payload");
+    a.received = ptr<int>(d, "received");
+    internode::notify(a, stream_of(d));
+  });
+  m.def("internode_dispatch_send", [](const py::dict& d, int num_sms) {
+    internode::dispatch_send(make_internode_dispatch(d), num_sms, stream_of(d));
+  });
+  m.def("internode_dispatch_head", [](const py::dict& d, int num_sms) {
+    internode::dispatch_head(make_internode_dispatch(d), num_sms, stream_of(d));
+  });
+  m.def("internode_dispatch_recv", [](const py::dict& d, int num_sms) {
+    internode::dispatch_recv(make_internode_dispatch(d), num_sms, stream_of(d));
+  });
+  m.def("internode_combine_stage", [](const py::dict& d, int num_sms) {
+    internode::combine_stage(make_internode_combine(d), num_sms, stream_of(d));
+  });
+  m.def("internode_combine_forward", [](const py::dict& d, int num_sms) {
+    internode::combine_forward(make_internode_combine(d), num_sms, stream_of(d));
+  });
+  m.def("internode_combine_recv", [](const py::dict& d, int num_sms) {
+    internode::combine_recv(make_internode_combine(d), num_sms, stream_of(d));
+  });
 }

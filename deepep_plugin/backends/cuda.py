@@ -2,11 +2,14 @@
 
 * ``IntranodeRuntime`` (``cuda_intranode.py``, extension ``_intranode_C``): layout, normal dispatch and combine
   over NVLink (CUDA IPC) for groups inside one node;
+* ``InternodeRuntime`` (``cuda_internode.py``, kernels in ``_low_latency_C``): layout, normal dispatch and
+  combine for groups spanning several nodes (network hop once per node, then NVLink), over NVSHMEM;
 * ``LowLatencyRuntime`` (``cuda_low_latency.py``, extension ``_low_latency_C``): the low-latency kernels over
   NVSHMEM.
 
-Paths no kernel covers (groups spanning several nodes in normal mode, tensors on the CPU) go to the reference
-backend given as ``fallback``: the same semantics, so a caller never sees the difference but in speed.
+Paths no kernel covers (tensors on the CPU, combine of a dtype other than BF16, an internode Buffer without
+``num_rdma_bytes``) go to the reference backend given as ``fallback``: the same semantics, so a caller never
+sees the difference but in speed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .base import (
     DispatchLayout,
     DispatchResult,
     Handle,
+    InternodeHandle,
     IntranodeHandle,
     LowLatencyDispatchResult,
     LowLatencyHandle,
@@ -37,11 +41,17 @@ class CudaBackend:
         self.fallback = fallback
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.intranode: Any = None
+        self.internode: Any = None
         self.low_latency: Any = None
         if num_nvl_bytes > 0 and num_ranks <= num_ranks_per_node:
             from .cuda_intranode import IntranodeRuntime
 
             self.intranode = IntranodeRuntime(group, rank, num_ranks, num_nvl_bytes, self.device, timeout_s)
+        if num_rdma_bytes > 0 and num_ranks > num_ranks_per_node and not low_latency_mode:
+            from .cuda_internode import InternodeRuntime
+
+            self.internode = InternodeRuntime(group, rank, num_ranks, num_ranks_per_node, num_nvl_bytes,
+                                              num_rdma_bytes, self.device, timeout_s, num_qps_per_rank)
         if low_latency_mode:
             from .cuda_low_latency import LowLatencyRuntime
 
@@ -50,8 +60,9 @@ class CudaBackend:
 
     def _normal(self, t: Optional[torch.Tensor]) -> Any:
         """The runtime for a normal-kernel call on tensor ``t``."""
-        if self.intranode is not None and t is not None and t.is_cuda:
-            return self.intranode
+        kernels = self.intranode if self.intranode is not None else self.internode
+        if kernels is not None and t is not None and t.is_cuda:
+            return kernels
         return self.fallback
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -61,15 +72,20 @@ class CudaBackend:
                  layout: Optional[DispatchLayout], topk_idx: Optional[torch.Tensor],
                  topk_weights: Optional[torch.Tensor], expert_alignment: int, num_worst_tokens: int,
                  config: Config) -> DispatchResult:
-        runtime = self._normal(x) if handle is None or isinstance(handle, IntranodeHandle) else self.fallback
+        runtime = self._normal(x)
+        if handle is not None and not isinstance(handle, IntranodeHandle if runtime is self.intranode
+                                                  else InternodeHandle):
+            runtime = self.fallback
         return runtime.dispatch(x, x_scales, handle, layout, topk_idx, topk_weights, expert_alignment,
                                 num_worst_tokens, config)
 
     def combine(self, x: torch.Tensor, handle: Handle, topk_weights: Optional[torch.Tensor],
                 bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config) -> CombineResult:
-        runtime = self._normal(x) if isinstance(handle, IntranodeHandle) else self.fallback
-        if runtime is self.intranode and x.dtype != torch.bfloat16:
-            runtime = self.fallback  # the combine kernel reduces BF16; other dtypes take the reference path
+        runtime = self._normal(x)
+        if not isinstance(handle, IntranodeHandle if runtime is self.intranode else InternodeHandle):
+            runtime = self.fallback
+        if runtime is not self.fallback and x.dtype != torch.bfloat16:
+            runtime = self.fallback  # the combine kernels reduce BF16; other dtypes take the reference path
         return runtime.combine(x, handle, topk_weights, bias0, bias1, config)
 
     def _ll(self, t: torch.Tensor) -> Any:
@@ -93,19 +109,19 @@ class CudaBackend:
         return self._ll(handle.src_info).get_next_low_latency_combine_buffer(handle)
 
     def local_buffer(self, use_rdma_buffer: bool, device: torch.device) -> torch.Tensor:
-        runtime = self.low_latency if use_rdma_buffer else self.intranode
+        runtime = (self.low_latency or self.internode) if use_rdma_buffer else self.intranode
         if runtime is None:
             return self.fallback.local_buffer(use_rdma_buffer, device)
         return runtime.local_buffer()
 
     def check_error(self) -> None:
-        for runtime in (self.intranode, self.low_latency):
+        for runtime in (self.intranode, self.internode, self.low_latency):
             if runtime is not None:
                 runtime.check_error()
 
     def destroy(self) -> None:
-        for runtime in (self.intranode, self.low_latency):
+        for runtime in (self.intranode, self.internode, self.low_latency):
             if runtime is not None:
                 runtime.destroy()
-        self.intranode = self.low_latency = None
+        self.intranode = self.internode = self.low_latency = None
         self.fallback.destroy()

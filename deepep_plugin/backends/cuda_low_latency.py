@@ -88,16 +88,47 @@ class _DeviceMemory:
                                          "strides": None}
 
 
+def _has_rdma_devices() -> bool:
+    """True when the host lists InfiniBand/RoCE devices (``/sys/class/infiniband``)."""
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
 def _nvshmem_environment(num_qps_per_rank: int, allow_nvlink: bool) -> None:
     """NVSHMEM settings of DeepEP V1 (interface spec, section 5); NVLink SHARP always off."""
     os.environ["NVSHMEM_DISABLE_P2P"] = "0" if allow_nvlink else "1"
-    os.environ["NVSHMEM_IB_ENABLE_IBGDA"] = "1"
+    if _has_rdma_devices():  # without a NIC, asking for IBGDA only makes NVSHMEM print an init failure
+        os.environ["NVSHMEM_IB_ENABLE_IBGDA"] = "1"
     os.environ["NVSHMEM_IBGDA_NUM_RC_PER_PE"] = str(num_qps_per_rank)
     os.environ["NVSHMEM_QP_DEPTH"] = os.environ.get("NVSHMEM_QP_DEPTH", "1024")
     os.environ["NVSHMEM_MAX_TEAMS"] = "7"
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
     os.environ["NVSHMEM_CUMEM_GRANULARITY"] = str(2**29)
     os.environ.setdefault("NVSHMEM_DISABLE_MNNVL", "1")
+
+
+def join_nvshmem_world(c: Any, group: dist.ProcessGroup, rank: int, num_ranks: int, device: torch.device,
+                       num_qps_per_rank: int, allow_nvlink: bool) -> None:
+    """Make this process PE ``rank`` of an NVSHMEM world of ``num_ranks`` (collective over ``group``).
+
+    The first call initialises NVSHMEM (the unique id travels over ``group``; gloo works); later calls, from any
+    runtime of the same process, check that the world is the same one (NVSHMEM cannot be re-initialised).
+    """
+    torch.cuda.set_device(device)
+    _nvshmem_environment(num_qps_per_rank, allow_nvlink)
+    states = [None] * num_ranks
+    dist.all_gather_object(states, bool(c.world_initialized()), group=group)
+    if any(states) and not all(states):
+        raise DeepEPError("NVSHMEM: some ranks already joined an NVSHMEM world and others did not; create every "
+                          "NVSHMEM-backed Buffer of the job on the same group")
+    if not states[0]:
+        uid = [c.get_unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0), group=group)
+        c.init_world(rank, num_ranks, uid[0], device.index)
+    else:
+        c.init_world(rank, num_ranks, b"", device.index)  # checks that it is the same world
 
 
 class LowLatencyRuntime:
@@ -123,21 +154,8 @@ class LowLatencyRuntime:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self._alive = False
-        torch.cuda.set_device(self.device)
-        _nvshmem_environment(num_qps_per_rank, allow_nvlink)
-
+        join_nvshmem_world(self._c, group, rank, num_ranks, self.device, num_qps_per_rank, allow_nvlink)
         c = self._c
-        states = [None] * num_ranks
-        dist.all_gather_object(states, bool(c.world_initialized()), group=group)
-        if any(states) and not all(states):
-            raise DeepEPError("LowLatencyRuntime: some ranks already joined an NVSHMEM world and others did not; "
-                              "create every low-latency Buffer of the job on the same group")
-        if not states[0]:
-            uid = [c.get_unique_id() if rank == 0 else None]
-            dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0), group=group)
-            c.init_world(rank, num_ranks, uid[0], self.device.index)
-        else:
-            c.init_world(rank, num_ranks, b"", self.device.index)  # checks that it is the same world
         self._ptr = c.symmetric_alloc(num_rdma_bytes)
         peers = c.peer_bases(self._ptr, num_ranks)
         if os.environ.get(FORCE_PUTS_ENV) == "1":

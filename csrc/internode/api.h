@@ -1,0 +1,122 @@
+// Internode normal dispatch/combine (EP groups spanning several nodes): kernel parameters and host entry points.
+// Plain C++ (no CUDA, no torch headers); the bindings live in csrc/low_latency/bindings.cpp, because these
+// kernels share that extension's NVSHMEM world (NVSHMEM registers the device state of one module).
+//
+// The design (deepep_plugin/backends/cuda_internode.py has the host side and the user-facing description):
+//   R ranks = N nodes x G local ranks; rank r is node r / G, local index r % G. One NVSHMEM symmetric buffer per
+//   rank: [flags | notify rows (recv) | notify rows (put staging) | data region | NVL region].
+//   dispatch: (notify: every rank sends every rank one row of counts; doubles as the op's barrier)
+//             send:  each token goes ONCE per destination node, as one record, to the rank of that node with this
+//                    rank's local index (the "forwarder"): region [source node][slot j] of the forwarder; P2P
+//                    stores where NVSHMEM maps the peer, else into local staging and one put per node (RDMA).
+//                    A 64-bit signal (epoch << 32 | records) per (source node) marks the stream complete.
+//             head:  (fresh dispatch) the forwarder turns each record's destination positions into absolute rows
+//                    of its node peers' outputs (handle.send_nvl_head).
+//             recv:  every rank pulls, over NVLink from the G forwarders of its node, the records that list it and
+//                    writes them straight into its outputs at rows fixed by the source (no atomics, no reorder).
+//   combine: (barrier) stage: each rank copies its expert outputs into its NVL region;
+//             forward: each forwarder sums, per record, the rows of its node peers (FP32, rounded once to BF16)
+//                      and sends one partial row per record back to the source (P2P stores or one put per node);
+//             recv:    each source adds bias and its <= N partial rows per token.
+// Every wait is bounded (common/wait.cuh) and reports {rank, peer, what} through the mailbox.
+#pragma once
+
+#include <cstdint>
+
+#include "common/mailbox.h"
+
+namespace deepep {
+namespace internode {
+
+// Wait codes reported through the mailbox (>= kWaitLowLatencyBase + 16, see common/mailbox.h).
+enum InternodeWait : int32_t {
+  kWaitBarrier = 80,         // op barrier: the peer has not reached the same operation
+  kWaitNotify = 81,          // dispatch notify: the peer's counts
+  kWaitRecords = 82,         // forwarder: records from a source node (peer = source rank)
+  kWaitForwarded = 83,       // dispatch receive: a forwarder's records from one source node (peer = forwarder)
+  kWaitStaged = 84,          // combine forward: a node peer's staged expert outputs
+  kWaitPartials = 85,        // combine receive: partial sums from a node's forwarder
+};
+
+// Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each.
+enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1, kFlagDispatch = 2, kFlagStaged = 3, kFlagCombine = 4 };
+constexpr int kFlagKinds = 5;
+
+struct Env {
+  int rank, num_ranks, ranks_per_node, num_nodes;
+  int has_rdma_peers;           // some peer is reached with NVSHMEM puts (its pointer in `peers` is null)
+  uint8_t* buffer;              // this rank's symmetric buffer
+  uint8_t* const* peers;        // device array [R]: each rank's buffer mapped here, or null (puts)
+  int64_t* epoch;               // device int64 [1]: operations so far (advanced by the barrier/notify kernel)
+  int* workspace;               // device int32 [8]: grid-completion counters, zero between launches
+  int* abort_flag;              // device int32: set once any wait of this rank timed out
+  Mailbox* mailbox;             // device alias of the host-mapped mailbox
+  uint64_t timeout_ns;
+  // Buffer geometry (the same on every rank; computed by the host, see cuda_internode.py `_Layout`).
+  int64_t notify_off, notify_stage_off, notify_row_ints;
+  int64_t data_off, stage_off, cap;       // records: [N][cap] at data_off; put staging [N][cap] at stage_off
+  int64_t nvl_off, nvl_rows;              // combine staging rows [nvl_rows] at nvl_off
+};
+
+struct NotifyArgs {
+  Env env;
+  const int* payload;           // [R][P] int32: the row for each destination
+  int* received;                // [R][P] int32: the row from each source
+};
+
+struct DispatchArgs {
+  Env env;
+  // Record format (bytes, each part a multiple of 16): data | scales | meta int32 [2 + G + 2K]
+  //   meta: source token, unused, pos[G] (row offset among this source's tokens to each node peer, or -1),
+  //         topk_idx[K] (global expert ids), topk_weights[K] (float bits).
+  int64_t rec_bytes, data_bytes, scale_bytes;
+  int num_tokens, num_topk, num_scales, scale_stride_token, scale_stride_col;
+  const uint8_t* x;             // [T, data_bytes]
+  const uint8_t* x_scales;      // [T, S] 4-byte elements with the strides above, or null
+  const int64_t* topk_idx;      // [T, K] or null
+  const float* topk_weights;    // [T, K] or null
+  const int* pos;               // [T, R] int32: row offset among this rank's tokens to rank r, or -1
+  const int* node_slot;         // [T, N] int32: slot of the token in its stream to node n, or -1 (send_rdma_head)
+  const int* node_count;        // [N] int32: records this rank sends to each node
+  // Forwarder bookkeeping (fresh dispatch): send_nvl_head [head_rows, G] from the count matrix [R, R].
+  const int* count_matrix;      // [R, R] int32 (tokens from source i to rank j), or null (cached: no head)
+  int* send_nvl_head;           // [head_rows, G] int32, or null
+  int64_t head_rows;
+  // Receiver.
+  const int* recv_base;         // [R] int32: first output row of each source rank
+  int64_t out_rows;             // rows of the outputs (overflow check in num_worst_tokens mode)
+  int num_local_experts;
+  uint8_t* recv_x;              // [rows, data_bytes]
+  uint8_t* recv_scales;         // [rows, S] 4-byte elements, or null
+  int64_t* recv_topk_idx;       // [rows, K] local expert ids or -1, or null
+  float* recv_topk_weights;     // [rows, K], or null
+  int* recv_src_meta;           // [rows, 2] int32 (source token, source rank), or null
+};
+
+struct CombineArgs {
+  Env env;
+  int64_t row_bytes;            // align16(2H) + align16(4K): one staged row or partial row
+  int hidden, num_topk, num_tokens;
+  int64_t num_rows;             // rows of x (received rows, padded in num_worst_tokens mode)
+  const uint16_t* x;            // [num_rows, H] bf16
+  const float* topk_weights;    // [num_rows, K] or null
+  const int* send_nvl_head;     // [head_rows, G] (forwarder)
+  const int* recv_rdma_rank_prefix_sum;  // [N] inclusive record counts per source node (forwarder)
+  const int* send_rdma_head;    // [T, N] (source)
+  const uint16_t* bias0;        // [T, H] or null
+  const uint16_t* bias1;        // [T, H] or null
+  uint16_t* combined_x;         // [T, H]
+  float* combined_topk_weights; // [T, K] or null
+};
+
+void barrier(const Env& env, void* stream);
+void notify(const NotifyArgs& a, void* stream);
+void dispatch_send(const DispatchArgs& a, int num_sms, void* stream);
+void dispatch_head(const DispatchArgs& a, int num_sms, void* stream);
+void dispatch_recv(const DispatchArgs& a, int num_sms, void* stream);
+void combine_stage(const CombineArgs& a, int num_sms, void* stream);
+void combine_forward(const CombineArgs& a, int num_sms, void* stream);
+void combine_recv(const CombineArgs& a, int num_sms, void* stream);
+
+}  // namespace internode
+}  // namespace deepep

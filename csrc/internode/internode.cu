@@ -1,0 +1,527 @@
+// Internode normal dispatch and combine over one NVSHMEM symmetric buffer per rank (design: internode/api.h).
+//
+// Two hops per token and destination node: the network hop (source -> the forwarder of the destination node,
+// the rank with the source's local index) carries each token ONCE per node; the NVLink hop is a pull by every
+// destination rank from the forwarders of its own node, straight into its output rows. Row positions are fixed
+// by the source (its token's offset among the tokens it sends to each rank), so nothing is reordered and no
+// atomics decide where a row lands: the outputs are bit-identical to the reference backend's.
+//
+// Memory order: a producer writes data (P2P stores, or puts from local staging), then publishes a 64-bit flag
+// (epoch << 32 | count) with a system-scope release store (P2P) or nvshmem_quiet + signal (puts); a consumer
+// polls the flag with an acquire load and then reads the data at L2 (ld.cg), never from a stale L1 line. The
+// epoch (device memory, advanced by the op's first kernel) makes flags monotonic: nothing is ever reset, and
+// a CUDA graph replays correctly.
+//
+// Every wait is bounded (common/wait.cuh): on timeout the mailbox gets {rank, peer, what}.
+
+#include "low_latency/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/bf16x8.cuh"
+#include "common/ptx.cuh"
+#include "common/vec_copy.cuh"
+#include "common/wait.cuh"
+#include "internode/api.h"
+
+namespace deepep {
+namespace internode {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxNodes = 32;    // N (the host checks; a node index is one lane)
+constexpr int kMaxLocal = 32;    // G (the host checks; a node peer index is one lane)
+// Workspace words (grid-completion counters; the last block of a launch resets its word).
+constexpr int kWsSend = 0;
+constexpr int kWsStage = 1;
+constexpr int kWsForward = 2;
+
+#define IN_CUDA_CHECK(expr)                                                                             \
+  do {                                                                                                  \
+    cudaError_t e_ = (expr);                                                                            \
+    if (e_ != cudaSuccess)                                                                              \
+      throw std::runtime_error(std::string("deepep_plugin internode: ") + #expr + ": " +               \
+                               cudaGetErrorString(e_));                                                 \
+  } while (0)
+
+__device__ __forceinline__ ErrorEnv error_env(const Env& env) {
+  return ErrorEnv{env.abort_flag, env.mailbox, env.timeout_ns, env.rank};
+}
+
+__device__ __forceinline__ uint64_t* flag_at(uint8_t* base, int num_ranks, int kind, int index) {
+  return reinterpret_cast<uint64_t*>(base) + static_cast<int64_t>(kind) * num_ranks + index;
+}
+
+// One thread: publish `value` in flag (kind, index) of rank `pe`. Every write this thread ordered before (its
+// own, and those of threads it synchronised with) is visible to whoever observes the flag.
+__device__ __forceinline__ void signal_peer(const Env& env, int pe, int kind, int index, uint64_t value) {
+  uint8_t* peer = env.peers[pe];
+  if (peer != nullptr) {
+    __threadfence_system();
+    st_release_sys(flag_at(peer, env.num_ranks, kind, index), value);
+  } else {
+    nvshmem_fence();
+    nvshmemx_signal_op(flag_at(env.buffer, env.num_ranks, kind, index), value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+// One thread: wait until the flag at `p` holds epoch >= `epoch` (packed: in its high 32 bits). Returns the
+// flag's value, or ~0 after a timeout (reported).
+__device__ __forceinline__ uint64_t wait_flag(const Env& env, const uint64_t* p, uint64_t epoch, bool packed,
+                                              int what, int peer) {
+  uint64_t seen = 0;
+  const bool ok = spin_until(
+      error_env(env), [&] { return ld_acquire_sys(p); },
+      [&](uint64_t v) { return (packed ? (v >> 32) : v) >= epoch; }, what, peer, -1, static_cast<int64_t>(epoch));
+  if (ok) seen = ld_acquire_sys(p);
+  return ok ? seen : ~0ull;
+}
+
+// Grid-completion counter: true in exactly one block, the last to arrive (which resets the counter).
+__device__ __forceinline__ bool last_block(int* counter, int* flag_smem) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const int prev = atomicAdd(counter, 1);
+    const bool last = prev == static_cast<int>(gridDim.x) - 1;
+    if (last) {
+      __threadfence();
+      *counter = 0;
+    }
+    *flag_smem = last;
+  }
+  __syncthreads();
+  return *flag_smem != 0;
+}
+
+// Largest index i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] = 0): skips empty groups.
+__device__ __forceinline__ int group_of(const int* prefix, int n, int value) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (prefix[mid] <= value) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Barrier / notify (one block). Both advance the epoch: the notify kernel is the barrier of a fresh dispatch.
+
+__device__ __forceinline__ uint64_t advance_epoch(const Env& env) {
+  __shared__ uint64_t s_epoch;
+  if (threadIdx.x == 0) {
+    s_epoch = static_cast<uint64_t>(*env.epoch) + 1;
+    *env.epoch = static_cast<int64_t>(s_epoch);
+  }
+  __syncthreads();
+  return s_epoch;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) barrier_kernel(Env env) {
+  const uint64_t e = advance_epoch(env);
+  const int R = env.num_ranks;
+  for (int p = threadIdx.x; p < R; p += blockDim.x) signal_peer(env, p, kFlagBarrier, env.rank, e);
+  if (env.has_rdma_peers) nvshmem_quiet();
+  for (int p = threadIdx.x; p < R; p += blockDim.x)
+    wait_flag(env, flag_at(env.buffer, R, kFlagBarrier, p), e, false, kWaitBarrier, p);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) notify_kernel(NotifyArgs a) {
+  const Env& env = a.env;
+  const uint64_t e = advance_epoch(env);
+  const int R = env.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t P = env.notify_row_ints;
+  for (int d = warp; d < R; d += kWarps) {
+    const int* row = a.payload + d * P;
+    if (env.peers[d] != nullptr) {
+      int* dst = reinterpret_cast<int*>(env.peers[d] + env.notify_off) + env.rank * P;
+      for (int64_t i = lane; i < P; i += 32) dst[i] = row[i];
+    } else {
+      int* stage = reinterpret_cast<int*>(env.buffer + env.notify_stage_off) + d * P;
+      for (int64_t i = lane; i < P; i += 32) stage[i] = row[i];
+      __syncwarp();
+      nvshmemx_int_put_nbi_warp(reinterpret_cast<int*>(env.buffer + env.notify_off) + env.rank * P, stage,
+                                static_cast<size_t>(P), d);
+      if (lane == 0) nvshmem_quiet();
+    }
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) signal_peer(env, d, kFlagNotify, env.rank, e);
+  }
+  if (env.has_rdma_peers) nvshmem_quiet();
+  for (int p = threadIdx.x; p < R; p += blockDim.x)
+    wait_flag(env, flag_at(env.buffer, R, kFlagNotify, p), e, false, kWaitNotify, p);
+  __syncthreads();
+  if (aborted(error_env(env))) return;
+  const int* recv = reinterpret_cast<const int*>(env.buffer + env.notify_off);
+  for (int64_t i = threadIdx.x; i < R * P; i += blockDim.x) a.received[i] = ld_cg(recv + i);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dispatch.
+
+// Source: one record per (token, destination node) into the forwarder's region [my node][slot], or into local
+// staging that the last block puts in one piece per node.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(DispatchArgs a) {
+  __shared__ int s_last;
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk;
+  const int my_node = env.rank / G, my_local = env.rank % G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t meta_off = a.data_bytes + a.scale_bytes;
+  const int total_warps = gridDim.x * kWarps;
+  for (int t = blockIdx.x * kWarps + warp; t < a.num_tokens; t += total_warps) {
+    for (int n = 0; n < N; ++n) {
+      const int j = a.node_slot[static_cast<int64_t>(t) * N + n];
+      if (j < 0) continue;  // warp-uniform
+      const int f = n * G + my_local;
+      uint8_t* dst = env.peers[f] != nullptr
+                         ? env.peers[f] + env.data_off + (static_cast<int64_t>(my_node) * env.cap + j) * a.rec_bytes
+                         : env.buffer + env.stage_off + (static_cast<int64_t>(n) * env.cap + j) * a.rec_bytes;
+      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
+                                           reinterpret_cast<const int4*>(a.x + t * a.data_bytes),
+                                           static_cast<int>(a.data_bytes / 16));
+      if (a.x_scales != nullptr) {
+        const int* src = reinterpret_cast<const int*>(a.x_scales);
+        int* out = reinterpret_cast<int*>(dst + a.data_bytes);
+        for (int i = lane; i < a.num_scales; i += 32)
+          out[i] = src[static_cast<int64_t>(t) * a.scale_stride_token + static_cast<int64_t>(i) * a.scale_stride_col];
+      }
+      int* meta = reinterpret_cast<int*>(dst + meta_off);
+      if (lane == 0) {
+        meta[0] = t;
+        meta[1] = 0;
+      }
+      if (lane < G) meta[2 + lane] = a.pos[static_cast<int64_t>(t) * R + n * G + lane];
+      if (a.topk_idx != nullptr && lane < K) {
+        meta[2 + G + lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
+        meta[2 + G + K + lane] =
+            __float_as_int(a.topk_weights != nullptr ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.0f);
+      }
+    }
+  }
+  __threadfence_system();
+  if (!last_block(env.workspace + kWsSend, &s_last)) return;
+  __threadfence_system();
+  if (env.has_rdma_peers) {
+    for (int n = 0; n < N; ++n) {  // block-uniform
+      const int f = n * G + my_local;
+      const int count = a.node_count[n];
+      if (env.peers[f] == nullptr && count > 0)
+        nvshmemx_putmem_nbi_block(env.buffer + env.data_off + static_cast<int64_t>(my_node) * env.cap * a.rec_bytes,
+                                  env.buffer + env.stage_off + static_cast<int64_t>(n) * env.cap * a.rec_bytes,
+                                  static_cast<size_t>(count) * a.rec_bytes, f);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) nvshmem_quiet();
+    __syncthreads();
+  }
+  for (int n = threadIdx.x; n < N; n += blockDim.x)
+    signal_peer(env, n * G + my_local, kFlagDispatch, my_node,
+                (e << 32) | static_cast<uint32_t>(a.node_count[n]));
+}
+
+// Forwarder (fresh dispatch): send_nvl_head[i][g] = the row of record i in the output of node peer g, or -1.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_head_kernel(DispatchArgs a) {
+  __shared__ int s_prefix[kMaxNodes + 1];
+  __shared__ int s_base[kMaxLocal * kMaxNodes];
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes;
+  const int my_node = env.rank / G, my_local = env.rank % G;
+  const int64_t meta_off = a.data_bytes + a.scale_bytes;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    const uint64_t v = wait_flag(env, flag_at(env.buffer, R, kFlagDispatch, n), e, true, kWaitRecords, n * G + my_local);
+    s_prefix[n + 1] = v == ~0ull ? 0 : static_cast<int>(v & 0xffffffffu);
+  }
+  // Row base of source s = n * G + my_local in the output of d = my_node * G + g: tokens d gets from ranks < s.
+  for (int i = threadIdx.x; i < G * N; i += blockDim.x) {
+    const int g = i / N, n = i % N, s = n * G + my_local, d = my_node * G + g;
+    int sum = 0;
+    for (int s2 = 0; s2 < s; ++s2) sum += a.count_matrix[s2 * R + d];
+    s_base[i] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    for (int n = 0; n < N; ++n) s_prefix[n + 1] += s_prefix[n];
+  }
+  __syncthreads();
+  if (aborted(error_env(env))) return;
+  const int total = s_prefix[N];
+  if (total > a.head_rows && blockIdx.x == 0 && threadIdx.x == 0)
+    report_error(error_env(env), kMailboxOverflow, kWaitRecords, -1, -1, total, a.head_rows);
+  const int64_t cells = a.head_rows * G;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cells;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(c / G), g = static_cast<int>(c % G);
+    int out = -1;
+    if (i < total) {
+      const int n = group_of(s_prefix, N, i);
+      const int j = i - s_prefix[n];
+      const int* meta = reinterpret_cast<const int*>(env.buffer + env.data_off +
+                                                     (static_cast<int64_t>(n) * env.cap + j) * a.rec_bytes + meta_off);
+      const int p = ld_cg(meta + 2 + g);
+      if (p >= 0) out = s_base[g * N + n] + p;
+    }
+    a.send_nvl_head[c] = out;
+  }
+}
+
+// Receiver: pull the records that list this rank from the G forwarders of its node into the outputs.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchArgs a) {
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk;
+  const int my_node = env.rank / G, my_local = env.rank % G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t meta_off = a.data_bytes + a.scale_bytes;
+  const int total_warps = gridDim.x * kWarps, gw = blockIdx.x * kWarps + warp;
+  const int el = a.num_local_experts, first_expert = env.rank * el;
+  for (int p = 0; p < G * N; ++p) {
+    const int g = p / N, n = p % N, f = my_node * G + g, s = n * G + g;
+    const uint8_t* fwd = env.peers[f];
+    uint64_t v = 0;
+    if (lane == 0) v = wait_flag(env, flag_at(const_cast<uint8_t*>(fwd), R, kFlagDispatch, n), e, true,
+                                 kWaitForwarded, f);
+    v = __shfl_sync(0xffffffffu, v, 0);
+    if (v == ~0ull) return;
+    const int count = static_cast<int>(v & 0xffffffffu);
+    const int64_t row0 = a.recv_base[s];
+    for (int j = gw; j < count; j += total_warps) {
+      const uint8_t* rec = fwd + env.data_off + (static_cast<int64_t>(n) * env.cap + j) * a.rec_bytes;
+      const int* meta = reinterpret_cast<const int*>(rec + meta_off);
+      int pos = 0, token = 0;
+      if (lane == 0) {
+        pos = ld_cg(meta + 2 + my_local);
+        token = ld_cg(meta);
+      }
+      pos = __shfl_sync(0xffffffffu, pos, 0);
+      token = __shfl_sync(0xffffffffu, token, 0);
+      if (pos < 0) continue;
+      const int64_t row = row0 + pos;
+      if (row >= a.out_rows) {
+        if (lane == 0) report_error(error_env(env), kMailboxOverflow, kWaitWorstTokens, s, -1, row + 1, a.out_rows);
+        continue;
+      }
+      warp_copy_v4<LoadKind::kL2>(reinterpret_cast<int4*>(a.recv_x + row * a.data_bytes),
+                                  reinterpret_cast<const int4*>(rec), static_cast<int>(a.data_bytes / 16));
+      if (a.recv_scales != nullptr) {
+        const int* src = reinterpret_cast<const int*>(rec + a.data_bytes);
+        int* out = reinterpret_cast<int*>(a.recv_scales) + row * a.num_scales;
+        for (int i = lane; i < a.num_scales; i += 32) out[i] = ld_cg(src + i);
+      }
+      if (a.recv_src_meta != nullptr && lane == 0) {
+        a.recv_src_meta[row * 2] = token;
+        a.recv_src_meta[row * 2 + 1] = s;
+      }
+      if (a.recv_topk_idx != nullptr && lane < K) {
+        const int expert = ld_cg(meta + 2 + G + lane);
+        const int local = expert - first_expert;
+        const bool mine = expert >= 0 && local >= 0 && local < el;
+        a.recv_topk_idx[row * K + lane] = mine ? local : -1;
+        if (a.recv_topk_weights != nullptr)
+          a.recv_topk_weights[row * K + lane] = mine ? __int_as_float(ld_cg(meta + 2 + G + K + lane)) : 0.0f;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Combine.
+
+// Every rank: its expert outputs (and weights) into its NVL region, where the forwarders of its node read them.
+__global__ void __launch_bounds__(kThreads, 1) combine_stage_kernel(CombineArgs a) {
+  __shared__ int s_last;
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = a.num_topk;
+  const int64_t data_bytes = align16(2LL * a.hidden);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < a.num_rows;
+       i += static_cast<int64_t>(gridDim.x) * kWarps) {
+    uint8_t* dst = env.buffer + env.nvl_off + i * a.row_bytes;
+    warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
+                                         reinterpret_cast<const int4*>(a.x + i * a.hidden), a.hidden / 8);
+    if (a.topk_weights != nullptr && lane < K)
+      reinterpret_cast<float*>(dst + data_bytes)[lane] = a.topk_weights[i * K + lane];
+  }
+  __threadfence_system();
+  if (!last_block(env.workspace + kWsStage, &s_last)) return;
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    st_release_sys(flag_at(env.buffer, env.num_ranks, kFlagStaged, 0), e);
+  }
+}
+
+// Forwarder: per record, the sum of its node peers' rows (FP32, rounded once), sent back to the source.
+__global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(CombineArgs a) {
+  __shared__ int s_last;
+  __shared__ int s_prefix[kMaxNodes + 1];
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk;
+  const int my_node = env.rank / G, my_local = env.rank % G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t data_bytes = align16(2LL * a.hidden);
+  const int vec = a.hidden / 8;
+  for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    const int d = my_node * G + g;
+    wait_flag(env, flag_at(env.peers[d], R, kFlagStaged, 0), e, false, kWaitStaged, d);
+  }
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    for (int n = 0; n < N; ++n) s_prefix[n + 1] = a.recv_rdma_rank_prefix_sum[n];
+  }
+  __syncthreads();
+  if (aborted(error_env(env))) return;
+  const int total = s_prefix[N];
+  for (int i = blockIdx.x * kWarps + warp; i < total; i += gridDim.x * kWarps) {
+    const int n = group_of(s_prefix, N, i);
+    const int j = i - s_prefix[n];
+    const int s = n * G + my_local;
+    const int my_row = lane < G ? a.send_nvl_head[static_cast<int64_t>(i) * G + lane] : -1;
+    uint8_t* dst = env.peers[s] != nullptr
+                       ? env.peers[s] + env.data_off + (static_cast<int64_t>(my_node) * env.cap + j) * a.row_bytes
+                       : env.buffer + env.stage_off + (static_cast<int64_t>(n) * env.cap + j) * a.row_bytes;
+    const uint8_t* src[kMaxLocal];
+    int num_src = 0;
+    for (int g = 0; g < G; ++g) {
+      const int row = __shfl_sync(0xffffffffu, my_row, g);
+      if (row >= 0) src[num_src++] = env.peers[my_node * G + g] + env.nvl_off + static_cast<int64_t>(row) * a.row_bytes;
+    }
+    for (int v = lane; v < vec; v += 32) {
+      float acc[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+      for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
+      st_na_v4(reinterpret_cast<int4*>(dst) + v, to_bf16x8(acc));
+    }
+    // Test K, not this rank's weight pointer: a forwarder that received no rows itself has none.
+    if (K > 0 && lane < K) {
+      float w = 0.0f;
+      for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
+      reinterpret_cast<float*>(dst + data_bytes)[lane] = w;
+    }
+  }
+  __threadfence_system();
+  if (!last_block(env.workspace + kWsForward, &s_last)) return;
+  __threadfence_system();
+  if (env.has_rdma_peers) {
+    for (int n = 0; n < N; ++n) {  // block-uniform
+      const int s = n * G + my_local;
+      const int count = s_prefix[n + 1] - s_prefix[n];
+      if (env.peers[s] == nullptr && count > 0)
+        nvshmemx_putmem_nbi_block(env.buffer + env.data_off + static_cast<int64_t>(my_node) * env.cap * a.row_bytes,
+                                  env.buffer + env.stage_off + static_cast<int64_t>(n) * env.cap * a.row_bytes,
+                                  static_cast<size_t>(count) * a.row_bytes, s);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) nvshmem_quiet();
+    __syncthreads();
+  }
+  for (int n = threadIdx.x; n < N; n += blockDim.x)
+    signal_peer(env, n * G + my_local, kFlagCombine, my_node,
+                (e << 32) | static_cast<uint32_t>(s_prefix[n + 1] - s_prefix[n]));
+}
+
+// Source: bias plus the partial row of every node the token went to (FP32, in node order), rounded once.
+__global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineArgs a) {
+  const Env& env = a.env;
+  const uint64_t e = static_cast<uint64_t>(*env.epoch);
+  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk;
+  const int my_local = env.rank % G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t data_bytes = align16(2LL * a.hidden);
+  const int vec = a.hidden / 8;
+  for (int n = threadIdx.x; n < N; n += blockDim.x)
+    wait_flag(env, flag_at(env.buffer, R, kFlagCombine, n), e, true, kWaitPartials, n * G + my_local);
+  __syncthreads();
+  if (aborted(error_env(env))) return;
+  for (int t = blockIdx.x * kWarps + warp; t < a.num_tokens; t += gridDim.x * kWarps) {
+    const int my_slot = lane < N ? a.send_rdma_head[static_cast<int64_t>(t) * N + lane] : -1;
+    const uint8_t* src[kMaxNodes];
+    int num_src = 0;
+    for (int n = 0; n < N; ++n) {
+      const int slot = __shfl_sync(0xffffffffu, my_slot, n);
+      if (slot >= 0) src[num_src++] = env.buffer + env.data_off + (static_cast<int64_t>(n) * env.cap + slot) * a.row_bytes;
+    }
+    const int64_t out_row = static_cast<int64_t>(t) * vec;
+    for (int v = lane; v < vec; v += 32) {
+      float acc[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+      if (a.bias0 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias0) + out_row + v));
+      if (a.bias1 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias1) + out_row + v));
+      for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
+      st_na_v4(reinterpret_cast<int4*>(a.combined_x) + out_row + v, to_bf16x8(acc));
+    }
+    if (K > 0 && lane < K) {
+      float w = 0.0f;
+      for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
+      a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+    }
+  }
+}
+
+int blocks_for(int num_sms, int64_t work_warps) {
+  const int64_t want = std::max<int64_t>(1, (work_warps + kWarps - 1) / kWarps);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_sms, want)));
+}
+
+}  // namespace
+
+void barrier(const Env& env, void* stream) {
+  barrier_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(env);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void notify(const NotifyArgs& a, void* stream) {
+  notify_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void dispatch_send(const DispatchArgs& a, int num_sms, void* stream) {
+  dispatch_send_kernel<<<blocks_for(num_sms, a.num_tokens), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void dispatch_head(const DispatchArgs& a, int num_sms, void* stream) {
+  const int blocks = blocks_for(num_sms, (a.head_rows * a.env.ranks_per_node + 31) / 32);
+  dispatch_head_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void dispatch_recv(const DispatchArgs& a, int num_sms, void* stream) {
+  dispatch_recv_kernel<<<std::max(1, num_sms), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void combine_stage(const CombineArgs& a, int num_sms, void* stream) {
+  combine_stage_kernel<<<blocks_for(num_sms, a.num_rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void combine_forward(const CombineArgs& a, int num_sms, void* stream) {
+  combine_forward_kernel<<<std::max(1, num_sms), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+void combine_recv(const CombineArgs& a, int num_sms, void* stream) {
+  combine_recv_kernel<<<blocks_for(num_sms, a.num_tokens), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  IN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace internode
+}  // namespace deepep

@@ -1,0 +1,474 @@
+"""Internode normal dispatch and combine on CUDA GPUs (EP groups spanning several nodes), over NVSHMEM.
+
+The kernels are in ``csrc/internode`` and are compiled into ``deepep_plugin._low_latency_C`` (the extension
+that owns the process's NVSHMEM world). ``R`` ranks form ``N`` nodes of ``G`` ranks (``G`` =
+``Buffer(num_ranks_per_node=...)``); rank ``r`` is node ``r // G``, local index ``r % G``.
+
+How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops small):
+
+* **dispatch** — the token crosses the network **once per destination node**, as one record, to the GPU of that
+  node with the sender's local index (its *forwarder*); every GPU of that node then **pulls over NVLink** the
+  records that list it from its node's ``G`` forwarders, straight into its output rows. Each row's position is
+  fixed at the source (its offset among the source's tokens to that rank), so outputs are ordered by source
+  rank, then token index — bit-identical to the reference backend, handle included.
+* **combine** — every GPU stages its expert outputs in its NVL region; each forwarder sums, per record, the rows
+  of its node peers (FP32, rounded once to BF16) and sends **one partial row per record** back over the network;
+  the source adds bias and its ``<= N`` partial rows per token (FP32, rounded once).
+* Peers NVSHMEM maps into this process (NVLink P2P) are written with stores; the others (other nodes over RDMA)
+  get one NVSHMEM put per (destination node, operation) from local staging, then a signal. Node peers must be
+  P2P-reachable. ``DEEPEP_PLUGIN_INTERNODE_PUTS=1`` sends to every other node with puts even where P2P would
+  work (the RDMA code path, testable on one host).
+
+Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). An
+operation holds all its records at once (no chunked ring yet): the data region holds ``N`` streams of up to
+``cap`` records (``cap`` = records of the largest token count), and the NVL region a rank's received rows for
+combine. A call that does not fit raises ``DeepEPBufferTooSmall`` with the bytes needed.
+
+Host synchronisation: only a fresh dispatch without ``num_worst_tokens`` reads counts on the host (once, after
+the notify kernel); everything else is free of host syncs and CUDA-graph capturable.
+
+What this path does not do yet: overlap the network and NVLink hops inside one kernel (the hops run as
+consecutive kernels, so a large dispatch costs RDMA time plus NVLink time instead of the larger of the two).
+On one host with emulated nodes the "network" hop is NVLink P2P or NVSHMEM puts over it: tests there check
+correctness, not RDMA speed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
+from ..layout import channel_counts, round_up_counts
+from .base import CombineResult, DispatchLayout, DispatchResult, InternodeHandle
+from .cuda_low_latency import _DeviceMemory, _extension, join_nvshmem_world
+
+#: Set to 1 to reach every rank of another node with NVSHMEM puts (the RDMA path) even where P2P works.
+FORCE_PUTS_ENV = "DEEPEP_PLUGIN_INTERNODE_PUTS"
+#: Local experts per rank and channels the notify rows hold.
+MAX_LOCAL_EXPERTS = 1024
+MAX_CHANNELS = 128
+#: Node count and node size the kernels handle (a node index / node peer index is one lane of a warp).
+MAX_NODES = 32
+MAX_TOPK = 16
+_FLAG_KINDS = 5
+_MAILBOX_TIMEOUT, _MAILBOX_OVERFLOW = 1, 2
+_WAITS = {80: "the operation barrier (did the peer make the same call?)",
+          81: "dispatch notify: the peer's token counts (did it call dispatch?)",
+          82: "forwarder: the records of a source node",
+          83: "dispatch receive: a forwarder's records from one source node",
+          84: "combine forward: a node peer's staged expert outputs (did it call combine?)",
+          85: "combine receive: partial sums from a node's forwarder",
+          8: "dispatch: received rows beyond num_worst_tokens"}
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class _Layout(NamedTuple):
+    """Byte offsets in the symmetric buffer (identical on every rank)."""
+
+    notify_off: int
+    notify_stage_off: int
+    notify_row_ints: int
+    data_off: int
+    data_bytes: int
+    nvl_off: int
+    nvl_bytes: int
+
+
+def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> _Layout:
+    """Where the flags, notify rows, data region and NVL region lie (``api.h`` describes each)."""
+    row_ints = _align(num_ranks + num_nodes + 1 + MAX_LOCAL_EXPERTS + 2 * MAX_CHANNELS, 4)
+    ctrl = _align(_FLAG_KINDS * num_ranks * 8, 256)
+    notify = _align(num_ranks * row_ints * 4, 256)
+    data_off = ctrl + 2 * notify
+    rdma = _align(num_rdma_bytes, 256)
+    return _Layout(ctrl, ctrl + notify, row_ints, data_off, max(rdma - data_off, 0), rdma, num_nvl_bytes)
+
+
+def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_node: int) -> int:
+    """One dispatch record: data | scales | int32 meta (token, 0, pos[G], topk_idx[K], weights[K])."""
+    return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (2 + ranks_per_node + 2 * num_topk), 16)
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                        num_ranks_per_node: int) -> DispatchLayout:
+    """DeepEP's ``get_dispatch_layout`` with device-side ops only (no host sync; CUDA-graph capturable).
+
+    Returns ``DispatchLayout(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
+    num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)`` on ``topk_idx``'s device.
+    """
+    idx = topk_idx.long()
+    t = idx.size(0)
+    valid = (idx >= 0) & (idx < num_experts)
+    safe = torch.where(valid, idx, torch.full_like(idx, num_experts))
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=idx.device)
+    per_expert.scatter_add_(0, safe.flatten(), torch.ones_like(safe.flatten(), dtype=torch.int32))
+    ranks = torch.div(safe, num_experts // num_ranks, rounding_mode="floor").clamp(max=num_ranks)
+    member = torch.zeros(t, num_ranks + 1, dtype=torch.bool, device=idx.device)
+    member.scatter_(1, ranks, True)
+    in_rank = member[:, :num_ranks].contiguous()
+    in_node = in_rank.view(t, num_ranks // num_ranks_per_node, num_ranks_per_node).any(-1)
+    return DispatchLayout(in_rank.sum(0, dtype=torch.int32), in_node.sum(0, dtype=torch.int32),
+                          per_expert[:num_experts].contiguous(), in_rank)
+
+
+def _exclusive_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[T, D]`` int32: for each selected ``(t, d)`` the number of earlier tokens selecting ``d``, else -1."""
+    m = mask.int()
+    pos = torch.cumsum(m, 0, dtype=torch.int32) - m
+    return torch.where(mask, pos, torch.full_like(pos, -1)).contiguous()
+
+
+class InternodeRuntime:
+    """One rank's internode state: its symmetric buffer, peer mappings, epoch, workspace and mailbox.
+
+    Collective: every rank of ``group`` constructs it together (and calls :meth:`destroy` together).
+
+    Args:
+        group: the EP process group (any backend; gloo works): shares the NVSHMEM unique id.
+        rank, num_ranks: this rank and the group size (NVSHMEM PE numbers follow them).
+        ranks_per_node: ``G``; ``num_ranks`` must be a multiple of it, with at least two nodes.
+        num_nvl_bytes, num_rdma_bytes: the Buffer's sizes; one symmetric allocation of their sum.
+        device: this rank's CUDA device.
+        timeout_s: how long any wait on a peer may take before the kernel gives up and reports.
+        num_qps_per_rank: RDMA queue pairs per peer (``NVSHMEM_IBGDA_NUM_RC_PER_PE``).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, ranks_per_node: int,
+                 num_nvl_bytes: int, num_rdma_bytes: int, device: torch.device, timeout_s: float,
+                 num_qps_per_rank: int) -> None:
+        expect(num_ranks % ranks_per_node == 0 and num_ranks // ranks_per_node >= 2,
+               f"InternodeRuntime: {num_ranks} ranks do not form >= 2 nodes of {ranks_per_node}")
+        expect(num_ranks // ranks_per_node <= MAX_NODES,
+               f"InternodeRuntime: at most {MAX_NODES} nodes are supported, got {num_ranks // ranks_per_node}")
+        self._c = _extension()
+        self.rank, self.num_ranks, self.ranks_per_node = rank, num_ranks, ranks_per_node
+        self.num_nodes = num_ranks // ranks_per_node
+        self.device = torch.device(device)
+        self.timeout_s = timeout_s
+        self._alive = False
+        self._broken: Optional[str] = None
+        join_nvshmem_world(self._c, group, rank, num_ranks, self.device, num_qps_per_rank, allow_nvlink=True)
+        self.layout = buffer_layout(num_ranks, self.num_nodes, num_rdma_bytes, num_nvl_bytes)
+        expect(self.layout.data_bytes > 0,
+               f"InternodeRuntime: num_rdma_bytes={num_rdma_bytes} is smaller than the control block "
+               f"({self.layout.data_off} bytes) of {num_ranks} ranks")
+        total = self.layout.nvl_off + _align(num_nvl_bytes, 256)
+        c = self._c
+        self._ptr = c.symmetric_alloc(total)
+        peers = c.peer_bases(self._ptr, num_ranks)
+        my_node = rank // ranks_per_node
+        node_of = [j // ranks_per_node for j in range(num_ranks)]
+        if os.environ.get(FORCE_PUTS_ENV) == "1":
+            peers = [p if node_of[j] == my_node else 0 for j, p in enumerate(peers)]
+        missing = [j for j, p in enumerate(peers) if node_of[j] == my_node and p == 0]
+        if missing:
+            c.symmetric_free(self._ptr)
+            raise DeepEPInputError(
+                f"InternodeRuntime: NVSHMEM does not map the buffers of node peers {missing} into rank {rank}: the "
+                "ranks of one node must be NVLink/P2P-connected (check num_ranks_per_node and "
+                "NVSHMEM_DISABLE_P2P)")
+        mine = int(any(p == 0 for p in peers))
+        flags = [0] * num_ranks
+        dist.all_gather_object(flags, mine, group=group)
+        self._has_rdma_peers = int(any(flags))  # every rank lays out the staging areas the same way
+        self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
+        self._epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
+        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._mailbox = c.mailbox_alloc()
+        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
+        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, total), device=self.device)
+        self._alive = True
+        torch.cuda.synchronize(self.device)
+        c.barrier_all()
+
+    # ------------------------------------------------------------------------------------------------------
+    def capacity(self, item_bytes: int) -> int:
+        """Records (or partial rows) of ``item_bytes`` each stream of the data region holds."""
+        copies = 2 if self._has_rdma_peers else 1
+        return self.layout.data_bytes // (copies * self.num_nodes * item_bytes)
+
+    def _needed_rdma_bytes(self, tokens: int, item_bytes: int) -> int:
+        copies = 2 if self._has_rdma_peers else 1
+        return self.layout.data_off + copies * self.num_nodes * tokens * item_bytes
+
+    def _env(self, item_bytes: int) -> dict:
+        cap = self.capacity(item_bytes)
+        lay = self.layout
+        return {"rank": self.rank, "num_ranks": self.num_ranks, "ranks_per_node": self.ranks_per_node,
+                "num_nodes": self.num_nodes, "has_rdma_peers": self._has_rdma_peers, "buffer": self._ptr,
+                "peers": self._peers.data_ptr(), "epoch": self._epoch.data_ptr(),
+                "workspace": self._workspace.data_ptr(), "abort_flag": self._abort.data_ptr(),
+                "mailbox": self._mailbox_device, "timeout_ns": int(self.timeout_s * 1e9),
+                "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
+                "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
+                "stage_off": lay.data_off + self.num_nodes * cap * item_bytes, "cap": cap,
+                "nvl_off": lay.nvl_off, "nvl_rows": lay.nvl_bytes // max(item_bytes, 1),
+                "stream": torch.cuda.current_stream().cuda_stream}
+
+    def _check_alive(self, what: str) -> None:
+        if self._broken is not None:
+            raise DeepEPTimeoutError(self._broken)
+        expect(self._alive, f"{what}: the internode runtime was destroyed")
+
+    def _fits(self, what: str, tokens: int, item_bytes: int) -> None:
+        if tokens > self.capacity(item_bytes):
+            raise DeepEPBufferTooSmall(
+                f"{what}: num_rdma_bytes is too small for {tokens} tokens per rank: the internode kernels hold one "
+                f"operation's records at once and need at least {self._needed_rdma_bytes(tokens, item_bytes)} "
+                "bytes")
+
+    # ------------------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+        """``get_dispatch_layout`` on the GPU (no host sync); see :func:`get_dispatch_layout`."""
+        self._check_alive("get_dispatch_layout")
+        expect(num_experts % self.num_ranks == 0,
+               f"num_experts ({num_experts}) must be a multiple of the number of ranks ({self.num_ranks})")
+        return get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.ranks_per_node)
+
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[InternodeHandle],
+                 layout: Optional[DispatchLayout], topk_idx: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], expert_alignment: int, num_worst_tokens: int,
+                 config: Config) -> DispatchResult:
+        """Send every token to each rank that owns one of its experts, through its node's forwarder.
+
+        Args:
+            x: ``[T, H]`` CUDA, rows a multiple of 16 bytes (BF16, or FP8 with ``x_scales``).
+            x_scales: ``[T, S]`` float32 or int32 (any strides), or None.
+            handle: a previous internode dispatch's handle (cached mode), or None with ``layout``.
+            topk_idx / topk_weights: ``[T, K]`` int64 / float32 (fresh dispatch), ``K <= 16``.
+            expert_alignment: each per-expert count is rounded up to a multiple of it.
+            num_worst_tokens: ``W > 0``: outputs of ``W`` rows, no host sync (padding as the reference's).
+            config: ``config.num_sms`` bounds the blocks; ``num_channels`` shapes the channel fields.
+
+        Returns:
+            ``DispatchResult`` with the reference backend's rows, order and handle (``InternodeHandle``).
+        """
+        self._check_alive("dispatch")
+        r, R, G, N = self.rank, self.num_ranks, self.ranks_per_node, self.num_nodes
+        T, H = x.shape
+        dev = x.device
+        x = x.contiguous()
+        hidden_bytes = H * x.element_size()
+        expect(hidden_bytes % 16 == 0, f"dispatch: a row of x must be a multiple of 16 bytes, got {hidden_bytes}")
+        fresh = handle is None
+        in_rank = layout.is_token_in_rank if fresh else handle.is_token_in_rank
+        expect(in_rank.is_cuda and tuple(in_rank.shape) == (T, R), "dispatch: is_token_in_rank must be [T, R] on "
+               "the GPU")
+        S = 0
+        if x_scales is not None:
+            expect(x_scales.dim() == 2 and x_scales.size(0) == T and x_scales.element_size() == 4,
+                   "dispatch: x_scales must be [T, S] with 4-byte elements")
+            S = x_scales.size(1)
+        K = topk_idx.size(1) if (fresh and topk_idx is not None) else 0
+        expect(K <= MAX_TOPK, f"dispatch: top-k must be <= {MAX_TOPK}, got {K}")
+        rec = record_bytes(hidden_bytes, S, K, G)
+        W = num_worst_tokens
+        if not fresh or W:
+            # A fresh dispatch with host counts checks the group's largest token count after notify instead,
+            # so that every rank raises the same error.
+            self._fits("dispatch", T, rec)
+        env = self._env(rec)
+        pos = _exclusive_positions(in_rank)
+        in_node = in_rank.view(T, N, G).any(-1)
+        node_slot = _exclusive_positions(in_node) if fresh else handle.send_rdma_head.contiguous()
+        node_count = in_node.sum(0, dtype=torch.int32)
+        counts_list: list[int] = []
+        count_matrix: Optional[torch.Tensor] = None
+        if fresh:
+            C = config.num_channels
+            num_experts = layout.num_tokens_per_expert.numel()
+            e_loc = num_experts // R
+            expect(e_loc <= MAX_LOCAL_EXPERTS and C <= MAX_CHANNELS,
+                   f"dispatch: at most {MAX_LOCAL_EXPERTS} local experts and {MAX_CHANNELS} channels, got "
+                   f"{e_loc} and {C}")
+            gbl_prefix = torch.cumsum(channel_counts(in_rank, C), 1, dtype=torch.int32)  # [R, C]
+            rdma_prefix = torch.cumsum(channel_counts(in_node, C), 1, dtype=torch.int32)  # [N, C]
+            P = self.layout.notify_row_ints
+            o_exp, o_gch = R + N + 1, R + N + 1 + MAX_LOCAL_EXPERTS
+            o_rch = o_gch + MAX_CHANNELS
+            payload = torch.zeros(R, P, dtype=torch.int32, device=dev)
+            payload[:, :R] = in_rank.sum(0, dtype=torch.int32)
+            payload[:, R:R + N] = node_count
+            payload[:, R + N] = T
+            payload[:, o_exp:o_exp + e_loc] = layout.num_tokens_per_expert.to(torch.int32).view(R, e_loc)
+            payload[:, o_gch:o_gch + C] = gbl_prefix
+            payload[:, o_rch:o_rch + C] = rdma_prefix.repeat_interleave(G, 0)
+            received = torch.empty_like(payload)
+            self._c.internode_notify(dict(env, payload=payload.data_ptr(), received=received.data_ptr()))
+            count_matrix = received[:, :R].contiguous()
+            recv_counts = count_matrix[:, r]
+            recv_gbl_rank_prefix = torch.cumsum(recv_counts, 0, dtype=torch.int32)
+            recv_base = (recv_gbl_rank_prefix - recv_counts).contiguous()
+            gch = received[:, o_gch:o_gch + C]
+            gch_exclusive = torch.cat([torch.zeros_like(gch[:, :1]), gch[:, :-1]], 1)
+            recv_gbl_channel = (recv_base[:, None] + gch_exclusive).to(torch.int32).contiguous()
+            fwd_src = torch.arange(N, device=dev) * G + r % G
+            recv_rdma_channel = received[fwd_src, o_rch:o_rch + C].contiguous()
+            recv_rdma_rank_prefix = torch.cumsum(recv_rdma_channel[:, -1], 0, dtype=torch.int32)
+            expert_recv = received[:, o_exp:o_exp + e_loc].sum(0, dtype=torch.int32)
+            if W:
+                rows, head_rows = W, G * W
+            else:
+                info = torch.cat([recv_gbl_rank_prefix[-1:], recv_rdma_rank_prefix[-1:],
+                                  received[:, R + N].max().view(1), expert_recv]).cpu()
+                self.check_error()
+                rows, head_rows, t_max = int(info[0]), int(info[1]), int(info[2])
+                counts_list = round_up_counts(info[3:].tolist(), expert_alignment)
+                self._fits("dispatch (largest token count of the group)", t_max, rec)
+        else:
+            recv_gbl_rank_prefix = handle.recv_gbl_rank_prefix_sum
+            prev = torch.cat([torch.zeros_like(recv_gbl_rank_prefix[:1]), recv_gbl_rank_prefix[:-1]])
+            recv_base = prev.to(torch.int32).contiguous()
+            rows = handle.recv_src_meta.size(0)
+            head_rows = handle.send_nvl_head.size(0)
+            self._c.internode_barrier(env)
+
+        def out(shape: tuple, dtype: torch.dtype, fill: Optional[float]) -> torch.Tensor:
+            if W and fill is not None:
+                return torch.full(shape, fill, dtype=dtype, device=dev)
+            return torch.empty(shape, dtype=dtype, device=dev)
+
+        recv_x = out((rows, H), x.dtype, 0)
+        recv_scales = out((rows, S), x_scales.dtype, 0) if x_scales is not None else None
+        recv_idx = recv_w = meta = send_nvl_head = None
+        if fresh:
+            meta = out((rows, 2), torch.int32, -1)
+            send_nvl_head = torch.empty((head_rows, G), dtype=torch.int32, device=dev)
+            if topk_idx is not None:
+                recv_idx = out((rows, K), torch.int64, -1)
+                if topk_weights is not None:
+                    recv_w = out((rows, K), torch.float32, 0)
+        topk_idx_c = topk_idx.contiguous() if K else None
+        topk_w_c = topk_weights.to(torch.float32).contiguous() if (K and topk_weights is not None) else None
+        args = dict(env)
+        args.update({
+            "rec_bytes": rec, "data_bytes": hidden_bytes, "scale_bytes": _align(4 * S, 16), "num_tokens": T,
+            "num_topk": K, "num_scales": S,
+            "scale_stride_token": x_scales.stride(0) if x_scales is not None else 0,
+            "scale_stride_col": x_scales.stride(1) if x_scales is not None else 0,
+            "x": x.data_ptr(), "x_scales": x_scales.data_ptr() if x_scales is not None else None,
+            "topk_idx": topk_idx_c.data_ptr() if topk_idx_c is not None else None,
+            "topk_weights": topk_w_c.data_ptr() if topk_w_c is not None else None,
+            "pos": pos.data_ptr(), "node_slot": node_slot.data_ptr(), "node_count": node_count.data_ptr(),
+            "count_matrix": count_matrix.data_ptr() if count_matrix is not None else None,
+            "send_nvl_head": send_nvl_head.data_ptr() if send_nvl_head is not None else None,
+            "head_rows": head_rows, "recv_base": recv_base.data_ptr(), "out_rows": rows,
+            "num_local_experts": (layout.num_tokens_per_expert.numel() // R) if fresh else 0,
+            "recv_x": recv_x.data_ptr(), "recv_scales": recv_scales.data_ptr() if recv_scales is not None else None,
+            "recv_topk_idx": recv_idx.data_ptr() if recv_idx is not None else None,
+            "recv_topk_weights": recv_w.data_ptr() if recv_w is not None else None,
+            "recv_src_meta": meta.data_ptr() if meta is not None else None})
+        sms = max(1, config.num_sms)
+        self._c.internode_dispatch_send(args, sms)
+        if fresh:
+            self._c.internode_dispatch_head(args, sms)
+        self._c.internode_dispatch_recv(args, sms)
+        if not fresh:
+            return DispatchResult(recv_x, recv_scales, None, None, [], handle)
+        new_handle = InternodeHandle(in_rank, rdma_prefix, gbl_prefix, recv_rdma_channel, recv_rdma_rank_prefix,
+                                     recv_gbl_channel, recv_gbl_rank_prefix, meta.view(torch.uint8).view(rows, 8),
+                                     node_slot, send_nvl_head)
+        return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, counts_list, new_handle)
+
+    def combine(self, x: torch.Tensor, handle: InternodeHandle, topk_weights: Optional[torch.Tensor],
+                bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config) -> CombineResult:
+        """Reduce the expert outputs back to their source tokens (inside each node first, then across nodes).
+
+        Args:
+            x: ``[n, H]`` bfloat16 CUDA, the rows of the dispatch that made ``handle`` (``n`` its row count).
+            handle: that dispatch's ``InternodeHandle``.
+            topk_weights: ``[n, K]`` float32 or None; combined like ``x`` (a plain sum).
+            bias0, bias1: ``[T, H]`` bfloat16 or None, added once per token.
+            config: ``config.num_sms`` bounds the blocks.
+
+        Returns:
+            ``CombineResult(combined_x [T, H] bfloat16, combined_topk_weights [T, K] float32 | None)``.
+        """
+        self._check_alive("combine")
+        expect(x.dtype == torch.bfloat16 and x.dim() == 2, "combine: x must be a 2-D bfloat16 tensor")
+        T, H = handle.is_token_in_rank.size(0), x.size(1)
+        expect(H % 8 == 0, f"combine: hidden must be a multiple of 8, got {H}")
+        K = topk_weights.size(1) if topk_weights is not None else 0
+        expect(K <= MAX_TOPK, f"combine: top-k must be <= {MAX_TOPK}, got {K}")
+        row = _align(2 * H, 16) + _align(4 * K, 16)
+        self._fits("combine", T, row)
+        if x.size(0) * row > self.layout.nvl_bytes:
+            raise DeepEPBufferTooSmall(
+                f"combine: num_nvl_bytes={self.layout.nvl_bytes} is too small to stage {x.size(0)} received rows of "
+                f"{row} bytes: it needs at least {x.size(0) * row} bytes")
+        x = x.contiguous()
+        w = topk_weights.to(torch.float32).contiguous() if topk_weights is not None else None
+        combined = torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
+        combined_w = torch.empty((T, K), dtype=torch.float32, device=x.device) if w is not None else None
+        b0 = bias0.contiguous() if bias0 is not None else None
+        b1 = bias1.contiguous() if bias1 is not None else None
+        env = self._env(row)
+        args = dict(env)
+        args.update({
+            "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T, "num_rows": x.size(0),
+            "x": x.data_ptr(), "topk_weights": w.data_ptr() if w is not None else None,
+            "send_nvl_head": handle.send_nvl_head.data_ptr(),
+            "recv_rdma_rank_prefix_sum": handle.recv_rdma_rank_prefix_sum.data_ptr(),
+            "send_rdma_head": handle.send_rdma_head.data_ptr(),
+            "bias0": b0.data_ptr() if b0 is not None else None, "bias1": b1.data_ptr() if b1 is not None else None,
+            "combined_x": combined.data_ptr(),
+            "combined_topk_weights": combined_w.data_ptr() if combined_w is not None else None})
+        sms = max(1, config.num_sms)
+        self._c.internode_barrier(env)
+        self._c.internode_combine_stage(args, sms)
+        self._c.internode_combine_forward(args, sms)
+        self._c.internode_combine_recv(args, sms)
+        return CombineResult(combined, combined_w)
+
+    # ------------------------------------------------------------------------------------------------------
+    def local_buffer(self) -> torch.Tensor:
+        """uint8 view of this rank's symmetric buffer (valid until :meth:`destroy`)."""
+        self._check_alive("local_buffer")
+        return self._buffer
+
+    def check_error(self) -> None:
+        """Raise what a kernel reported through the mailbox, without synchronising the device.
+
+        Raises:
+            DeepEPTimeoutError: a wait timed out (names rank, peer and the wait); the runtime is unusable after.
+            DeepEPInputError: a ``num_worst_tokens`` dispatch received more rows than it had room for (the
+                extra rows were dropped, nothing was written out of bounds).
+        """
+        if self._broken is not None:
+            raise DeepEPTimeoutError(self._broken)
+        if not self._alive:
+            return
+        status, rank, peer, what, expected, observed = self._c.mailbox_read(self._mailbox)
+        if status == 0:
+            return
+        self._c.mailbox_clear(self._mailbox)
+        if status == _MAILBOX_TIMEOUT:
+            self._broken = (
+                f"internode kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
+                f"{_WAITS.get(what, f'wait code {what}')} (expected epoch {expected}, last seen {observed}). A peer "
+                "died, hung or did not make the same call; this buffer is unusable now (destroy it). "
+                "DEEPEP_PLUGIN_TIMEOUT_S sets the timeout")
+            raise DeepEPTimeoutError(self._broken)
+        self._abort.zero_()
+        raise DeepEPInputError(
+            f"dispatch on rank {rank}: {_WAITS.get(what, f'code {what}')}: {expected} rows needed, room for "
+            f"{observed} (num_worst_tokens too small); the extra rows were dropped")
+
+    def destroy(self) -> None:
+        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
+        if not self._alive:
+            return
+        self._alive = False
+        torch.cuda.synchronize(self.device)
+        self._buffer = None  # type: ignore[assignment]
+        self._c.symmetric_free(self._ptr)
+        self._c.mailbox_free(self._mailbox)

@@ -1,0 +1,61 @@
+"""Internode normal kernels (network hop once per node, then NVLink) against the reference backend.
+
+Nodes are emulated on one host by a node size smaller than the group: 2 ranks = 2 nodes of 1, 4 ranks = 2 nodes
+of 2 (processes may share one GPU; the "network" hop then runs over P2P stores or, with ``puts``, NVSHMEM puts).
+These tests check correctness; they say nothing about RDMA speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dist_utils import run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+SPAWN = {"backend": "gloo", "start_method": "spawn", "timeout": 300.0}
+
+
+def _built() -> bool:
+    try:
+        importlib.import_module("deepep_plugin._low_latency_C")
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if not _built():
+    pytest.skip("needs CUDA and deepep_plugin._low_latency_C (it holds the internode kernels)",
+                allow_module_level=True)
+
+import internode_workers as w  # noqa: E402
+
+
+@pytest.mark.parametrize("world,per_node", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("kind", ["node_limited", "imbalanced", "zero_tokens", "one_rank"])
+def test_internode_matches_reference(world: int, per_node: int, kind: str) -> None:
+    run_distributed(w.dispatch_combine_worker, world, per_node, kind, 61, 512, 6, False, 8, **SPAWN)
+
+
+@pytest.mark.parametrize("world,per_node", [(2, 1), (4, 2)])
+def test_internode_over_nvshmem_puts(world: int, per_node: int) -> None:
+    # The RDMA code path: other nodes reached with one NVSHMEM put per node and a signal.
+    run_distributed(w.dispatch_combine_worker, world, per_node, "node_limited", 62, 1024, 8, True, 4, **SPAWN)
+
+
+def test_internode_deepseek_hidden_top8_one_sm() -> None:
+    run_distributed(w.dispatch_combine_worker, 4, 2, "random", 63, 7168, 8, False, 2, **SPAWN)
+
+
+def test_internode_worst_tokens_in_cuda_graph() -> None:
+    run_distributed(w.graph_worker, 4, 2, 64, **SPAWN)
+
+
+def test_internode_timeout_names_rank_and_wait() -> None:
+    run_distributed(w.timeout_worker, 2, 1, **SPAWN)
