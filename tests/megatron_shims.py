@@ -16,6 +16,9 @@ the calling (worker) process only, so the tests can build real ``MoELayer``s and
 It also turns ``torch.compile`` off (Megatron's ``jit_fuser``), which changes no result and saves the compile time.
 None of this lives in the library: ``deepep_plugin.integrations.megatron`` itself never patches CUDA behaviour.
 
+On a GPU only item 3 and the ``torch.compile`` switch apply: ``apply_gpu_shims()`` makes exactly those and leaves
+``torch.cuda`` alone (the GPU tests in ``tests/gpu/test_megatron_cuda.py`` use it).
+
 ``build_moe_layer(...)`` and ``init_megatron_parallel(...)`` build the layers the tests and the example compare.
 """
 
@@ -28,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 _APPLIED = False
+_GPU_APPLIED = False
 
 
 class _InertStream:
@@ -69,17 +73,44 @@ class _InertEvent:
         return True
 
 
-def apply_cpu_shims() -> None:
-    """Patch the CUDA-only spots of megatron-core's MoE path in this process (idempotent). Call in workers only."""
-    global _APPLIED
-    if _APPLIED:
-        return
+def _quiet_eager_megatron() -> None:
+    """Run Megatron's ``jit_fuser`` functions eagerly and silence its CPU/TransformerEngine warnings."""
     import torch._dynamo
 
     torch._dynamo.config.disable = True  # Megatron's jit_fuser is torch.compile, applied at import time
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _bind_missing_te_gemm() -> None:
+    """Item 3: bind ``moe_utils.te_general_gemm`` to ``None`` where 0.16.1 leaves it unbound (no TE)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def apply_gpu_shims() -> None:
+    """The device-independent part of :func:`apply_cpu_shims` (idempotent): eager ``jit_fuser`` and item 3.
+
+    For workers that run Megatron's MoE layers on a real GPU without TransformerEngine; ``torch.cuda`` is left
+    untouched, so CUDA streams, devices and Megatron's device-to-host copies are the real ones.
+    """
+    global _GPU_APPLIED
+    if _GPU_APPLIED:
+        return
+    _quiet_eager_megatron()
+    _bind_missing_te_gemm()
+    _GPU_APPLIED = True
+
+
+def apply_cpu_shims() -> None:
+    """Patch the CUDA-only spots of megatron-core's MoE path in this process (idempotent). Call in workers only."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _quiet_eager_megatron()
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.Stream = _InertStream  # type: ignore[assignment,misc]
@@ -88,9 +119,7 @@ def apply_cpu_shims() -> None:
 
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
+    _bind_missing_te_gemm()
     original_move = moe_utils.maybe_move_tensor_to_cpu
 
     def move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
