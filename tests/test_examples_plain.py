@@ -6,6 +6,7 @@ same first-step loss, and -- with the recipe's gradient convention -- the same g
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import struct
@@ -130,6 +131,51 @@ def test_builtin_png_writer_round_trips_the_image() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Placement of the recipe's ranks on GPUs (decided before any process starts; no GPU needed to check it)
+def test_one_visible_gpu_gets_two_ranks_sharing_it_over_gloo_by_default() -> None:
+    placement = train.plan_placement("cuda", visible_gpus=1)
+    assert (placement.nprocs, placement.num_gpus, placement.dist_backend) == (2, 1, "gloo")
+    assert placement.shares_gpus and [placement.gpu_of(r) for r in range(2)] == [0, 0]
+
+
+def test_one_rank_per_gpu_uses_nccl() -> None:
+    placement = train.plan_placement("cuda", visible_gpus=8, nprocs=4)
+    assert (placement.nprocs, placement.num_gpus, placement.dist_backend) == (4, 4, "nccl")
+    assert not placement.shares_gpus and [placement.gpu_of(r) for r in range(4)] == [0, 1, 2, 3]
+    assert train.plan_placement("cuda", visible_gpus=2).nprocs == 2  # default: one per GPU
+
+
+def test_more_ranks_than_gpus_in_use_share_them_round_robin_over_gloo() -> None:
+    placement = train.plan_placement("cuda", visible_gpus=2, nprocs=4)
+    assert placement.dist_backend == "gloo" and placement.shares_gpus
+    assert [placement.gpu_of(r) for r in range(4)] == [0, 1, 0, 1]
+    asked = train.plan_placement("cuda", visible_gpus=2, gpus=1)  # --gpus 1 on a two-GPU machine
+    assert (asked.nprocs, asked.num_gpus, asked.dist_backend) == (2, 1, "gloo")
+
+
+def test_nccl_is_refused_for_ranks_sharing_a_gpu() -> None:
+    with pytest.raises(SystemExit, match="one GPU per process"):
+        train.plan_placement("cuda", visible_gpus=1, nprocs=2, dist_backend="nccl")
+    with pytest.raises(SystemExit, match="--gpus must be in"):
+        train.plan_placement("cuda", visible_gpus=2, gpus=3)
+
+
+def test_help_lists_the_placement_flags(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--gpus" in text and "--dist-backend" in text and "(hidden % 128 == 0)" in text
+
+
+def test_cpu_placement_is_two_gloo_processes_by_default() -> None:
+    placement = train.plan_placement("cpu", visible_gpus=0)
+    assert (placement.nprocs, placement.num_gpus, placement.dist_backend) == (2, 0, "gloo")
+    assert not placement.shares_gpus
+    assert train.plan_placement("cpu", visible_gpus=0, nprocs=4).nprocs == 4
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Two processes: the EP model is the single-process model
 def _first_step(rank: int, world_size: int, fp8: bool) -> None:
     cfg = small_config(hidden_size=128, fp8_dispatch=fp8) if fp8 else small_config()
@@ -223,3 +269,32 @@ def test_grouped_gemm_experts_equal_the_per_expert_loop_on_a_hopper_gpu() -> Non
             x.grad, experts.gate_up.grad, experts.down.grad = None, None, None
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def _intranode_kernels_built() -> bool:
+    try:
+        importlib.import_module("deepep_plugin._intranode_C")
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _intranode_kernels_built(), reason="needs CUDA and deepep_plugin._intranode_C")
+def test_recipe_with_two_ranks_sharing_one_gpu_trains_on_the_cuda_kernels(tmp_path: "os.PathLike[str]") -> None:
+    seed, batch, seq = 99, 8, 64
+    summary = train.main(["--preset", "tiny", "--steps", "30", "--batch-size", str(batch), "--seq-len", str(seq),
+                          "--seed", str(seed), "--nprocs", "2", "--gpus", "1", "--device", "cuda",
+                          "--backend", "cuda", "--no-progress", "--out-dir", str(tmp_path)])
+    assert summary is not None
+    assert (summary["world_size"], summary["num_gpus"], summary["dist_backend"]) == (2, 1, "gloo")
+    assert summary["ranks_share_gpus"] and summary["backend"] == "cuda" and summary["device"] == "cuda"
+    # Step 1 is the single-process float32 model on the ranks' first batches, up to BF16 autocast on the GPU.
+    cfg, train_cfg = load_preset("tiny")
+    corpus = MarkovCorpus(cfg.vocab_size, seq, seed, train_cfg.markov_branching)
+    with torch.no_grad():
+        model = DeepSeekV3Model(cfg, seed=seed)
+        expected = float(sum(model.loss(corpus.batch(r, batch)) for r in range(2)) / 2)
+    assert summary["first_loss"] == pytest.approx(expected, abs=2e-2)
+    assert summary["last_loss"] < summary["first_loss"] - 1.5
+    assert summary["dispatch_ms_per_step"] > 0 and summary["combine_ms_per_step"] > 0

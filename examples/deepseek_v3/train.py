@@ -3,8 +3,16 @@
     python -m examples.deepseek_v3.train --preset tiny            # CPU: 2 processes, reference backend, ~1 min
     python -m examples.deepseek_v3.train --preset small           # GPUs: one process per GPU, CUDA kernels
 
-The script starts its own processes (``--nprocs``; default: one per GPU, or 2 on a CPU-only machine) or runs as
-one rank of an outside launcher (``torchrun``: it finds ``RANK``/``WORLD_SIZE`` in the environment).
+The script starts its own processes (``--nprocs``; default: one per GPU, 2 on a machine with one GPU, or 2 on a
+CPU-only machine) or runs as one rank of an outside launcher (``torchrun``: it finds ``RANK``/``WORLD_SIZE`` in the
+environment).
+
+Placement on GPUs: local rank ``r`` uses GPU ``r % G`` of the ``G`` GPUs in use (``--gpus``; default: all visible).
+With one process per GPU the process group is NCCL. With more processes than GPUs (an EP run on a one-GPU
+machine, or ``--gpus 1``) ranks share GPUs; NCCL refuses two ranks on one device, so the process group is then
+gloo (which all-reduces CUDA tensors through host memory), while dispatch and combine still run on the
+``deepep_plugin`` CUDA kernels (their buffers are mapped between the processes with CUDA IPC, exchanged over
+gloo). Ranks on one GPU take turns on it, so their timings say nothing about one GPU per rank; the run says so.
 
 Parallelism: the EP group is the whole world and is also the data-parallel group. Each rank reads different
 batches, holds ``E / R`` routed experts and a copy of every other parameter.
@@ -44,6 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import deepep_plugin
+from deepep_plugin.errors import expect
 
 from .configs import PRESETS, ModelConfig, TrainConfig, load_preset
 from .data import MarkovCorpus
@@ -64,9 +73,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-interval", type=int, default=None, help="steps between log lines")
-    p.add_argument("--fp8-dispatch", action="store_true", help="send tokens as FP8 in dispatch (hidden % 128 == 0)")
-    p.add_argument("--nprocs", type=int, default=None, help="processes (EP ranks); default: GPUs, or 2 on CPU")
+    p.add_argument("--fp8-dispatch", action="store_true", help="send tokens as FP8 in dispatch (hidden %% 128 == 0)")
+    p.add_argument("--nprocs", type=int, default=None,
+                   help="processes (EP ranks); default: one per GPU in use (at least 2), or 2 on the CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to use (default: all visible); rank r uses GPU r %% gpus, so nprocs > gpus shares them")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="torch.distributed backend (auto: NCCL with one GPU per process, gloo on shared GPUs and "
+                        "on the CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cuda"],
                    help="deepep_plugin backend (sets DEEPEP_PLUGIN_BACKEND; auto = fastest that applies)")
     p.add_argument("--threads", type=int, default=1,
@@ -93,6 +108,78 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if args.fp8_dispatch:
         overrides["fp8_dispatch"] = True
     return load_preset(args.preset, args.config, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Placement of the ranks
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the ``nprocs`` processes of this host run.
+
+    Attributes:
+        nprocs: processes (EP ranks) on this host.
+        num_gpus: GPUs in use, ``0`` on the CPU; local rank ``r`` uses GPU ``r % num_gpus``.
+        dist_backend: ``"nccl"`` or ``"gloo"``, the ``torch.distributed`` backend of the process group.
+    """
+
+    nprocs: int
+    num_gpus: int
+    dist_backend: str
+
+    @property
+    def shares_gpus(self) -> bool:
+        """True when some GPU runs more than one rank."""
+        return 0 < self.num_gpus < self.nprocs
+
+    def gpu_of(self, local_rank: int) -> int:
+        """The GPU index of local rank ``local_rank`` (GPU placement only)."""
+        expect(self.num_gpus > 0, "Placement.gpu_of: this placement has no GPUs")
+        return local_rank % self.num_gpus
+
+    def describe(self) -> str:
+        """One line for the run's header."""
+        if self.num_gpus == 0:
+            return f"{self.nprocs} CPU processes, {self.dist_backend} process group"
+        if not self.shares_gpus:
+            return f"{self.nprocs} processes, one GPU each, {self.dist_backend} process group"
+        return (f"{self.nprocs} processes sharing {self.num_gpus} GPU{'s' if self.num_gpus > 1 else ''} "
+                f"(rank r on GPU r % {self.num_gpus}), {self.dist_backend} process group")
+
+
+def plan_placement(device: str, visible_gpus: int, nprocs: Optional[int] = None, gpus: Optional[int] = None,
+                   dist_backend: str = "auto") -> Placement:
+    """Choose processes, GPUs and process-group backend from the command line (``SystemExit`` on a bad choice).
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``.
+        visible_gpus: ``torch.cuda.device_count()``.
+        nprocs: processes asked for (``None``: one per GPU in use, but at least 2 -- an EP run on one GPU needs
+            two ranks -- or 2 on the CPU).
+        gpus: GPUs asked for (``None``: all visible).
+        dist_backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
+    """
+    if nprocs is not None and nprocs < 1:
+        raise SystemExit(f"--nprocs must be >= 1, got {nprocs}")
+    if device == "cpu":
+        if gpus:
+            raise SystemExit("--gpus applies to --device cuda only")
+        if dist_backend == "nccl":
+            raise SystemExit("--dist-backend nccl needs GPUs; the CPU run uses gloo")
+        return Placement(nprocs or 2, 0, "gloo")
+    if visible_gpus < 1:
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    if gpus is not None and not 1 <= gpus <= visible_gpus:
+        raise SystemExit(f"--gpus must be in [1, {visible_gpus}] (the visible GPUs), got {gpus}")
+    usable = gpus or visible_gpus
+    nprocs = nprocs or max(usable, 2)
+    num_gpus = min(usable, nprocs)
+    shared = nprocs > num_gpus
+    if dist_backend == "auto":
+        dist_backend = "gloo" if shared else "nccl"
+    elif dist_backend == "nccl" and shared:
+        raise SystemExit(f"--dist-backend nccl needs one GPU per process, but {nprocs} processes share "
+                         f"{num_gpus} GPU(s); use --dist-backend gloo (or auto)")
+    return Placement(nprocs, num_gpus, dist_backend)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,7 +260,9 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
              options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Train on this rank of an initialised default process group; rank 0 returns the run's summary."""
     on_gpu = options["device"] == "cuda"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if on_gpu else torch.device("cpu")
+    placement: Placement = options["placement"]
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cuda", placement.gpu_of(local_rank)) if on_gpu else torch.device("cpu")
     group = dist.group.WORLD
     comm_dtype = torch.bfloat16 if on_gpu else torch.float32
     timer = CommTimer(device)
@@ -187,6 +276,11 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
     tokens_per_step = world_size * train_cfg.batch_size * train_cfg.seq_len
 
     if is_main:
+        if placement.shares_gpus:
+            print(f"NOTE: {placement.nprocs} ranks share {placement.num_gpus} GPU(s) (rank r on GPU r % "
+                  f"{placement.num_gpus}), over a gloo process group (NCCL needs one GPU per rank). The ranks take "
+                  "turns on each GPU: losses are exact, but tokens/s and dispatch/combine times are NOT "
+                  "representative of one GPU per rank.", flush=True)
         n_rep = sum(p.numel() for p in model.replicated_parameters())
         n_exp = sum(p.numel() for p in model.expert_parameters())
         backend_name = getattr(buffer, "backend_name", None) or getattr(getattr(buffer, "backend", None), "name", "?")
@@ -194,7 +288,8 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
               f"({model_cfg.num_moe_layers} MoE), hidden {model_cfg.hidden_size}, {model_cfg.n_routed_experts} routed "
               f"experts (top-{model_cfg.num_experts_per_tok} within {model_cfg.topk_group}/{model_cfg.n_group} groups) "
               f"+ {model_cfg.n_shared_experts} shared", flush=True)
-        print(f"EP {world_size} ranks on {device.type}, deepep_plugin backend {backend_name}, dispatch "
+        where = f" ({placement.describe()})" if on_gpu else ""
+        print(f"EP {world_size} ranks on {device.type}{where}, deepep_plugin backend {backend_name}, dispatch "
               f"{'FP8' if model_cfg.fp8_dispatch else str(comm_dtype).replace('torch.', '')}; parameters: "
               f"{n_rep / 1e6:.2f} M replicated + {n_exp / 1e6:.2f} M experts per rank "
               f"({n_exp * world_size / 1e6:.2f} M in all); {tokens_per_step} tokens per step", flush=True)
@@ -266,6 +361,8 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
     n_timed_steps = max(train_cfg.steps - 1, 1)
     summary = {
         "preset": options["preset"], "world_size": world_size, "device": device.type,
+        "num_gpus": placement.num_gpus, "ranks_share_gpus": placement.shares_gpus,
+        "dist_backend": placement.dist_backend,
         "backend": getattr(buffer, "backend_name", None) or getattr(getattr(buffer, "backend", None), "name", "?"),
         "fp8_dispatch": model_cfg.fp8_dispatch, "steps": train_cfg.steps, "tokens_per_step": tokens_per_step,
         "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]), "eval_loss": eval_loss,
@@ -288,7 +385,9 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
           f"(mean of the last 5 steps); held-out loss {eval_loss:.3f} (entropy floor {corpus.entropy:.3f})", flush=True)
     print(f"throughput {summary['tokens_per_s']:.0f} tokens/s; per step: dispatch "
           f"{summary['dispatch_ms_per_step']:.2f} ms, combine {summary['combine_ms_per_step']:.2f} ms "
-          f"(forward + backward, all MoE layers, rank 0)", flush=True)
+          f"(forward + backward, all MoE layers, rank 0)"
+          + (" -- ranks share GPUs: not representative of one GPU per rank" if placement.shares_gpus else ""),
+          flush=True)
     print(f"loss curve: {png}" + ("" if how == "matplotlib" else " (plain chart; pip install matplotlib for labels)")
           + f"; summary: {os.path.join(out_dir, 'summary.json')}", flush=True)
     return summary
@@ -328,11 +427,14 @@ def _run_initialised(rank: int, world_size: int, model_cfg: ModelConfig, train_c
                      options: Dict[str, Any]) -> None:
     if options["backend"] != "auto":
         os.environ["DEEPEP_PLUGIN_BACKEND"] = options["backend"]
+    placement: Placement = options["placement"]
     if options["device"] == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size,
-                                device_id=torch.device("cuda", local))
+        gpu = placement.gpu_of(int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(gpu)
+        if placement.dist_backend == "nccl":
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", gpu))
+        else:  # ranks share GPUs (or gloo was asked for): gloo all-reduces CUDA tensors through host memory
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
     else:
         torch.set_num_threads(options["threads"])
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -353,22 +455,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     if device == "cpu" and args.backend == "cuda":
         raise SystemExit("--backend cuda needs GPUs (--device cuda); on the CPU use --backend reference or auto")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-    if device == "cuda":
-        gpus = torch.cuda.device_count()
-        nprocs = args.nprocs or gpus
-        if not launched and nprocs > gpus:
-            raise SystemExit(f"--nprocs {nprocs} needs one GPU per process, but {gpus} GPU(s) are visible")
+    visible_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if launched:  # the launcher chose the processes; this host runs LOCAL_WORLD_SIZE of them
+        world_size = int(os.environ["WORLD_SIZE"])
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        placement = plan_placement(device, visible_gpus, local_procs, args.gpus, args.dist_backend)
     else:
-        nprocs = args.nprocs or 2
-    if nprocs < 1 or model_cfg.n_routed_experts % nprocs:
-        raise SystemExit(f"--nprocs must be >= 1 and divide n_routed_experts ({model_cfg.n_routed_experts}), "
-                         f"got {nprocs}")
+        placement = plan_placement(device, visible_gpus, args.nprocs, args.gpus, args.dist_backend)
+        world_size = placement.nprocs
+    if model_cfg.n_routed_experts % world_size:
+        raise SystemExit(f"the number of processes must divide n_routed_experts ({model_cfg.n_routed_experts}), "
+                         f"got {world_size}")
     out_dir = args.out_dir or os.path.join("runs", f"deepseek_v3_{args.preset}")
     options = {"preset": args.preset, "device": device, "backend": args.backend, "out_dir": out_dir,
-               "no_progress": args.no_progress,
-               "threads": args.threads}
+               "no_progress": args.no_progress, "threads": args.threads, "placement": placement}
     if launched:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
         _run_initialised(rank, world_size, model_cfg, train_cfg, options)
         return _read_summary(out_dir) if rank == 0 else None
     summary_path = os.path.join(out_dir, "summary.json")
@@ -377,6 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     # Fork is quick, but CUDA (and autograd's device threads) cannot cross it: spawn on GPUs, or when this process
     # has already used CUDA (e.g. inside a test session).
     start_method = args.start_method or ("spawn" if device == "cuda" or torch.cuda.is_initialized() else "fork")
+    nprocs = placement.nprocs
     mp.start_processes(_worker, args=(nprocs, _free_port(), model_cfg, train_cfg, options), nprocs=nprocs,
                        start_method=start_method)
     return _read_summary(out_dir)

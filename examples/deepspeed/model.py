@@ -8,8 +8,11 @@ The model itself knows nothing about deepep_plugin: the ``"deepep_plugin"`` sect
 the plugin on (its layers then route with DeepSeek-V3 group-limited sigmoid gating and dispatch without
 capacity); without it the same model runs on DeepSpeed's capacity-based all-to-all.
 
-Initialisation is a function of ``(seed, parameter name)``; a routed expert is named by its global index, so
-the model is the same whatever the number of ranks.
+Initialisation is exactly that of ``examples.deepseek_v3.model.DeepSeekV3Model``: every parameter is drawn from
+the stream its counterpart in that model is drawn from (named by ``(seed, name in the plain model)``, a routed
+expert by its global index). From the same seed the two recipes therefore hold the same weights -- whatever the
+number of ranks -- and, with the plugin's group-limited sigmoid gating and the same data, compute the same
+first-step loss (``tests/test_recipes_agree.py``).
 """
 
 from __future__ import annotations
@@ -102,17 +105,34 @@ class DeepSeekV3DeepSpeedModel(nn.Module):
 
     @torch.no_grad()
     def _init_parameters(self, seed: int, first_expert: int) -> None:
-        """Norms to 1; every matrix ``N(0, init_std)`` from its own stream named ``seed/name`` (routed experts by
-        global index: local expert ``i`` of this rank is global expert ``first_expert + i``)."""
-        marker = ".deepspeed_experts."
+        """Norms to 1; every matrix ``N(0, init_std)`` from the stream ``seed/<key>`` where ``<key>`` is
+        :func:`plain_init_key` of its name (local expert ``i`` of this rank is global expert ``first_expert + i``).
+        """
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
-            key = name
-            if marker in name:  # ...deepspeed_experts.<i>.rest -> ...deepspeed_experts.<global id>.rest
-                head, tail = name.split(marker)
-                local, rest = tail.split(".", 1)
-                key = f"{head}{marker}{first_expert + int(local)}.{rest}"
-            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}".encode()))
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{plain_init_key(name, first_expert)}".encode()))
             p.copy_(torch.randn(p.shape, generator=g) * self.cfg.init_std)
+
+
+_EXPERTS = ".moe.deepspeed_moe.experts.deepspeed_experts."
+_GATE = ".moe.deepspeed_moe.gate.wg.weight"
+
+
+def plain_init_key(name: str, first_expert: int) -> str:
+    """The initialisation key ``DeepSeekV3Model.init_parameters`` uses for the parameter this model calls ``name``.
+
+    * ``layers.<l>.mlp.moe.deepspeed_moe.gate.wg.weight`` -> ``layers.<l>.mlp.router.weight``;
+    * ``layers.<l>.mlp.moe.deepspeed_moe.experts.deepspeed_experts.<i>.<gate_up|down>.weight`` ->
+      ``layers.<l>.mlp.experts.<first_expert + i>.<gate_up|down>`` (the plain model stacks its experts; expert
+      ``g``'s slice is drawn from that key);
+    * every other name (attention, dense and shared SwiGLUs, embedding, head) is the same in both models.
+    """
+    if name.endswith(_GATE):
+        return name[: -len(_GATE)] + ".router.weight"
+    if _EXPERTS in name:
+        head, tail = name.split(_EXPERTS)
+        local, rest = tail.split(".", 1)
+        return f"{head}.experts.{first_expert + int(local)}.{rest.removesuffix('.weight')}"
+    return name
