@@ -31,3 +31,24 @@ __all__ = [
     "set_timeout_s",
     "topk_idx_t",
 ]
+
+
+def _integrations_from_source_tree() -> None:
+    """In a source checkout, ``integrations/`` (installed as ``deepep_plugin.integrations``) lies beside this package:
+    make it importable under that name when nothing installed provides it (a run straight from the tree)."""
+    import importlib.util
+    import os
+    import sys
+
+    name = __name__ + ".integrations"
+    tree = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations")
+    init = os.path.join(tree, "__init__.py")
+    if name in sys.modules or not os.path.isfile(init) or importlib.util.find_spec(name) is not None:
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[tree])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_integrations_from_source_tree()
