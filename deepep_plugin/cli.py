@@ -84,7 +84,7 @@ def doctor() -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: deepep-plugin doctor | deepep-plugin bench {intranode,low-latency} [options]")
+        print("usage: deepep-plugin doctor | deepep-plugin bench {intranode,internode,low-latency} [options]")
         return
     if argv[0] == "doctor":
         raise SystemExit(doctor())

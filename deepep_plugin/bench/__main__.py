@@ -1,10 +1,14 @@
-"""``python -m deepep_plugin.bench {intranode,low-latency} [options]``: the benchmarks (programs, not tests)."""
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency} [options]``: the benchmarks (programs, not
+tests)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m deepep_plugin.bench {intranode,low-latency} [options]  (--help after the name for options)"
+USAGE = (
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency} [options]  (--help after the name for "
+    "options)"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name == "intranode":
         from .intranode import main as run
+    elif name == "internode":
+        from .internode import main as run
     elif name in ("low-latency", "low_latency"):
         from .low_latency import main as run
     else:
