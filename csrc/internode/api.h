@@ -6,18 +6,24 @@
 //   R ranks = N nodes x G local ranks; rank r is node r / G, local index r % G. One NVSHMEM symmetric buffer per
 //   rank: [flags | notify rows (recv) | notify rows (put staging) | data region | NVL region].
 //   dispatch: (notify: every rank sends every rank one row of counts; doubles as the op's barrier)
-//             send:  each token goes ONCE per destination node, as one record, to the rank of that node with this
-//                    rank's local index (the "forwarder"): region [source node][slot j] of the forwarder; P2P
-//                    stores where NVSHMEM maps the peer, else into local staging and one put per node (RDMA).
-//                    A 64-bit signal (epoch << 32 | records) per (source node) marks the stream complete.
+//             one kernel, two roles, num_sms / 2 blocks each (the overlap of the two hops):
+//             senders:   block c takes channel c (a contiguous token range); each token goes ONCE per destination
+//                        node, as one record, to the rank of that node with this rank's local index (the
+//                        "forwarder"): region [source node][slot j] of the forwarder; P2P stores where NVSHMEM maps
+//                        the peer, else local staging and one put per chunk of records (RDMA). Each (source node,
+//                        channel) stream publishes its extent once and its progress every `chunk` records.
+//             receivers: every rank pulls, over NVLink from the G forwarders of its node, stream by stream as the
+//                        progress words advance, the records that list it, straight into its outputs at rows fixed
+//                        by the source (no atomics, no reorder). The last sender block signals each forwarder that
+//                        its stream set is complete (epoch << 32 | records).
 //             head:  (fresh dispatch) the forwarder turns each record's destination positions into absolute rows
 //                    of its node peers' outputs (handle.send_nvl_head).
-//             recv:  every rank pulls, over NVLink from the G forwarders of its node, the records that list it and
-//                    writes them straight into its outputs at rows fixed by the source (no atomics, no reorder).
 //   combine: (barrier) stage: each rank copies its expert outputs into its NVL region;
-//             forward: each forwarder sums, per record, the rows of its node peers (FP32, rounded once to BF16)
-//                      and sends one partial row per record back to the source (P2P stores or one put per node);
-//             recv:    each source adds bias and its <= N partial rows per token.
+//             one kernel, two roles, num_channels blocks each:
+//             forwarders: per (source node, channel) stream, in record order, the sum of the node peers' rows
+//                         (FP32, rounded once to BF16), sent back to the source as one partial row per record (P2P
+//                         stores, or one put per chunk), with the stream's progress every `chunk` records;
+//             receivers:  each source adds bias and its <= N partial rows per token as they arrive.
 // Every wait is bounded (common/wait.cuh) and reports {rank, peer, what} through the mailbox.
 #pragma once
 
@@ -38,9 +44,12 @@ enum InternodeWait : int32_t {
   kWaitPartials = 85,        // combine receive: partial sums from a node's forwarder
 };
 
-// Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each.
+// Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each; then, at `stream_off`, the
+// dispatch streams' words: extent [N][kMaxChannels] (base << 32 | count) and progress [N][kMaxChannels]
+// (epoch << 32 | records written), indexed by source node and channel.
 enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1, kFlagDispatch = 2, kFlagStaged = 3, kFlagCombine = 4 };
 constexpr int kFlagKinds = 5;
+constexpr int kMaxChannels = 128;
 
 struct Env {
   int rank, num_ranks, ranks_per_node, num_nodes;
@@ -53,6 +62,7 @@ struct Env {
   Mailbox* mailbox;             // device alias of the host-mapped mailbox
   uint64_t timeout_ns;
   // Buffer geometry (the same on every rank; computed by the host, see cuda_internode.py `_Layout`).
+  int64_t stream_off;                     // dispatch stream words (see FlagKind)
   int64_t notify_off, notify_stage_off, notify_row_ints;
   int64_t data_off, stage_off, cap;       // records: [N][cap] at data_off; put staging [N][cap] at stage_off
   int64_t nvl_off, nvl_rows;              // combine staging rows [nvl_rows] at nvl_off
@@ -78,6 +88,9 @@ struct DispatchArgs {
   const int* pos;               // [T, R] int32: row offset among this rank's tokens to rank r, or -1
   const int* node_slot;         // [T, N] int32: slot of the token in its stream to node n, or -1 (send_rdma_head)
   const int* node_count;        // [N] int32: records this rank sends to each node
+  const int* rdma_channel_prefix;  // [N, C] int32: inclusive prefix over channels of the records to node n
+  int num_channels;             // C: sender blocks = receiver blocks = C
+  int chunk;                    // records per progress update (Config.num_max_rdma_chunked_send_tokens)
   // Forwarder bookkeeping (fresh dispatch): send_nvl_head [head_rows, G] from the count matrix [R, R].
   const int* count_matrix;      // [R, R] int32 (tokens from source i to rank j), or null (cached: no head)
   int* send_nvl_head;           // [head_rows, G] int32, or null
@@ -100,9 +113,13 @@ struct CombineArgs {
   int64_t num_rows;             // rows of x (received rows, padded in num_worst_tokens mode)
   const uint16_t* x;            // [num_rows, H] bf16
   const float* topk_weights;    // [num_rows, K] or null
+  int num_channels;             // C of the dispatch that made the handle: C forwarder + C receiver blocks
+  int chunk;                    // partial rows per progress update (Config.num_max_rdma_chunked_send_tokens)
   const int* send_nvl_head;     // [head_rows, G] (forwarder)
   const int* recv_rdma_rank_prefix_sum;  // [N] inclusive record counts per source node (forwarder)
+  const int* recv_rdma_channel_prefix;   // [N, C] inclusive per-channel record counts per source node (forwarder)
   const int* send_rdma_head;    // [T, N] (source)
+  const int* rdma_channel_prefix;        // [N, C] inclusive per-channel records this rank sent to node n (source)
   const uint16_t* bias0;        // [T, H] or null
   const uint16_t* bias1;        // [T, H] or null
   uint16_t* combined_x;         // [T, H]
@@ -111,12 +128,10 @@ struct CombineArgs {
 
 void barrier(const Env& env, void* stream);
 void notify(const NotifyArgs& a, void* stream);
-void dispatch_send(const DispatchArgs& a, int num_sms, void* stream);
+void dispatch(const DispatchArgs& a, void* stream);  // 2 * num_channels blocks
 void dispatch_head(const DispatchArgs& a, int num_sms, void* stream);
-void dispatch_recv(const DispatchArgs& a, int num_sms, void* stream);
 void combine_stage(const CombineArgs& a, int num_sms, void* stream);
-void combine_forward(const CombineArgs& a, int num_sms, void* stream);
-void combine_recv(const CombineArgs& a, int num_sms, void* stream);
+void combine(const CombineArgs& a, void* stream);  // 2 * num_channels blocks
 
 }  // namespace internode
 }  // namespace deepep

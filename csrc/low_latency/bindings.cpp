@@ -113,6 +113,7 @@ internode::Env make_internode_env(const py::dict& d) {
   env.abort_flag = ptr<int>(d, "abort_flag");
   env.mailbox = ptr<Mailbox>(d, "mailbox");
   env.timeout_ns = static_cast<uint64_t>(num(d, "timeout_ns"));
+  env.stream_off = num(d, "stream_off");
   env.notify_off = num(d, "notify_off");
   env.notify_stage_off = num(d, "notify_stage_off");
   env.notify_row_ints = num(d, "notify_row_ints");
@@ -142,6 +143,9 @@ internode::DispatchArgs make_internode_dispatch(const py::dict& d) {
   a.pos = ptr<const int>(d, "pos");
   a.node_slot = ptr<const int>(d, "node_slot");
   a.node_count = ptr<const int>(d, "node_count");
+  a.rdma_channel_prefix = ptr<const int>(d, "rdma_channel_prefix");
+  a.num_channels = static_cast<int>(num(d, "num_channels"));
+  a.chunk = static_cast<int>(num(d, "chunk"));
   a.count_matrix = ptr<const int>(d, "count_matrix");
   a.send_nvl_head = ptr<int>(d, "send_nvl_head");
   a.head_rows = num(d, "head_rows");
@@ -166,9 +170,13 @@ internode::CombineArgs make_internode_combine(const py::dict& d) {
   a.num_rows = num(d, "num_rows");
   a.x = ptr<const uint16_t>(d, "x");
   a.topk_weights = ptr<const float>(d, "topk_weights");
+  a.num_channels = static_cast<int>(num(d, "num_channels"));
+  a.chunk = static_cast<int>(num(d, "chunk"));
   a.send_nvl_head = ptr<const int>(d, "send_nvl_head");
   a.recv_rdma_rank_prefix_sum = ptr<const int>(d, "recv_rdma_rank_prefix_sum");
+  a.recv_rdma_channel_prefix = ptr<const int>(d, "recv_rdma_channel_prefix");
   a.send_rdma_head = ptr<const int>(d, "send_rdma_head");
+  a.rdma_channel_prefix = ptr<const int>(d, "rdma_channel_prefix");
   a.bias0 = ptr<const uint16_t>(d, "bias0");
   a.bias1 = ptr<const uint16_t>(d, "bias1");
   a.combined_x = ptr<uint16_t>(d, "combined_x");
@@ -241,22 +249,16 @@ PYBIND11_MODULE(_low_latency_C, m) {
     a.received = ptr<int>(d, "received");
     internode::notify(a, stream_of(d));
   });
-  m.def("internode_dispatch_send", [](const py::dict& d, int num_sms) {
-    internode::dispatch_send(make_internode_dispatch(d), num_sms, stream_of(d));
+  m.def("internode_dispatch", [](const py::dict& d) {
+    internode::dispatch(make_internode_dispatch(d), stream_of(d));
   });
   m.def("internode_dispatch_head", [](const py::dict& d, int num_sms) {
     internode::dispatch_head(make_internode_dispatch(d), num_sms, stream_of(d));
   });
-  m.def("internode_dispatch_recv", [](const py::dict& d, int num_sms) {
-    internode::dispatch_recv(make_internode_dispatch(d), num_sms, stream_of(d));
-  });
   m.def("internode_combine_stage", [](const py::dict& d, int num_sms) {
     internode::combine_stage(make_internode_combine(d), num_sms, stream_of(d));
   });
-  m.def("internode_combine_forward", [](const py::dict& d, int num_sms) {
-    internode::combine_forward(make_internode_combine(d), num_sms, stream_of(d));
-  });
-  m.def("internode_combine_recv", [](const py::dict& d, int num_sms) {
-    internode::combine_recv(make_internode_combine(d), num_sms, stream_of(d));
+  m.def("internode_combine", [](const py::dict& d) {
+    internode::combine(make_internode_combine(d), stream_of(d));
   });
 }

@@ -10,25 +10,29 @@ How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops
   node with the sender's local index (its *forwarder*); every GPU of that node then **pulls over NVLink** the
   records that list it from its node's ``G`` forwarders, straight into its output rows. Each row's position is
   fixed at the source (its offset among the source's tokens to that rank), so outputs are ordered by source
-  rank, then token index — bit-identical to the reference backend, handle included.
-* **combine** — every GPU stages its expert outputs in its NVL region; each forwarder sums, per record, the rows
-  of its node peers (FP32, rounded once to BF16) and sends **one partial row per record** back over the network;
-  the source adds bias and its ``<= N`` partial rows per token (FP32, rounded once).
+  rank, then token index — bit-identical to the reference backend, handle included. One kernel does both hops:
+  ``C = num_sms / 2`` sender blocks (one per channel, a contiguous token range) and ``C`` receiver blocks; each
+  (source node, channel) stream publishes its progress every ``Config.num_max_rdma_chunked_send_tokens`` records,
+  and receivers pull records as soon as they are published, so the network and NVLink hops overlap.
+* **combine** — every GPU stages its expert outputs in its NVL region; then one kernel: ``C`` forwarder blocks sum,
+  per record, the rows of their node peers (FP32, rounded once to BF16) and send **one partial row per record**
+  back over the network, publishing each (node, channel) stream's progress every chunk; ``C`` receiver blocks add
+  bias and each token's ``<= N`` partial rows (FP32, rounded once) as soon as they have arrived.
 * Peers NVSHMEM maps into this process (NVLink P2P) are written with stores; the others (other nodes over RDMA)
-  get one NVSHMEM put per (destination node, operation) from local staging, then a signal. Node peers must be
-  P2P-reachable. ``DEEPEP_PLUGIN_INTERNODE_PUTS=1`` sends to every other node with puts even where P2P would
-  work (the RDMA code path, testable on one host).
+  get one NVSHMEM put per chunk of records from local staging, its signal carrying the stream's progress. Node
+  peers must be P2P-reachable. ``DEEPEP_PLUGIN_INTERNODE_PUTS=1`` sends to every other node with puts even where
+  P2P would work (the RDMA code path, testable on one host).
+* The NVLink hop is a pull into the outputs, so the NVL chunk sizes of ``Config`` have no role here; the RDMA
+  receive chunk neither (an operation's records all fit in the buffer, see below).
 
 Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). An
-operation holds all its records at once (no chunked ring yet): the data region holds ``N`` streams of up to
+operation holds all its records at once (no ring that wraps): the data region holds ``N`` streams of up to
 ``cap`` records (``cap`` = records of the largest token count), and the NVL region a rank's received rows for
 combine. A call that does not fit raises ``DeepEPBufferTooSmall`` with the bytes needed.
 
 Host synchronisation: only a fresh dispatch without ``num_worst_tokens`` reads counts on the host (once, after
 the notify kernel); everything else is free of host syncs and CUDA-graph capturable.
 
-What this path does not do yet: overlap the network and NVLink hops inside one kernel (the hops run as
-consecutive kernels, so a large dispatch costs RDMA time plus NVLink time instead of the larger of the two).
 On one host with emulated nodes the "network" hop is NVLink P2P or NVSHMEM puts over it: tests there check
 correctness, not RDMA speed.
 """
@@ -73,6 +77,7 @@ def _align(x: int, a: int) -> int:
 class _Layout(NamedTuple):
     """Byte offsets in the symmetric buffer (identical on every rank)."""
 
+    stream_off: int
     notify_off: int
     notify_stage_off: int
     notify_row_ints: int
@@ -85,11 +90,12 @@ class _Layout(NamedTuple):
 def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> _Layout:
     """Where the flags, notify rows, data region and NVL region lie (``api.h`` describes each)."""
     row_ints = _align(num_ranks + num_nodes + 1 + MAX_LOCAL_EXPERTS + 2 * MAX_CHANNELS, 4)
-    ctrl = _align(_FLAG_KINDS * num_ranks * 8, 256)
+    stream_off = _align(_FLAG_KINDS * num_ranks * 8, 16)
+    ctrl = _align(stream_off + 2 * num_nodes * MAX_CHANNELS * 8, 256)
     notify = _align(num_ranks * row_ints * 4, 256)
     data_off = ctrl + 2 * notify
     rdma = _align(num_rdma_bytes, 256)
-    return _Layout(ctrl, ctrl + notify, row_ints, data_off, max(rdma - data_off, 0), rdma, num_nvl_bytes)
+    return _Layout(stream_off, ctrl, ctrl + notify, row_ints, data_off, max(rdma - data_off, 0), rdma, num_nvl_bytes)
 
 
 def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_node: int) -> int:
@@ -208,7 +214,7 @@ class InternodeRuntime:
                 "peers": self._peers.data_ptr(), "epoch": self._epoch.data_ptr(),
                 "workspace": self._workspace.data_ptr(), "abort_flag": self._abort.data_ptr(),
                 "mailbox": self._mailbox_device, "timeout_ns": int(self.timeout_s * 1e9),
-                "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
+                "stream_off": lay.stream_off, "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
                 "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
                 "stage_off": lay.data_off + self.num_nodes * cap * item_bytes, "cap": cap,
                 "nvl_off": lay.nvl_off, "nvl_rows": lay.nvl_bytes // max(item_bytes, 1),
@@ -325,6 +331,7 @@ class InternodeRuntime:
                 counts_list = round_up_counts(info[3:].tolist(), expert_alignment)
                 self._fits("dispatch (largest token count of the group)", t_max, rec)
         else:
+            rdma_prefix = handle.rdma_channel_prefix_matrix
             recv_gbl_rank_prefix = handle.recv_gbl_rank_prefix_sum
             prev = torch.cat([torch.zeros_like(recv_gbl_rank_prefix[:1]), recv_gbl_rank_prefix[:-1]])
             recv_base = prev.to(torch.int32).contiguous()
@@ -359,6 +366,8 @@ class InternodeRuntime:
             "topk_idx": topk_idx_c.data_ptr() if topk_idx_c is not None else None,
             "topk_weights": topk_w_c.data_ptr() if topk_w_c is not None else None,
             "pos": pos.data_ptr(), "node_slot": node_slot.data_ptr(), "node_count": node_count.data_ptr(),
+            "rdma_channel_prefix": rdma_prefix.data_ptr(), "num_channels": rdma_prefix.size(1),
+            "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
             "count_matrix": count_matrix.data_ptr() if count_matrix is not None else None,
             "send_nvl_head": send_nvl_head.data_ptr() if send_nvl_head is not None else None,
             "head_rows": head_rows, "recv_base": recv_base.data_ptr(), "out_rows": rows,
@@ -367,11 +376,12 @@ class InternodeRuntime:
             "recv_topk_idx": recv_idx.data_ptr() if recv_idx is not None else None,
             "recv_topk_weights": recv_w.data_ptr() if recv_w is not None else None,
             "recv_src_meta": meta.data_ptr() if meta is not None else None})
-        sms = max(1, config.num_sms)
-        self._c.internode_dispatch_send(args, sms)
+        expect(rdma_prefix.is_contiguous() and rdma_prefix.dtype == torch.int32 and rdma_prefix.size(0) == N
+               and rdma_prefix.size(1) <= MAX_CHANNELS, "dispatch: handle.rdma_channel_prefix_matrix must be a "
+               f"contiguous int32 [N, C <= {MAX_CHANNELS}] tensor")
+        self._c.internode_dispatch(args)  # 2C blocks: C senders, C receivers
         if fresh:
-            self._c.internode_dispatch_head(args, sms)
-        self._c.internode_dispatch_recv(args, sms)
+            self._c.internode_dispatch_head(args, max(1, config.num_sms))
         if not fresh:
             return DispatchResult(recv_x, recv_scales, None, None, [], handle)
         new_handle = InternodeHandle(in_rank, rdma_prefix, gbl_prefix, recv_rdma_channel, recv_rdma_rank_prefix,
@@ -416,17 +426,19 @@ class InternodeRuntime:
         args.update({
             "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T, "num_rows": x.size(0),
             "x": x.data_ptr(), "topk_weights": w.data_ptr() if w is not None else None,
+            "num_channels": handle.rdma_channel_prefix_matrix.size(1),
+            "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
             "send_nvl_head": handle.send_nvl_head.data_ptr(),
             "recv_rdma_rank_prefix_sum": handle.recv_rdma_rank_prefix_sum.data_ptr(),
+            "recv_rdma_channel_prefix": handle.recv_rdma_channel_prefix_matrix.contiguous().data_ptr(),
             "send_rdma_head": handle.send_rdma_head.data_ptr(),
+            "rdma_channel_prefix": handle.rdma_channel_prefix_matrix.contiguous().data_ptr(),
             "bias0": b0.data_ptr() if b0 is not None else None, "bias1": b1.data_ptr() if b1 is not None else None,
             "combined_x": combined.data_ptr(),
             "combined_topk_weights": combined_w.data_ptr() if combined_w is not None else None})
-        sms = max(1, config.num_sms)
         self._c.internode_barrier(env)
-        self._c.internode_combine_stage(args, sms)
-        self._c.internode_combine_forward(args, sms)
-        self._c.internode_combine_recv(args, sms)
+        self._c.internode_combine_stage(args, max(1, config.num_sms))
+        self._c.internode_combine(args)  # 2C blocks: C forwarders, C receivers
         return CombineResult(combined, combined_w)
 
     # ------------------------------------------------------------------------------------------------------

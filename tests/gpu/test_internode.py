@@ -45,12 +45,17 @@ def test_internode_matches_reference(world: int, per_node: int, kind: str) -> No
 
 @pytest.mark.parametrize("world,per_node", [(2, 1), (4, 2)])
 def test_internode_over_nvshmem_puts(world: int, per_node: int) -> None:
-    # The RDMA code path: other nodes reached with one NVSHMEM put per node and a signal.
-    run_distributed(w.dispatch_combine_worker, world, per_node, "node_limited", 62, 1024, 8, True, 4, **SPAWN)
+    # The RDMA code path: other nodes reached with one NVSHMEM put (and signal) per chunk of 3 records.
+    run_distributed(w.dispatch_combine_worker, world, per_node, "node_limited", 62, 1024, 8, True, 4, 3, **SPAWN)
 
 
-def test_internode_deepseek_hidden_top8_one_sm() -> None:
-    run_distributed(w.dispatch_combine_worker, 4, 2, "random", 63, 7168, 8, False, 2, **SPAWN)
+def test_internode_deepseek_hidden_top8_one_channel_chunk_of_one() -> None:
+    # One channel (2 SMs): every stream holds all of a node's records; progress after every record.
+    run_distributed(w.dispatch_combine_worker, 4, 2, "random", 63, 7168, 8, False, 2, 1, **SPAWN)
+
+
+def test_internode_eight_ranks_four_nodes() -> None:
+    run_distributed(w.dispatch_combine_worker, 8, 2, "node_limited", 65, 256, 4, False, 6, 4, **SPAWN)
 
 
 def test_internode_worst_tokens_in_cuda_graph() -> None:

@@ -43,7 +43,7 @@ def test_layout_matches_plain_torch(world_size: int) -> None:
     run_distributed(w.layout_worker, world_size, 11, 300, 64, 8, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_bf16_dispatch_and_combine(world_size: int) -> None:
     # hidden 7168 (DeepSeek-V3), top-8 of 64 experts, 4 channels, alignment 4, three rounds on one buffer.
     run_distributed(w.dispatch_combine_worker, world_size, 21, 200, 7168, 64, 8, 8, 256, False, 4, 3, **SPAWN)
@@ -76,6 +76,6 @@ def test_buffer_too_small_is_reported() -> None:
     run_distributed(w.buffer_too_small_worker, 2, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_matches_reference_backend(world_size: int) -> None:
     run_distributed(w.reference_match_worker, world_size, 51, 140, 1024, 32, 6, 6, **SPAWN)
