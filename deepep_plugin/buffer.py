@@ -9,8 +9,8 @@ Code written for ``deep_ep.Buffer`` runs unchanged: same constructor, methods, d
 * more shapes: any hidden size whose row is a multiple of 16 bytes, top-k up to 32 (normal) / 16 (low-latency),
   any EP size up to one node (not only 2/4/8);
 * keyword-only extras: ``backend=`` (``"auto"``, ``"reference"`` or ``"cuda"``; default from
-  ``DEEPEP_PLUGIN_BACKEND``) and ``num_ranks_per_node=`` (the node size, 8 unless given; smaller values emulate
-  several nodes on one host).
+  ``DEEPEP_PLUGIN_BACKEND``) and ``num_ranks_per_node=`` (the node size: ranks per host, at most 8, unless
+  given; smaller values emulate several nodes on one host).
 """
 
 from __future__ import annotations
@@ -90,6 +90,21 @@ def _is_cuda_tensor(x: XType) -> bool:
     return (x[0] if isinstance(x, tuple) else x).is_cuda
 
 
+def _ranks_per_host(group: dist.ProcessGroup, rank: int, group_size: int) -> int:
+    """Ranks of ``group`` on this host (by host name), capped at ``NUM_MAX_NVL_PEERS``; collective over ``group``.
+
+    Raises when hosts hold different numbers of ranks (the node size must be uniform: pass num_ranks_per_node).
+    """
+    import socket
+
+    names: list[Any] = [None] * group_size
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    counts = {name: names.count(name) for name in names}
+    expect(len(set(counts.values())) == 1,
+           f"Buffer: the hosts hold different numbers of ranks of the group ({counts}); pass num_ranks_per_node")
+    return min(counts[names[rank]], NUM_MAX_NVL_PEERS)
+
+
 class Buffer:
     """The communication buffer of an expert-parallel group (DeepEP V1's ``Buffer``).
 
@@ -109,7 +124,9 @@ class Buffer:
         comm: an mpi4py communicator, used only when ``group`` is ``None``; it must describe the same ranks as
             the default ``torch.distributed`` group, which carries the traffic.
         backend: ``"auto"`` (CUDA kernels where they apply, else the reference), ``"reference"`` or ``"cuda"``.
-        num_ranks_per_node: ranks per node (default 8, or ``DEEPEP_PLUGIN_RANKS_PER_NODE``).
+        num_ranks_per_node: ranks per node: default ``DEEPEP_PLUGIN_RANKS_PER_NODE`` if set, else the ranks of
+            ``group`` on this host, at most 8 (more ranks on one host form nodes of 8); smaller values emulate
+            several nodes on one host.
     """
 
     num_sms: int = 20
@@ -141,8 +158,10 @@ class Buffer:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             expect(isinstance(value, int) and value >= 0, f"Buffer: {name} must be a non-negative int, got {value!r}")
             expect(value % 128 == 0, f"Buffer: {name} must be a multiple of 128, got {value}")
+        if num_ranks_per_node is None and "DEEPEP_PLUGIN_RANKS_PER_NODE" in os.environ:
+            num_ranks_per_node = int(os.environ["DEEPEP_PLUGIN_RANKS_PER_NODE"])
         if num_ranks_per_node is None:
-            num_ranks_per_node = int(os.environ.get("DEEPEP_PLUGIN_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
+            num_ranks_per_node = _ranks_per_host(group, self.rank, self.group_size)
         expect(1 <= num_ranks_per_node <= NUM_MAX_NVL_PEERS,
                f"Buffer: num_ranks_per_node must be in [1, {NUM_MAX_NVL_PEERS}], got {num_ranks_per_node}")
         self.num_ranks_per_node = min(num_ranks_per_node, self.group_size)

@@ -205,3 +205,32 @@ def _check_worst_tokens(rank: int, world_size: int, per_node: int) -> None:
 @pytest.mark.parametrize("world_size,per_node", TOPOLOGIES)
 def test_num_worst_tokens_fixes_internode_handle_shapes(world_size: int, per_node: int) -> None:
     run_distributed(_check_worst_tokens, world_size, per_node, timeout=400)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default node size: the ranks of the group on each host (by host name), at most 8.
+
+
+def _node_size_from_hosts(rank: int, world_size: int, hosts: list[str], want_per_node: int) -> None:
+    import socket
+
+    socket.gethostname = lambda: hosts[rank]  # this process only (forked worker)
+    buf = dp.Buffer(dist.group.WORLD, 1 << 20, (1 << 20) if want_per_node < world_size else 0)
+    assert buf.num_ranks_per_node == want_per_node and buf.num_nodes == world_size // want_per_node
+
+
+@pytest.mark.parametrize("hosts,per_node", [(["a", "a", "b", "b"], 2), (["a"] * 4, 4), (["a", "b", "c", "d"], 1)])
+def test_default_node_size_is_the_ranks_per_host(hosts: list[str], per_node: int) -> None:
+    run_distributed(_node_size_from_hosts, 4, hosts, per_node)
+
+
+def _uneven_hosts(rank: int, world_size: int) -> None:
+    import socket
+
+    socket.gethostname = lambda: "a" if rank < 3 else "b"
+    with pytest.raises(ValueError, match="num_ranks_per_node"):
+        dp.Buffer(dist.group.WORLD, 1 << 20, 1 << 20)
+
+
+def test_uneven_hosts_ask_for_an_explicit_node_size() -> None:
+    run_distributed(_uneven_hosts, 4)
