@@ -27,6 +27,7 @@
 #include <string>
 
 #include "common/bf16x8.cuh"
+#include "common/grid.cuh"
 #include "common/ptx.cuh"
 #include "common/vec_copy.cuh"
 #include "common/wait.cuh"
@@ -83,33 +84,6 @@ __device__ __forceinline__ uint64_t wait_flag(const Env& env, const uint64_t* p,
       [&](uint64_t v) { return (packed ? (v >> 32) : v) >= epoch; }, what, peer, -1, static_cast<int64_t>(epoch));
   if (ok) seen = ld_acquire_sys(p);
   return ok ? seen : ~0ull;
-}
-
-// Grid-completion counter: true in exactly one block, the last to arrive (which resets the counter).
-__device__ __forceinline__ bool last_block(int* counter, int* flag_smem) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const int prev = atomicAdd(counter, 1);
-    const bool last = prev == static_cast<int>(gridDim.x) - 1;
-    if (last) {
-      __threadfence();
-      *counter = 0;
-    }
-    *flag_smem = last;
-  }
-  __syncthreads();
-  return *flag_smem != 0;
-}
-
-// Largest index i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] = 0): skips empty groups.
-__device__ __forceinline__ int group_of(const int* prefix, int n, int value) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prefix[mid] <= value) lo = mid; else hi = mid - 1;
-  }
-  return lo;
 }
 
 __device__ __forceinline__ int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
@@ -434,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_head_kernel(DispatchArgs
     const int i = static_cast<int>(c / G), g = static_cast<int>(c % G);
     int out = -1;
     if (i < total) {
-      const int n = group_of(s_prefix, N, i);
+      const int n = upper_index(s_prefix, N, i);
       const int j = i - s_prefix[n];
       const int* meta = reinterpret_cast<const int*>(env.buffer + env.data_off +
                                                      (static_cast<int64_t>(n) * env.cap + j) * a.rec_bytes + meta_off);

@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/grid.cuh"
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "low_latency/api.h"
@@ -195,33 +196,6 @@ __device__ int block_exclusive_scan(int* data, int n, int* scratch /* [kWarps + 
   const int total = scratch[kWarps];
   __syncthreads();
   return total;
-}
-
-// Largest index i in [0, n) with prefix[i] <= value (prefix non-decreasing, prefix[0] = 0).
-__device__ __forceinline__ int upper_index(const int* prefix, int n, int value) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (prefix[mid] <= value) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
-// Grid-completion counter: returns true in exactly one block, the last one to arrive (which resets it).
-__device__ __forceinline__ bool last_block(int* counter, int* flag_smem) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const int prev = atomicAdd(counter, 1);
-    const bool last = prev == static_cast<int>(gridDim.x) - 1;
-    if (last) {
-      __threadfence();
-      *counter = 0;
-    }
-    *flag_smem = last;
-  }
-  __syncthreads();
-  return *flag_smem != 0;
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from ..config import Config
 from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
 from ..layout import channel_counts, round_up_counts
 from .base import CombineResult, DispatchLayout, DispatchResult, InternodeHandle
-from .cuda_low_latency import _DeviceMemory, _extension, join_nvshmem_world
+from .cuda_low_latency import SymmetricRuntime, _extension, join_nvshmem_world
 
 #: Set to 1 to reach every rank of another node with NVSHMEM puts (the RDMA path) even where P2P works.
 FORCE_PUTS_ENV = "DEEPEP_PLUGIN_INTERNODE_PUTS"
@@ -132,7 +132,7 @@ def _exclusive_positions(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, pos, torch.full_like(pos, -1)).contiguous()
 
 
-class InternodeRuntime:
+class InternodeRuntime(SymmetricRuntime):
     """One rank's internode state: its symmetric buffer, peer mappings, epoch, workspace and mailbox.
 
     Collective: every rank of ``group`` constructs it together (and calls :meth:`destroy` together).
@@ -168,15 +168,14 @@ class InternodeRuntime:
                f"({self.layout.data_off} bytes) of {num_ranks} ranks")
         total = self.layout.nvl_off + _align(num_nvl_bytes, 256)
         c = self._c
-        self._ptr = c.symmetric_alloc(total)
-        peers = c.peer_bases(self._ptr, num_ranks)
+        peers = self._open(c, total)
         my_node = rank // ranks_per_node
         node_of = [j // ranks_per_node for j in range(num_ranks)]
         if os.environ.get(FORCE_PUTS_ENV) == "1":
             peers = [p if node_of[j] == my_node else 0 for j, p in enumerate(peers)]
         missing = [j for j, p in enumerate(peers) if node_of[j] == my_node and p == 0]
         if missing:
-            c.symmetric_free(self._ptr)
+            self.destroy()
             raise DeepEPInputError(
                 f"InternodeRuntime: NVSHMEM does not map the buffers of node peers {missing} into rank {rank}: the "
                 "ranks of one node must be NVLink/P2P-connected (check num_ranks_per_node and "
@@ -187,12 +186,6 @@ class InternodeRuntime:
         self._has_rdma_peers = int(any(flags))  # every rank lays out the staging areas the same way
         self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
         self._epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
-        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._mailbox = c.mailbox_alloc()
-        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
-        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, total), device=self.device)
-        self._alive = True
         torch.cuda.synchronize(self.device)
         c.barrier_all()
 
@@ -457,12 +450,10 @@ class InternodeRuntime:
         """
         if self._broken is not None:
             raise DeepEPTimeoutError(self._broken)
-        if not self._alive:
+        report = self._take_report()
+        if report is None:
             return
-        status, rank, peer, what, expected, observed = self._c.mailbox_read(self._mailbox)
-        if status == 0:
-            return
-        self._c.mailbox_clear(self._mailbox)
+        status, rank, peer, what, expected, observed = report
         if status == _MAILBOX_TIMEOUT:
             self._broken = (
                 f"internode kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
@@ -474,13 +465,3 @@ class InternodeRuntime:
         raise DeepEPInputError(
             f"dispatch on rank {rank}: {_WAITS.get(what, f'code {what}')}: {expected} rows needed, room for "
             f"{observed} (num_worst_tokens too small); the extra rows were dropped")
-
-    def destroy(self) -> None:
-        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
-        if not self._alive:
-            return
-        self._alive = False
-        torch.cuda.synchronize(self.device)
-        self._buffer = None  # type: ignore[assignment]
-        self._c.symmetric_free(self._ptr)
-        self._c.mailbox_free(self._mailbox)

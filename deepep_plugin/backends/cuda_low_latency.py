@@ -131,7 +131,51 @@ def join_nvshmem_world(c: Any, group: dist.ProcessGroup, rank: int, num_ranks: i
         c.init_world(rank, num_ranks, b"", device.index)  # checks that it is the same world
 
 
-class LowLatencyRuntime:
+class SymmetricRuntime:
+    """What each NVSHMEM runtime of a rank owns: one symmetric buffer and its peers' mappings, a host-mapped error
+    mailbox, and the device words its kernels share (grid-completion counters, abort flag). Subclasses set
+    ``device`` and ``num_ranks``, then call :meth:`_open` (collective)."""
+
+    device: torch.device
+    num_ranks: int
+    _alive: bool = False
+
+    def _open(self, c: Any, nbytes: int) -> list[int]:
+        """Allocate ``nbytes`` of symmetric memory (collective) and the mailbox; returns each rank's buffer as mapped
+        into this process (0 where NVSHMEM does not map it: that peer is reached with puts)."""
+        self._c = c
+        self._ptr = c.symmetric_alloc(nbytes)
+        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, nbytes), device=self.device)
+        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
+        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._mailbox = c.mailbox_alloc()
+        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
+        self._alive = True
+        return list(c.peer_bases(self._ptr, self.num_ranks))
+
+    def _take_report(self) -> Optional[tuple[int, int, int, int, int, int]]:
+        """The mailbox's report ``(status, rank, peer, what, expected, observed)``, cleared; None when empty or
+        after :meth:`destroy`. Reads host memory only (no device synchronisation)."""
+        if not self._alive:
+            return None
+        report = self._c.mailbox_read(self._mailbox)
+        if report[0] == 0:
+            return None
+        self._c.mailbox_clear(self._mailbox)
+        return report
+
+    def destroy(self) -> None:
+        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
+        if not self._alive:
+            return
+        self._alive = False
+        torch.cuda.synchronize(self.device)
+        self._buffer = None  # type: ignore[assignment]
+        self._c.symmetric_free(self._ptr)
+        self._c.mailbox_free(self._mailbox)
+
+
+class LowLatencyRuntime(SymmetricRuntime):
     """One rank's low-latency state: its NVSHMEM symmetric buffer, peer mappings, workspace and mailbox.
 
     Collective: every rank of ``group`` constructs it together (and calls :meth:`destroy` together).
@@ -156,21 +200,14 @@ class LowLatencyRuntime:
         self._alive = False
         join_nvshmem_world(self._c, group, rank, num_ranks, self.device, num_qps_per_rank, allow_nvlink)
         c = self._c
-        self._ptr = c.symmetric_alloc(num_rdma_bytes)
-        peers = c.peer_bases(self._ptr, num_ranks)
+        peers = self._open(c, num_rdma_bytes)
         if os.environ.get(FORCE_PUTS_ENV) == "1":
             peers = [p if j == rank else 0 for j, p in enumerate(peers)]
         expect(peers[rank] != 0, "LowLatencyRuntime: NVSHMEM did not map this rank's own buffer")
         self._has_rdma_peers = int(any(p == 0 for p in peers))
         self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
-        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
-        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._mailbox = c.mailbox_alloc()
-        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._parity = 0
-        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, num_rdma_bytes), device=self.device)
-        self._alive = True
         torch.cuda.synchronize(self.device)
         c.barrier_all()
 
@@ -384,25 +421,13 @@ class LowLatencyRuntime:
         The report is cleared, so later calls can go on once the caller has recovered (after a timeout the
         signal words are in an unknown state: call ``clean_low_latency_buffer`` on every rank, or destroy).
         """
-        if not self._alive:
+        report = self._take_report()
+        if report is None:
             return
-        status, rank, peer, what, expected, observed = self._c.mailbox_read(self._mailbox)
-        if status == 0:
-            return
-        self._c.mailbox_clear(self._mailbox)
+        _, rank, peer, what, expected, observed = report
         self._abort.zero_()
         raise DeepEPTimeoutError(
             f"low-latency kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
             f"{_WAITS.get(what, f'wait code {what}')} (expected {expected}, last seen {observed}). The peer died, "
             "hung or did not make the same call; call clean_low_latency_buffer() on every rank or destroy the "
             "Buffer (DEEPEP_PLUGIN_TIMEOUT_S sets the timeout)")
-
-    def destroy(self) -> None:
-        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
-        if not self._alive:
-            return
-        self._alive = False
-        torch.cuda.synchronize(self.device)
-        self._buffer = None  # type: ignore[assignment]
-        self._c.symmetric_free(self._ptr)
-        self._c.mailbox_free(self._mailbox)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
-import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .common import init_rank, median_ms, spawn_ranks
 
 MB = 1 << 20
 
@@ -49,27 +48,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = init_rank(rank, world, port)
     ngpu = torch.cuda.device_count()
-    torch.cuda.set_device(rank % ngpu)
-    dev = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
 
     import deepep_plugin as dp
     from deepep_plugin.fp8 import per_token_cast_to_fp8
@@ -104,9 +85,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             def run_combine(y=y, handle=handle, cfg=cfg):
                 buf.combine(y, handle, config=cfg)
 
-            t_bf16 = _time_ms(run_bf16, args.warmup, args.iters)
-            t_fp8 = _time_ms(run_fp8, args.warmup, args.iters)
-            t_comb = _time_ms(run_combine, args.warmup, args.iters)
+            t_bf16 = median_ms(run_bf16, args.warmup, args.iters, before=dist.barrier)
+            t_fp8 = median_ms(run_fp8, args.warmup, args.iters, before=dist.barrier)
+            t_comb = median_ms(run_combine, args.warmup, args.iters, before=dist.barrier)
             buf.runtime.check_error()
             records = int(per_rdma.sum())
             n_recv = recv_x.size(0)
@@ -160,19 +141,7 @@ def main(argv: list[str]) -> None:
     if world % args.ranks_per_node or world // args.ranks_per_node < 2:
         raise SystemExit(f"--num-processes {world} must be a multiple of --ranks-per-node {args.ranks_per_node} "
                          "making at least 2 nodes")
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs) or queue.empty():
-        raise SystemExit(f"internode benchmark: a worker failed (exit codes {[p.exitcode for p in procs]})")
-    gathered, ngpu, name = queue.get()
+    gathered, ngpu, name = spawn_ranks(_worker, world, args, "internode")
     rows = _summarise(gathered)
     nodes = world // args.ranks_per_node
     title = (f"internode EP{world} as {nodes} emulated nodes of {args.ranks_per_node} on {ngpu}x {name}: hidden "

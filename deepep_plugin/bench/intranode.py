@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .common import init_rank, median_ms, spawn_ranks
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -46,26 +46,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = init_rank(rank, world, port)
     ngpu = torch.cuda.device_count()
-    torch.cuda.set_device(rank % ngpu)
-    dev = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     own_gpu = ngpu >= world
     nccl = dist.new_group(backend="nccl") if own_gpu else None
 
@@ -112,13 +95,13 @@ def _measure_point(rt: Any, args: argparse.Namespace, T: int, sms: int, x: torch
     n_recv = res.recv_x.size(0)
     handle = res.handle
     dist.barrier()
-    t_bf16 = _time_ms(lambda: rt.dispatch(x, None, handle, None, None, None, 1, 0, cfg), args.warmup, args.iters)
+    t_bf16 = median_ms(lambda: rt.dispatch(x, None, handle, None, None, None, 1, 0, cfg), args.warmup, args.iters)
     dist.barrier()
-    t_fp8 = _time_ms(lambda: rt.dispatch(x_fp8, x_scales, handle, None, None, None, 1, 0, cfg),
+    t_fp8 = median_ms(lambda: rt.dispatch(x_fp8, x_scales, handle, None, None, None, 1, 0, cfg),
                      args.warmup, args.iters)
     dist.barrier()
     y = res.recv_x
-    t_comb = _time_ms(lambda: rt.combine(y, handle, None, None, None, cfg), args.warmup, args.iters)
+    t_comb = median_ms(lambda: rt.combine(y, handle, None, None, None, cfg), args.warmup, args.iters)
     torch.cuda.synchronize()
     rt.check_error()
     bf16_bytes = n_recv * H * 2
@@ -128,14 +111,14 @@ def _measure_point(rt: Any, args: argparse.Namespace, T: int, sms: int, x: torch
         send = torch.empty((bf16_bytes // 2) // world * world, dtype=torch.bfloat16, device=dev)
         recv = torch.empty_like(send)
         dist.barrier()
-        t_nccl = _time_ms(lambda: dist.all_to_all_single(recv, send, group=nccl), args.warmup, args.iters)
+        t_nccl = median_ms(lambda: dist.all_to_all_single(recv, send, group=nccl), args.warmup, args.iters)
     src = torch.empty(bf16_bytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    t_copy = _time_ms(lambda: dst.copy_(src), args.warmup, args.iters)
+    t_copy = median_ms(lambda: dst.copy_(src), args.warmup, args.iters)
     t_peer = float("nan")
     if ngpu >= 2 and dev.index == 0:
         other = torch.empty(bf16_bytes, dtype=torch.uint8, device=torch.device("cuda", 1))
-        t_peer = _time_ms(lambda: other.copy_(src), args.warmup, args.iters)
+        t_peer = median_ms(lambda: other.copy_(src), args.warmup, args.iters)
     gb = 1e6  # bytes / ms -> GB/s
     return dict(tokens=T, sms=sms, n_recv=n_recv, dispatch_bf16=bf16_bytes / t_bf16 / gb,
                 dispatch_fp8=fp8_bytes / t_fp8 / gb, combine=bf16_bytes / t_comb / gb, nccl=bf16_bytes / t_nccl / gb,
@@ -205,21 +188,7 @@ def main(argv: list[str]) -> None:
         return
     ngpu = torch.cuda.device_count()
     world = args.num_processes or max(ngpu, 2)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs) or queue.empty():
-        raise SystemExit(f"intranode benchmark: a worker failed (exit codes {[p.exitcode for p in procs]})")
-    gathered, own_gpu, ngpu, name = queue.get()
+    gathered, own_gpu, ngpu, name = spawn_ranks(_worker, world, args, "intranode")
     rows = _summarise(gathered)
     title = (f"intranode EP{world} on {ngpu}x {name}: hidden {args.hidden}, top-{args.topk} of "
              f"{args.num_experts} experts")

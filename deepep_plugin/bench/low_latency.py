@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .common import free_port
 
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 COLUMNS = ["dispatch", "combine", "dispatch+combine", "dispatch send", "dispatch recv", "combine send",
@@ -173,9 +174,7 @@ def main(argv: list[str]) -> None:
     from ..backends.cuda_low_latency import _extension
 
     _extension()  # fail early if the kernels are not built
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, out_q)) for r in range(args.ranks)]
