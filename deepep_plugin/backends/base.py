@@ -55,7 +55,7 @@ class IntranodeHandle(NamedTuple):
 class InternodeHandle(NamedTuple):
     """DeepEP V1's 10-tuple internode handle (EP groups spanning more than one node).
 
-    ``N`` nodes of ``G`` ranks (``G`` = node size, 8 unless configured), ``C`` channels. A token crosses the
+    ``N`` nodes of ``G`` ranks (``G`` = node size: ranks per host unless set), ``C`` channels. A token crosses the
     network once per destination node ``n``, to its forwarder ``n * G + (source rank % G)``, which passes it on by
     NVLink. A forwarder's RDMA-received records are ordered by source node, then source token index. With
     ``num_worst_tokens = W > 0`` the shapes that depend on received counts are fixed (padding noted per field).
