@@ -18,11 +18,6 @@ python3 -c "import nvidia.nvshmem, importlib.metadata as m; print('nvshmem wheel
 if [[ " $STAGES " == *" build "* ]]; then
   echo "== build"
   start=$(date +%s)
-  # Workaround until setup.py passes the arch to the device-link step (torch's `nvcc -dlink` otherwise links
-  # for nvcc's default sm_75 and drops NVSHMEM's device code): NVCC_APPEND_FLAGS reaches every nvcc call.
-  arch=${TORCH_CUDA_ARCH_LIST:-9.0}; arch=${arch%%[ ;]*}; arch=${arch//./}; arch=${arch%+PTX}
-  export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -gencode=arch=compute_${arch},code=sm_${arch}"
-  echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} -> NVCC_APPEND_FLAGS=$NVCC_APPEND_FLAGS"
   DEEPEP_PLUGIN_EXTENSIONS=low_latency MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace \
     > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
   grep -E "spill" "$OUT/build.log" | sort | uniq -c | head -20
