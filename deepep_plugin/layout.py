@@ -40,11 +40,16 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         ``DispatchLayout(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32 or None,
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)``, all on ``topk_idx.device``.
         A token selecting two experts of one rank counts once for that rank and twice for the experts.
+        Device-side ops only: no host sync on a GPU, so it can be captured in a CUDA graph.
     """
     num_tokens = topk_idx.size(0)
     idx = topk_idx.long()
     valid = (idx >= 0) & (idx < num_experts)
-    num_tokens_per_expert = torch.bincount(idx[valid], minlength=num_experts).to(torch.int32)
+    # Invalid entries count in an extra bin that is dropped (a boolean index or bincount would sync with the host).
+    binned = torch.where(valid, idx, torch.full_like(idx, num_experts)).flatten()
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=idx.device)
+    per_expert.scatter_add_(0, binned, torch.ones_like(binned, dtype=torch.int32))
+    num_tokens_per_expert = per_expert[:num_experts].contiguous()
     ranks = expert_rank(idx, num_experts, num_ranks)
     member = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=idx.device)
     member.scatter_(1, ranks, True)
@@ -83,6 +88,14 @@ def stream_slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
     start = (channel * per_channel).clamp(max=max(num_tokens - 1, 0))
     slots = exclusive - exclusive[start]
     return torch.where(mask, slots, torch.full_like(slots, -1)).to(torch.int32)
+
+
+def index_among_selected(mask: torch.Tensor) -> torch.Tensor:
+    """``[T, D]`` int32: for each selected ``(t, d)`` of ``mask [T, D]``, the number of earlier tokens selecting ``d``
+    (over all tokens, not per channel); ``-1`` where ``mask[t, d]`` is false. Contiguous."""
+    m = mask.int()
+    exclusive = torch.cumsum(m, 0, dtype=torch.int32) - m
+    return torch.where(mask, exclusive, torch.full_like(exclusive, -1)).contiguous()
 
 
 def round_up_counts(counts: list[int], alignment: int) -> list[int]:

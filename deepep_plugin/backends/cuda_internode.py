@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
-from ..layout import channel_counts, round_up_counts
+from ..layout import channel_counts, get_dispatch_layout, index_among_selected, round_up_counts
 from .base import CombineResult, DispatchLayout, DispatchResult, InternodeHandle
 from .cuda_low_latency import SymmetricRuntime, _extension, join_nvshmem_world
 
@@ -101,35 +101,6 @@ def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_b
 def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_node: int) -> int:
     """One dispatch record: data | scales | int32 meta (token, 0, pos[G], topk_idx[K], weights[K])."""
     return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (2 + ranks_per_node + 2 * num_topk), 16)
-
-
-def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
-                        num_ranks_per_node: int) -> DispatchLayout:
-    """DeepEP's ``get_dispatch_layout`` with device-side ops only (no host sync; CUDA-graph capturable).
-
-    Returns ``DispatchLayout(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
-    num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)`` on ``topk_idx``'s device.
-    """
-    idx = topk_idx.long()
-    t = idx.size(0)
-    valid = (idx >= 0) & (idx < num_experts)
-    safe = torch.where(valid, idx, torch.full_like(idx, num_experts))
-    per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=idx.device)
-    per_expert.scatter_add_(0, safe.flatten(), torch.ones_like(safe.flatten(), dtype=torch.int32))
-    ranks = torch.div(safe, num_experts // num_ranks, rounding_mode="floor").clamp(max=num_ranks)
-    member = torch.zeros(t, num_ranks + 1, dtype=torch.bool, device=idx.device)
-    member.scatter_(1, ranks, True)
-    in_rank = member[:, :num_ranks].contiguous()
-    in_node = in_rank.view(t, num_ranks // num_ranks_per_node, num_ranks_per_node).any(-1)
-    return DispatchLayout(in_rank.sum(0, dtype=torch.int32), in_node.sum(0, dtype=torch.int32),
-                          per_expert[:num_experts].contiguous(), in_rank)
-
-
-def _exclusive_positions(mask: torch.Tensor) -> torch.Tensor:
-    """``[T, D]`` int32: for each selected ``(t, d)`` the number of earlier tokens selecting ``d``, else -1."""
-    m = mask.int()
-    pos = torch.cumsum(m, 0, dtype=torch.int32) - m
-    return torch.where(mask, pos, torch.full_like(pos, -1)).contiguous()
 
 
 class InternodeRuntime(SymmetricRuntime):
@@ -227,7 +198,7 @@ class InternodeRuntime(SymmetricRuntime):
 
     # ------------------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
-        """``get_dispatch_layout`` on the GPU (no host sync); see :func:`get_dispatch_layout`."""
+        """``get_dispatch_layout`` on the GPU with device-side ops only (``deepep_plugin.layout``; no host sync)."""
         self._check_alive("get_dispatch_layout")
         expect(num_experts % self.num_ranks == 0,
                f"num_experts ({num_experts}) must be a multiple of the number of ranks ({self.num_ranks})")
@@ -276,9 +247,9 @@ class InternodeRuntime(SymmetricRuntime):
             # so that every rank raises the same error.
             self._fits("dispatch", T, rec)
         env = self._env(rec)
-        pos = _exclusive_positions(in_rank)
+        pos = index_among_selected(in_rank)
         in_node = in_rank.view(T, N, G).any(-1)
-        node_slot = _exclusive_positions(in_node) if fresh else handle.send_rdma_head.contiguous()
+        node_slot = index_among_selected(in_node) if fresh else handle.send_rdma_head.contiguous()
         node_count = in_node.sum(0, dtype=torch.int32)
         counts_list: list[int] = []
         count_matrix: Optional[torch.Tensor] = None

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .. import fp8 as fp8_mod
 from ..config import Config
 from ..errors import DeepEPInputError, expect
-from ..layout import channel_counts, get_dispatch_layout, round_up_counts, stream_slots
+from ..layout import channel_counts, get_dispatch_layout, index_among_selected, round_up_counts, stream_slots
 from .base import (
     CombineResult,
     DispatchLayout,
@@ -69,14 +69,6 @@ class _Comm:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
-
-
-def _index_among_selected(mask: torch.Tensor) -> torch.Tensor:
-    """``[T, D]`` int32: for each selected ``(t, d)`` of ``mask [T, D]``, the number of earlier tokens selecting
-    ``d`` (over all tokens, not per channel); ``-1`` where ``mask[t, d]`` is false."""
-    m = mask.long()
-    exclusive = torch.cumsum(m, 0) - m
-    return torch.where(mask, exclusive, torch.full_like(exclusive, -1)).to(torch.int32)
 
 
 def _rows_to(mask: torch.Tensor) -> list[torch.Tensor]:
@@ -144,12 +136,12 @@ class ReferenceBackend:
         src_rank = torch.repeat_interleave(torch.arange(nr, device=dev), recv_counts)
         meta = torch.stack([recv_src_idx.to(torch.int32), src_rank.to(torch.int32)], 1).contiguous()
         # send_rdma_head: each token's index among my tokens to node n, over all channels.
-        send_rdma_head = _index_among_selected(in_node)
+        send_rdma_head = index_among_selected(in_node)
         # Row of each of my tokens in each destination's recv_x: the rows from lower source ranks come first,
         # then my earlier tokens to that destination.
         cm = count_matrix.long()
         row_base = (torch.cumsum(cm, 0) - cm)[r].to(dev)  # [R(dst)]
-        dst_row = torch.where(is_token_in_rank, _index_among_selected(is_token_in_rank).long() + row_base,
+        dst_row = torch.where(is_token_in_rank, index_among_selected(is_token_in_rank).long() + row_base,
                               torch.full_like(row_base, -1))  # [T, R]
         # Each source n*G + local sends its forwarder on node n, for every token going to node n (in token
         # order), the rows that token takes on node n's G ranks; the forwarder receives them by source node.
