@@ -38,5 +38,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
   echo "== benchmarks"
   STAGES=bench bash tools/gpu_intranode.sh || rc=1
   STAGES=bench bash tools/gpu_low_latency.sh || rc=1
+  # Internode kernels on emulated nodes (2 nodes of 2 ranks; the ranks share the GPUs there are): correctness-level
+  # numbers, labelled EMULATED in RESULTS.md.
+  timeout ${BENCH_TIMEOUT:-200} python3 -m deepep_plugin.bench internode --tokens 512,4096 --sms 8,24 --iters 10 \
+    --results "$OUT/RESULTS_internode.md" 2>&1 | tail -8 || rc=1
 fi
 exit $rc
