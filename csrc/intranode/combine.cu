@@ -55,18 +55,9 @@ __device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int 
     const int m_count = min(round, n - r0);
     for (int k = warp_in_group; k < m_count; k += group_warps) {
       const uint64_t m = base + r0 + k;
-      if (head + Q <= m) {
-        bool ok = true;
-        if (lane == 0)
-          ok = spin_until(
-              a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h + Q > m; },
-              kWaitCombineSlots, dst, c, static_cast<int64_t>(m + 1 - Q));
-        ok = __shfl_sync(0xffffffffu, ok, 0);
-        if (!ok) {
-          failed = true;
-          break;
-        }
-        head = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->head[c][dst]) : 0ull, 0);
+      if (!wait_ring_slot(a.env, &self->head[c][dst], m, Q, head, kWaitCombineSlots, dst, c)) {
+        failed = true;
+        break;
       }
       const int64_t row = row0 + r0 + k;
       uint8_t* slot = queue + (m % Q) * sl.slot_bytes;

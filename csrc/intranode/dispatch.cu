@@ -87,18 +87,9 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
          k += group_warps) {
       const int token = w0 + nth_set_bit(mask, k);
       const uint64_t m = base + pos + k;
-      if (head + Q <= m) {
-        bool ok = true;
-        if (lane == 0)
-          ok = spin_until(
-              a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h + Q > m; },
-              kWaitDispatchSlots, dst, c, static_cast<int64_t>(m + 1 - Q));
-        ok = __shfl_sync(0xffffffffu, ok, 0);
-        if (!ok) {
-          failed = true;
-          break;
-        }
-        head = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->head[c][dst]) : 0ull, 0);
+      if (!wait_ring_slot(a.env, &self->head[c][dst], m, Q, head, kWaitDispatchSlots, dst, c)) {
+        failed = true;
+        break;
       }
       uint8_t* slot = queue + (m % Q) * sl.slot_bytes;
       const uint8_t* src_row = a.x + static_cast<int64_t>(token) * sl.row_bytes;
@@ -148,7 +139,7 @@ __device__ void report_overflow(const DispatchArgs& a, int row) {
 }
 
 __device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, int group_warps, int warp_in_group) {
-  const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
+  const int rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   Header* self = a.peers.ctrl[rank];
   Header* remote = a.peers.ctrl[src];
   const uint8_t* queue =

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "common/ptx.cuh"
+#include "common/wait.cuh"
 #include "intranode/buffer_layout.h"
 
 namespace deepep::intranode {
@@ -34,6 +35,24 @@ __device__ __forceinline__ void channel_tokens(int num_tokens, int num_channels,
   const int per_channel = (num_tokens + num_channels - 1) / num_channels;
   t0 = min(c * per_channel, num_tokens);
   t1 = min(t0 + per_channel, num_tokens);
+}
+
+// Whole warp: wait until slot `m` of a sender's Q-slot ring is free (the receiver's head has passed m - Q).
+// `head` caches the last head this warp saw, so the remote word is read only when the cache says "full".
+// Returns false in every lane after a timeout (reported as `what` on peer `dst`, channel `c`).
+__device__ __forceinline__ bool wait_ring_slot(const ErrorEnv& env, const uint64_t* head_word, uint64_t m, int Q,
+                                               uint64_t& head, int what, int dst, int c) {
+  if (head + Q > m) return true;
+  const int lane = lane_id();
+  bool ok = true;
+  if (lane == 0)
+    ok = spin_until(
+        env, [&] { return ld_acquire_sys(head_word); }, [&](uint64_t h) { return h + Q > m; }, what, dst, c,
+        static_cast<int64_t>(m + 1 - Q));
+  ok = __shfl_sync(0xffffffffu, ok, 0);
+  if (!ok) return false;
+  head = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(head_word) : 0ull, 0);
+  return true;
 }
 
 }  // namespace deepep::intranode
