@@ -95,6 +95,17 @@ __device__ __forceinline__ float ld_cg(const float* p) {
   return v;
 }
 
+__device__ __forceinline__ uint64_t ld_cg(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// System-scope relaxed atomic add (the counter lives in a peer's memory, mapped here).
+__device__ __forceinline__ void red_add_sys(int* p, int v) {
+  asm volatile("red.relaxed.sys.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // Store that does not allocate in L1 (output rows and peer-buffer slots are written once, read elsewhere).
 __device__ __forceinline__ void st_na_v4(int4* p, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),

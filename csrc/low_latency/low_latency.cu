@@ -33,7 +33,6 @@
 #include "common/wait.cuh"
 #include "low_latency/api.h"
 #include "low_latency/layout.h"
-#include "low_latency/ll_ptx.cuh"
 
 namespace deepep {
 namespace ll {
@@ -468,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchArgs
     const int slot = m - messages[j];
     const uint8_t* msg = env.buffer + recv_base + (static_cast<int64_t>(j) * g.num_max_tokens + slot) * g.msg_bytes;
     const int entries = static_cast<int>(g.header_bytes / 8);
-    uint64_t entry = lane < entries ? ld_cg_u64(reinterpret_cast<const uint64_t*>(msg) + lane) : 0;
+    uint64_t entry = lane < entries ? ld_cg(reinterpret_cast<const uint64_t*>(msg) + lane) : 0;
     const int n = static_cast<int>(__shfl_sync(0xFFFFFFFFu, entry, 0) >> 56);
     const int expert = static_cast<int>((entry >> 16) & 0xFFFFu);
     const int row = lane < n ? begin[expert * R + j] + static_cast<int>((entry >> 32) & 0xFFFFu) : 0;
