@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from gpu_env import bits, layout_and_dispatch, take_device
 from routing_cases import make_case
 
 import deepep_plugin as dp
 from deepep_plugin.fp8 import per_token_cast_to_fp8
 
 
-def _device(rank: int) -> torch.device:
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).cpu()
-
-
-def _dispatch(buf: dp.Buffer, x, idx, w, num_experts: int, **kwargs):
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
-    return buf.dispatch(x, None, per_rank, per_rdma, in_rank, per_expert, idx, w, **kwargs)
-
-
 def normal_worker(rank: int, world_size: int, kind: str, seed: int) -> None:
-    dev = _device(rank)
+    dev = take_device(rank)
     case = make_case(kind, seed, rank, world_size, hidden=256, num_topk=6)
     hidden, num_experts = case.hidden, case.num_experts
     size = max(dp.Buffer.get_dispatch_config(world_size).get_nvl_buffer_size_hint(hidden * 2, world_size),
@@ -45,24 +32,24 @@ def normal_worker(rank: int, world_size: int, kind: str, seed: int) -> None:
 
     # Dispatch with previous_event / async_finish / allocate_on_comm_stream: same rows, same handle.
     previous = dp.Buffer.capture()
-    out = _dispatch(gpu, x, idx, w, num_experts, expert_alignment=2, previous_event=previous, async_finish=True,
-                    allocate_on_comm_stream=True)
+    out = layout_and_dispatch(gpu, x, idx, w, num_experts, expert_alignment=2, previous_event=previous,
+                              async_finish=True, allocate_on_comm_stream=True)
     assert out[5].event is not None and out[5].extra_tensors
     out[5].current_stream_wait()
-    want = _dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, expert_alignment=2)
-    assert torch.equal(_bits(out[0]), _bits(want[0]))
-    assert torch.equal(out[1].cpu(), want[1]) and torch.equal(_bits(out[2]), _bits(want[2]))
+    want = layout_and_dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, expert_alignment=2)
+    assert torch.equal(bits(out[0]), bits(want[0]))
+    assert torch.equal(out[1].cpu(), want[1]) and torch.equal(bits(out[2]), bits(want[2]))
     assert out[3] == want[3]
     for name, got, exp in zip(want[4]._fields, out[4], want[4]):
         assert torch.equal(got.cpu(), exp.to(got.dtype)), f"handle.{name} differs"
 
     # The synchronous call gives the same result; cached dispatch of the FP8 tuple too.
-    sync = _dispatch(gpu, x, idx, w, num_experts, expert_alignment=2)
-    assert torch.equal(_bits(sync[0]), _bits(out[0]))
+    sync = layout_and_dispatch(gpu, x, idx, w, num_experts, expert_alignment=2)
+    assert torch.equal(bits(sync[0]), bits(out[0]))
     data, scales = per_token_cast_to_fp8(case.x)
     (got8, gots), *_ = gpu.dispatch((data.to(dev), scales.to(dev)), handle=out[4])
     (want8, wants), *_ = ref.dispatch((data, scales), handle=want[4])
-    assert torch.equal(_bits(got8), _bits(want8)) and torch.equal(gots.cpu(), wants)
+    assert torch.equal(bits(got8), bits(want8)) and torch.equal(gots.cpu(), wants)
 
     # Combine with weights and bias, async: within FP32-accumulation tolerance of the reference.
     rows = (want[0].float() * 1.5).to(torch.bfloat16)
@@ -75,15 +62,15 @@ def normal_worker(rank: int, world_size: int, kind: str, seed: int) -> None:
 
     # num_worst_tokens: a padded prefix-identical result, no host sync.
     worst = sum(make_case(kind, seed, r, world_size, hidden=256, num_topk=6).num_tokens for r in range(world_size))
-    padded = _dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst)
+    padded = layout_and_dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst)
     n = out[0].size(0)
     assert padded[0].size(0) == worst and padded[3] == []
-    assert torch.equal(_bits(padded[0][:n]), _bits(out[0])) and bool((padded[1][n:] == -1).all())
+    assert torch.equal(bits(padded[0][:n]), bits(out[0])) and bool((padded[1][n:] == -1).all())
     torch.cuda.synchronize()
 
 
 def low_latency_worker(rank: int, world_size: int, seed: int) -> None:
-    dev = _device(rank)
+    dev = take_device(rank)
     n_ll = 64
     case = make_case("random", seed, rank, world_size, hidden=256, num_topk=4)
     hidden, num_experts = case.hidden, case.num_experts
@@ -102,7 +89,7 @@ def low_latency_worker(rank: int, world_size: int, seed: int) -> None:
     assert torch.equal(count.cpu(), want_count)
     assert torch.equal(handle[1].cpu(), want_handle[1])  # layout_range: the same deterministic block order
     for i, c in enumerate(want_count.tolist()):
-        assert torch.equal(_bits(recv[i, :c]), _bits(want[i, :c]))
+        assert torch.equal(bits(recv[i, :c]), bits(want[i, :c]))
         assert torch.equal(handle[0][i, :c].cpu(), want_handle[0][i, :c])
     got, _, _ = gpu.low_latency_combine(recv, idx, w, handle)
     exp, _, _ = ref.low_latency_combine(want, case.topk_idx, case.topk_weights, want_handle)

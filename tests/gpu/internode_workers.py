@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from gpu_env import bits, layout_and_dispatch, take_device
 from routing_cases import Case, make_case
 
 import deepep_plugin as dp
@@ -19,15 +20,6 @@ from deepep_plugin.fp8 import per_token_cast_to_fp8
 from deepep_plugin.routing import group_limited_topk
 
 MB = 1 << 20
-
-
-def _device(rank: int) -> torch.device:
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).cpu()
 
 
 def _node_limited_case(seed: int, rank: int, world: int, per_node: int, hidden: int, num_topk: int) -> Case:
@@ -51,11 +43,6 @@ def _case(kind: str, seed: int, rank: int, world: int, per_node: int, hidden: in
     return make_case(kind, seed, rank, world, hidden=hidden, num_topk=num_topk)
 
 
-def _dispatch(buf: dp.Buffer, x, idx, w, num_experts: int, **kwargs):
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
-    return buf.dispatch(x, None, per_rank, per_rdma, in_rank, per_expert, idx, w, **kwargs)
-
-
 def _same_handle(got, want, rows: int | None = None) -> None:
     for name, g, e in zip(want._fields, got, want):
         g = g.cpu()
@@ -69,7 +56,7 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
                             num_topk: int, puts: bool, num_sms: int, rdma_chunk: int = 16) -> None:
     if puts:
         os.environ["DEEPEP_PLUGIN_INTERNODE_PUTS"] = "1"
-    dev = _device(rank)
+    dev = take_device(rank)
     case = _case(kind, seed, rank, world, per_node, hidden, num_topk)
     num_experts = case.num_experts
     gpu = dp.Buffer(dist.group.WORLD, 64 * MB, 64 * MB, backend="cuda", num_ranks_per_node=per_node,
@@ -88,10 +75,11 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
         assert torch.equal(got.cpu(), want)
 
     # Fresh BF16 dispatch: the same rows in the same order, the same handle (bit-exact).
-    out = _dispatch(gpu, x, idx, w, num_experts, expert_alignment=4, config=cfg)
-    want = _dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, expert_alignment=4, config=cfg)
-    assert torch.equal(_bits(out[0]), _bits(want[0])), "recv_x differs"
-    assert torch.equal(out[1].cpu(), want[1]) and torch.equal(_bits(out[2]), _bits(want[2]))
+    out = layout_and_dispatch(gpu, x, idx, w, num_experts, expert_alignment=4, config=cfg)
+    want = layout_and_dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, expert_alignment=4,
+                               config=cfg)
+    assert torch.equal(bits(out[0]), bits(want[0])), "recv_x differs"
+    assert torch.equal(out[1].cpu(), want[1]) and torch.equal(bits(out[2]), bits(want[2]))
     assert out[3] == want[3], f"per-expert counts {out[3]} != {want[3]}"
     _same_handle(out[4], want[4])
 
@@ -100,7 +88,7 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
     cm_scales = scales.t().contiguous().t()
     (got8, gots), *_ = gpu.dispatch((data.to(dev), cm_scales.to(dev)), handle=out[4], config=cfg)
     (want8, wants), *_ = ref.dispatch((data, cm_scales), handle=want[4], config=cfg)
-    assert torch.equal(_bits(got8), _bits(want8)) and torch.equal(gots.cpu(), wants)
+    assert torch.equal(bits(got8), bits(want8)) and torch.equal(gots.cpu(), wants)
 
     # Combine with weights and two biases: within FP32-accumulation tolerance (the GPU rounds one partial
     # per node to BF16, the reference sums all copies at once).
@@ -116,13 +104,13 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
 
     # num_worst_tokens: fixed shapes, the reference's padding, no host sync; combine on the padded handle.
     worst = sum(_case(kind, seed, j, world, per_node, hidden, num_topk).num_tokens for j in range(world)) + 3
-    padded = _dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst, config=cfg)
-    want_p = _dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, num_worst_tokens=worst,
-                       config=cfg)
+    padded = layout_and_dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst, config=cfg)
+    want_p = layout_and_dispatch(ref, case.x, case.topk_idx, case.topk_weights, num_experts, num_worst_tokens=worst,
+                                 config=cfg)
     n = want[0].size(0)
     assert padded[0].shape == want_p[0].shape and padded[3] == []
-    assert torch.equal(_bits(padded[0][:n]), _bits(want[0]))
-    assert torch.equal(padded[1].cpu(), want_p[1]) and torch.equal(_bits(padded[2]), _bits(want_p[2]))
+    assert torch.equal(bits(padded[0][:n]), bits(want[0]))
+    assert torch.equal(padded[1].cpu(), want_p[1]) and torch.equal(bits(padded[2]), bits(want_p[2]))
     _same_handle(padded[4], want_p[4])
     rows_p = torch.zeros(worst, hidden, dtype=torch.bfloat16)
     rows_p[:n] = rows
@@ -135,7 +123,7 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
 
 def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
     """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new inputs each time."""
-    dev = _device(rank)
+    dev = take_device(rank)
     hidden, num_topk = 256, 4
     gpu = dp.Buffer(dist.group.WORLD, 32 * MB, 32 * MB, backend="cuda", num_ranks_per_node=per_node,
                     explicitly_destroy=True)
@@ -160,7 +148,8 @@ def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
         w[:case.num_tokens] = case.topk_weights.to(dev)
 
     def step():
-        recv_x, _, recv_w, _, handle, _ = _dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst, config=cfg)
+        recv_x, _, recv_w, _, handle, _ = layout_and_dispatch(gpu, x, idx, w, num_experts, num_worst_tokens=worst,
+                                                              config=cfg)
         y = (recv_x.float() * 2).to(torch.bfloat16)
         combined, _, _ = gpu.combine(y, handle, config=cfg)
         return recv_x, combined
@@ -183,9 +172,9 @@ def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
         padded_idx[:mine.num_tokens] = mine.topk_idx
         padded_x = torch.zeros(t, hidden, dtype=torch.bfloat16)
         padded_x[:mine.num_tokens] = mine.x
-        want = _dispatch(ref, padded_x, padded_idx, torch.zeros(t, num_topk), num_experts, config=cfg)
+        want = layout_and_dispatch(ref, padded_x, padded_idx, torch.zeros(t, num_topk), num_experts, config=cfg)
         n = want[0].size(0)
-        assert torch.equal(_bits(recv_x[:n]), _bits(want[0])), "replayed dispatch differs"
+        assert torch.equal(bits(recv_x[:n]), bits(want[0])), "replayed dispatch differs"
         want_c, _, _ = ref.combine((want[0].float() * 2).to(torch.bfloat16), want[4], config=cfg)
         torch.testing.assert_close(combined.float().cpu(), want_c.float(), rtol=2e-2, atol=2e-2)
     gpu.destroy()
@@ -194,13 +183,13 @@ def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
 def timeout_worker(rank: int, world: int, per_node: int) -> None:
     """Rank 1 never dispatches: rank 0's notify wait runs out and names the rank and the wait."""
     os.environ["DEEPEP_PLUGIN_TIMEOUT_S"] = "2"
-    dev = _device(rank)
+    dev = take_device(rank)
     gpu = dp.Buffer(dist.group.WORLD, 8 * MB, 8 * MB, backend="cuda", num_ranks_per_node=per_node,
                     explicitly_destroy=True)
     case = make_case("random", 3, rank, world, hidden=128)
     if rank == 0:
         try:
-            _dispatch(gpu, case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev), case.num_experts)
+            layout_and_dispatch(gpu, case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev), case.num_experts)
             torch.cuda.synchronize()
             gpu.runtime.check_error()
         except dp.errors.DeepEPTimeoutError as e:

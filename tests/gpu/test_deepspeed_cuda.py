@@ -19,25 +19,20 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_utils import run_distributed  # noqa: E402
+from gpu_env import SPAWN, missing_kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-SPAWN = {"backend": "gloo", "start_method": "spawn", "timeout": 300.0}
 #: Where DeepSpeed's own layer runs: the plugin's device (default) or "cpu".
 ORACLE_DEVICE = os.environ.get("DEEPEP_TEST_DS_ORACLE_DEVICE") or None
 
 
 def _missing() -> str:
-    if not torch.cuda.is_available():
-        return "needs CUDA"
-    try:
-        importlib.import_module("deepep_plugin._intranode_C")
-    except ImportError:
-        return "needs deepep_plugin._intranode_C (the compiled intranode kernels)"
+    if missing_kernels("_intranode_C"):
+        return missing_kernels("_intranode_C")
     if importlib.util.find_spec("deepspeed") is None:
         return "needs deepspeed (tools/ci_install_deepspeed.sh, or the lead's wheels on the GPU machine)"
     return ""

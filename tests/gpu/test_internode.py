@@ -7,32 +7,20 @@ These tests check correctness; they say nothing about RDMA speed.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_utils import run_distributed  # noqa: E402
+from gpu_env import SPAWN, missing_kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-SPAWN = {"backend": "gloo", "start_method": "spawn", "timeout": 300.0}
 
-
-def _built() -> bool:
-    try:
-        importlib.import_module("deepep_plugin._low_latency_C")
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-if not _built():
-    pytest.skip("needs CUDA and deepep_plugin._low_latency_C (it holds the internode kernels)",
-                allow_module_level=True)
+if missing_kernels("_low_latency_C"):  # the NVSHMEM extension holds the internode kernels
+    pytest.skip(missing_kernels("_low_latency_C"), allow_module_level=True)
 
 import internode_workers as w  # noqa: E402
 

@@ -13,29 +13,18 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_utils import run_distributed  # noqa: E402
+from gpu_env import SPAWN, missing_kernels  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-
-def _extension_built() -> bool:
-    try:
-        from deepep_plugin import _intranode_C  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-if not torch.cuda.is_available() or not _extension_built():
-    pytest.skip("needs a CUDA GPU and the compiled deepep_plugin._intranode_C", allow_module_level=True)
+if missing_kernels("_intranode_C"):
+    pytest.skip(missing_kernels("_intranode_C"), allow_module_level=True)
 
 import intranode_workers as w  # noqa: E402
-
-SPAWN = {"backend": "gloo", "start_method": "spawn", "timeout": 300.0}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from gpu_env import missing_kernels
 
 from deepep_plugin.backends.cuda_low_latency import required_rdma_bytes
 from deepep_plugin.buffer import Buffer
@@ -22,17 +23,8 @@ def test_required_rdma_bytes_never_exceeds_deepep_hint() -> None:
         assert required_rdma_bytes(n, h, r, e) <= Buffer.get_low_latency_rdma_size_hint(n, h, r, e), (n, h, r, e)
 
 
-def _have_kernels() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from deepep_plugin import _low_latency_C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-requires_kernels = pytest.mark.skipif(not _have_kernels(), reason="needs CUDA and deepep_plugin._low_latency_C")
+requires_kernels = pytest.mark.skipif(bool(missing_kernels("_low_latency_C")),
+                                      reason=missing_kernels("_low_latency_C") or "built")
 _pools: dict = {}
 
 
