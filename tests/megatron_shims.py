@@ -30,47 +30,11 @@ from typing import Any, Optional
 
 import torch
 
+# The CPU stand-ins for CUDA streams and events are the example recipe's (examples/megatron/cpu_shims.py).
+from examples.megatron.cpu_shims import InertStream
+
 _APPLIED = False
 _GPU_APPLIED = False
-
-
-class _InertStream:
-    """Stands in for ``torch.cuda.Stream`` on CPU: every operation is a no-op."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> "_InertEvent":
-        return _InertEvent()
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _InertStream)
-
-    def __hash__(self) -> int:
-        return 0
-
-
-class _InertEvent:
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def record(self, stream: Any = None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
 
 
 def _quiet_eager_megatron() -> None:
@@ -113,8 +77,8 @@ def apply_cpu_shims() -> None:
     _quiet_eager_megatron()
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    torch.cuda.Stream = _InertStream  # type: ignore[assignment,misc]
-    torch.cuda.current_stream = lambda device=None: _InertStream()  # type: ignore[assignment]
+    torch.cuda.Stream = InertStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: InertStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
 
     from megatron.core.transformer.moe import moe_utils, token_dispatcher

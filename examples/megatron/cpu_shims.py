@@ -14,12 +14,14 @@ import warnings
 from typing import Any
 
 
-class _InertStream:
+class InertStream:
+    """Stands in for ``torch.cuda.Stream`` on CPU: every operation is a no-op (tests/megatron_shims.py uses it too)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> "_InertEvent":
-        return _InertEvent()
+    def record_event(self, event: Any = None) -> "InertEvent":
+        return InertEvent()
 
     def wait_event(self, event: Any) -> None:
         pass
@@ -31,13 +33,15 @@ class _InertStream:
         pass
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _InertStream)
+        return isinstance(other, InertStream)
 
     def __hash__(self) -> int:
         return 0
 
 
-class _InertEvent:
+class InertEvent:
+    """Stands in for ``torch.cuda.Event`` on CPU: already complete."""
+
     def synchronize(self) -> None:
         pass
 
@@ -61,8 +65,8 @@ def apply_cpu_shims() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.Stream = _InertStream
-    torch.cuda.current_stream = lambda device=None: _InertStream()
+    torch.cuda.Stream = InertStream
+    torch.cuda.current_stream = lambda device=None: InertStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
     from megatron.core.tensor_parallel import random as tp_random
