@@ -32,4 +32,15 @@ __device__ __forceinline__ int upper_index(const int* prefix, int n, int value) 
   return lo;
 }
 
+// One thread: turn v[0..n) into its exclusive prefix sums in place and store the total in v[n].
+__device__ __forceinline__ void exclusive_prefix_in_place(int* v, int n) {
+  int run = 0;
+  for (int i = 0; i < n; ++i) {
+    const int x = v[i];
+    v[i] = run;
+    run += x;
+  }
+  v[n] = run;
+}
+
 }  // namespace deepep

@@ -176,15 +176,7 @@ __device__ int block_exclusive_scan(int* data, int n, int* scratch /* [kWarps + 
   }
   if (lane == 31) scratch[warp] = incl;
   __syncthreads();
-  if (tid == 0) {
-    int run = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const int v = scratch[w];
-      scratch[w] = run;
-      run += v;
-    }
-    scratch[kWarps] = run;
-  }
+  if (tid == 0) exclusive_prefix_in_place(scratch, kWarps);
   __syncthreads();
   int run = scratch[warp] + incl - sum;
   for (int i = lo; i < hi; ++i) {
@@ -440,15 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchArgs
     }
   }
   __syncthreads();
-  if (tid == 0) {
-    int run = 0;
-    for (int j = 0; j < R; ++j) {
-      const int n = messages[j];
-      messages[j] = run;
-      run += n;
-    }
-    messages[R] = run;
-  }
+  if (tid == 0) exclusive_prefix_in_place(messages, R);
   // Every block has read the signals and counts: the last one to get here resets the signals.
   if (last_block(env.workspace + kWsDispatchRecv, &s_last)) {
     for (int j = tid; j < R; j += kThreads) *reinterpret_cast<volatile int*>(signal_ptr(env, env.buffer, j)) = 0;
