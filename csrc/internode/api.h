@@ -4,26 +4,32 @@
 //
 // The design (deepep_plugin/backends/cuda_internode.py has the host side and the user-facing description):
 //   R ranks = N nodes x G local ranks; rank r is node r / G, local index r % G. One NVSHMEM symmetric buffer per
-//   rank: [flags | notify rows (recv) | notify rows (put staging) | data region | NVL region].
+//   rank: [flags | stream words | notify rows (recv) | notify rows (put staging) | data region | NVL region].
+//   The data region holds fixed rings: one per (peer node, channel) stream, `slots` items each
+//   (Config.num_max_rdma_chunked_recv_tokens), followed by as many put-staging slots when some peer is reached
+//   with puts. Item i of a stream lives in slot i % slots; producers wait for the consumers' published
+//   consumption before reusing a slot, so any batch size runs in the same fixed buffer.
 //   dispatch: (notify: every rank sends every rank one row of counts; doubles as the op's barrier)
-//             one kernel, two roles, num_sms / 2 blocks each (the overlap of the two hops):
+//             one kernel, two roles, C = num_sms / 2 blocks each (the overlap of the two hops):
 //             senders:   block c takes channel c (a contiguous token range); each token goes ONCE per destination
 //                        node, as one record, to the rank of that node with this rank's local index (the
-//                        "forwarder"): region [source node][slot j] of the forwarder; P2P stores where NVSHMEM maps
-//                        the peer, else local staging and one put per chunk of records (RDMA). Each (source node,
-//                        channel) stream publishes its extent once and its progress every `chunk` records.
-//             receivers: every rank pulls, over NVLink from the G forwarders of its node, stream by stream as the
-//                        progress words advance, the records that list it, straight into its outputs at rows fixed
-//                        by the source (no atomics, no reorder). The last sender block signals each forwarder that
-//                        its stream set is complete (epoch << 32 | records).
-//             head:  (fresh dispatch) the forwarder turns each record's destination positions into absolute rows
-//                    of its node peers' outputs (handle.send_nvl_head).
+//                        "forwarder"): its ring [source node][c]. P2P stores where NVSHMEM maps the peer, else
+//                        local staging and one put per chunk of records (RDMA). Each stream publishes its extent
+//                        once and its progress every `chunk` records; before reusing a slot the sender waits
+//                        until all G readers of the destination node have consumed that record.
+//             receivers: every rank pulls, over NVLink from the G forwarders of its node, round-robin over its
+//                        streams as their progress words advance, the records that list it, straight into its
+//                        outputs at rows fixed by the source (no atomics, no reorder), and publishes how far it
+//                        has read back to the sender. Reading its own forwarder's streams, a rank also writes
+//                        the handle's send_nvl_head rows (fresh dispatch).
 //   combine: (barrier) stage: each rank copies its expert outputs into its NVL region;
-//             one kernel, two roles, num_channels blocks each:
-//             forwarders: per (source node, channel) stream, in record order, the sum of the node peers' rows
-//                         (FP32, rounded once to BF16), sent back to the source as one partial row per record (P2P
-//                         stores, or one put per chunk), with the stream's progress every `chunk` records;
-//             receivers:  each source adds bias and its <= N partial rows per token as they arrive.
+//             one kernel, two roles, C blocks each:
+//             forwarders: round-robin over the (source node, channel c) streams, in record order, the sum of the
+//                         node peers' rows (FP32, rounded once to BF16), sent back to the source as one partial
+//                         row per record into its ring [my node][c] (P2P stores, or one put per chunk), with the
+//                         stream's progress every `chunk` records; a slot is reused once the source consumed it;
+//             receivers:  each source adds bias and its <= N partial rows per token as they arrive, and
+//                         publishes its consumption to each forwarder after every 16 tokens.
 // Every wait is bounded (common/wait.cuh) and reports {rank, peer, what} through the mailbox.
 #pragma once
 
@@ -38,15 +44,20 @@ namespace internode {
 enum InternodeWait : int32_t {
   kWaitBarrier = 80,         // op barrier: the peer has not reached the same operation
   kWaitNotify = 81,          // dispatch notify: the peer's counts
-  kWaitRecords = 82,         // forwarder: records from a source node (peer = source rank)
+  kWaitRingSpace = 82,       // dispatch send: ring slots of a forwarder's node (its readers' consumption)
   kWaitForwarded = 83,       // dispatch receive: a forwarder's records from one source node (peer = forwarder)
   kWaitStaged = 84,          // combine forward: a node peer's staged expert outputs
   kWaitPartials = 85,        // combine receive: partial sums from a node's forwarder
+  kWaitPartialSpace = 86,    // combine forward: ring slots at a source (its consumption of partial rows)
 };
 
 // Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each; then, at `stream_off`, the
-// dispatch streams' words: extent [N][kMaxChannels] (base << 32 | count) and progress [N][kMaxChannels]
-// (epoch << 32 | records written), indexed by source node and channel.
+// streams' words, each indexed by the peer node and the channel:
+//   extent   [N][kMaxChannels]     (dispatch, at the forwarder) stream base << 32 | records;
+//   progress [N][kMaxChannels]     (dispatch: at the forwarder, per source node; combine: at the source, per
+//                                  forwarder node) epoch << 32 | items written;
+//   dcons    [N][kMaxChannels][G]  (dispatch, at the sender, per destination node and reader) epoch << 32 | read;
+//   ccons    [N][kMaxChannels]     (combine, at the forwarder, per source node) epoch << 32 | partial rows read.
 enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1, kFlagDispatch = 2, kFlagStaged = 3, kFlagCombine = 4 };
 constexpr int kFlagKinds = 5;
 constexpr int kMaxChannels = 128;
@@ -64,7 +75,8 @@ struct Env {
   // Buffer geometry (the same on every rank; computed by the host, see cuda_internode.py `_Layout`).
   int64_t stream_off;                     // dispatch stream words (see FlagKind)
   int64_t notify_off, notify_stage_off, notify_row_ints;
-  int64_t data_off, stage_off, cap;       // records: [N][cap] at data_off; put staging [N][cap] at stage_off
+  int64_t data_off, stage_off;            // rings [N][C][slots] items at data_off; put staging alike at stage_off
+  int slots;                              // ring slots per stream (items of the current op's size)
   int64_t nvl_off, nvl_rows;              // combine staging rows [nvl_rows] at nvl_off
 };
 
@@ -86,14 +98,15 @@ struct DispatchArgs {
   const int64_t* topk_idx;      // [T, K] or null
   const float* topk_weights;    // [T, K] or null
   const int* pos;               // [T, R] int32: row offset among this rank's tokens to rank r, or -1
-  const int* node_slot;         // [T, N] int32: slot of the token in its stream to node n, or -1 (send_rdma_head)
-  const int* node_count;        // [N] int32: records this rank sends to each node
+  const int* node_slot;         // [T, N] int32: index of the token among this rank's records to node n, or -1
+                                //   (send_rdma_head)
   const int* rdma_channel_prefix;  // [N, C] int32: inclusive prefix over channels of the records to node n
   int num_channels;             // C: sender blocks = receiver blocks = C
   int chunk;                    // records per progress update (Config.num_max_rdma_chunked_send_tokens)
-  // Forwarder bookkeeping (fresh dispatch): send_nvl_head [head_rows, G] from the count matrix [R, R].
-  const int* count_matrix;      // [R, R] int32 (tokens from source i to rank j), or null (cached: no head)
-  int* send_nvl_head;           // [head_rows, G] int32, or null
+  // Forwarder bookkeeping (fresh dispatch): send_nvl_head [head_rows, G] (prefilled with -1 by the host).
+  const int* head_base;         // [N, G] int32: first output row of source (n, my local index) at node peer g
+  const int* recv_rdma_rank_prefix;  // [N] int32: inclusive prefix of the records this rank forwards per node
+  int* send_nvl_head;           // [head_rows, G] int32, or null (cached dispatch)
   int64_t head_rows;
   // Receiver.
   const int* recv_base;         // [R] int32: first output row of each source rank
@@ -129,7 +142,6 @@ struct CombineArgs {
 void barrier(const Env& env, void* stream);
 void notify(const NotifyArgs& a, void* stream);
 void dispatch(const DispatchArgs& a, void* stream);  // 2 * num_channels blocks
-void dispatch_head(const DispatchArgs& a, int num_sms, void* stream);
 void combine_stage(const CombineArgs& a, int num_sms, void* stream);
 void combine(const CombineArgs& a, void* stream);  // 2 * num_channels blocks
 

@@ -42,8 +42,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxNodes = 32;    // N (the host checks; a node index is one lane)
 constexpr int kMaxLocal = 32;    // G (the host checks; a node peer index is one lane)
 // Workspace words (grid-completion counters; the last block of a launch resets its word).
-constexpr int kWsSend = 0;    // sender blocks of the dispatch kernel
-constexpr int kWsStage = 1;
+constexpr int kWsStage = 1;  // blocks of the combine stage kernel
 
 #define IN_CUDA_CHECK(expr)                                                                             \
   do {                                                                                                  \
@@ -142,15 +141,76 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(NotifyArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Dispatch.
+// Streams and rings.
 
-// Stream words of (source node, channel) in the buffer at `base` (this rank's or a peer's mapping).
+// Stream words (api.h, FlagKind) in the buffer at `base` (this rank's or a peer's mapping).
+__device__ __forceinline__ uint64_t* stream_words(uint8_t* base, const Env& env) {
+  return reinterpret_cast<uint64_t*>(base + env.stream_off);
+}
 __device__ __forceinline__ uint64_t* extent_at(uint8_t* base, const Env& env, int node, int channel) {
-  return reinterpret_cast<uint64_t*>(base + env.stream_off) + node * kMaxChannels + channel;
+  return stream_words(base, env) + node * kMaxChannels + channel;
 }
 __device__ __forceinline__ uint64_t* progress_at(uint8_t* base, const Env& env, int node, int channel) {
-  return reinterpret_cast<uint64_t*>(base + env.stream_off) + (env.num_nodes + node) * kMaxChannels + channel;
+  return stream_words(base, env) + (env.num_nodes + node) * kMaxChannels + channel;
 }
+__device__ __forceinline__ uint64_t* dcons_at(uint8_t* base, const Env& env, int node, int channel, int reader) {
+  return stream_words(base, env) + 2 * env.num_nodes * kMaxChannels +
+         (static_cast<int64_t>(node) * kMaxChannels + channel) * env.ranks_per_node + reader;
+}
+__device__ __forceinline__ uint64_t* ccons_at(uint8_t* base, const Env& env, int node, int channel) {
+  return stream_words(base, env) + (2 + env.ranks_per_node) * env.num_nodes * kMaxChannels + node * kMaxChannels +
+         channel;
+}
+
+// Item index (in items of the op's size) of slot 0 of ring (node, channel) in the data or staging region.
+__device__ __forceinline__ int64_t ring_first(const Env& env, int num_channels, int node, int channel) {
+  return (static_cast<int64_t>(node) * num_channels + channel) * env.slots;
+}
+
+// The count in a packed word of this op (epoch e), 0 while the word still holds an earlier op's value.
+__device__ __forceinline__ int count_of(uint64_t v, uint64_t e) {
+  return (v >> 32) == e ? static_cast<int>(v & 0xffffffffu) : 0;
+}
+
+// One thread: publish items [from, to) of a stream whose ring at `pe` is (dst_node, channel), with `progress`
+// (epoch << 32 | to). P2P: the items were stored straight into pe's ring, so a release store of the progress word
+// suffices (the caller fenced the block's stores). Puts: the items wait in local staging at the same slots of the
+// staging ring `stage_first`; one put per contiguous piece (two when the range wraps), the last carrying the
+// progress as its signal (nvshmem_fence orders the pieces).
+__device__ void publish_items(const Env& env, int pe, int dst_node, int channel, int64_t dst_first,
+                              int64_t stage_first, int64_t item_bytes, int from, int to, uint64_t progress) {
+  if (env.peers[pe] != nullptr) {
+    st_release_sys(progress_at(env.peers[pe], env, dst_node, channel), progress);
+    return;
+  }
+  const int S = env.slots;
+  uint8_t* dst = env.buffer + env.data_off + dst_first * item_bytes;  // symmetric: the same address at pe
+  const uint8_t* src = env.buffer + env.stage_off + stage_first * item_bytes;
+  int first = from % S, len = to - from;
+  nvshmem_fence();
+  if (first + len > S) {
+    nvshmem_putmem_nbi(dst + first * item_bytes, src + first * item_bytes, static_cast<size_t>(S - first) * item_bytes,
+                       pe);
+    nvshmem_fence();
+    len -= S - first;
+    first = 0;
+  }
+  nvshmem_putmem_signal_nbi(dst + first * item_bytes, src + first * item_bytes, static_cast<size_t>(len) * item_bytes,
+                            progress_at(env.buffer, env, dst_node, channel), progress, NVSHMEM_SIGNAL_SET, pe);
+}
+
+// One thread: tell `pe` how far this rank has read one of its streams (word `word` of pe's stream words).
+__device__ __forceinline__ void publish_consumed(const Env& env, int pe, uint64_t* word_here, uint64_t value) {
+  if (env.peers[pe] != nullptr) {
+    const int64_t off = reinterpret_cast<uint8_t*>(word_here) - env.buffer;
+    st_release_sys(reinterpret_cast<uint64_t*>(env.peers[pe] + off), value);
+  } else {
+    nvshmemx_signal_op(word_here, value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dispatch.
 
 // Token range of channel c: C contiguous ranges of max(ceil(T / C), 1) tokens (deepep_plugin.layout's split).
 __device__ __forceinline__ void channel_range(int num_tokens, int num_channels, int c, int& t0, int& t1) {
@@ -159,57 +219,93 @@ __device__ __forceinline__ void channel_range(int num_tokens, int num_channels, 
   t1 = min(t0 + per, num_tokens);
 }
 
-// Sender block of channel c: one record per (token, destination node) into the forwarder's region
-// [my node][slot]; records of one (node, channel) stream occupy consecutive slots from the stream's base.
-// Thread n < N owns node n's stream: it publishes the extent first, then the progress every `chunk` records
-// (P2P: a release store after the block's stores; puts: one put of the new records with the progress as its
-// signal).
-__device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s_done, int* s_published, int* s_due,
-                                int* s_last) {
+// Sender block of channel c: one record per (token, destination node) into the forwarder's ring [my node][c],
+// record i of the stream in slot i % slots. Thread n < N owns node n's stream: it publishes the extent first,
+// then the progress every `chunk` records; before a batch (one token per warp) it makes sure the ring has room:
+// all G readers of node n must have consumed the records whose slots the batch reuses (it publishes what it has
+// first, so the readers can get there).
+__device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s_done, int* s_published,
+                                int* s_base, int* s_due) {
   const Env& env = a.env;
   const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
+  const int S = env.slots;
   const int my_node = env.rank / G, my_local = env.rank % G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t meta_off = a.data_bytes + a.scale_bytes;
   int t0, t1;
   channel_range(a.num_tokens, C, c, t0, t1);
-  int base = 0, count = 0, published = 0;
+  int base = 0, count = 0, published = 0, room = S;  // room: records writable before the next consumption check
   const int n = threadIdx.x;  // the stream this thread publishes, when < N
+  const int f_n = n * G + my_local;
   if (n < N) {
     base = c == 0 ? 0 : a.rdma_channel_prefix[n * C + c - 1];
     count = a.rdma_channel_prefix[n * C + c] - base;
     s_done[n] = 0;
     s_published[n] = 0;
-    const int f = n * G + my_local;
+    s_base[n] = base;
     const uint64_t extent = (static_cast<uint64_t>(base) << 32) | static_cast<uint32_t>(count);
-    if (env.peers[f] != nullptr) {
-      *reinterpret_cast<volatile uint64_t*>(extent_at(env.peers[f], env, my_node, c)) = extent;
-      st_release_sys(progress_at(env.peers[f], env, my_node, c), e << 32);
+    if (env.peers[f_n] != nullptr) {
+      *reinterpret_cast<volatile uint64_t*>(extent_at(env.peers[f_n], env, my_node, c)) = extent;
+      st_release_sys(progress_at(env.peers[f_n], env, my_node, c), e << 32);
     } else {
-      nvshmem_uint64_p(extent_at(env.buffer, env, my_node, c), extent, f);
+      nvshmem_uint64_p(extent_at(env.buffer, env, my_node, c), extent, f_n);
       nvshmem_fence();
-      nvshmemx_signal_op(progress_at(env.buffer, env, my_node, c), e << 32, NVSHMEM_SIGNAL_SET, f);
+      nvshmemx_signal_op(progress_at(env.buffer, env, my_node, c), e << 32, NVSHMEM_SIGNAL_SET, f_n);
     }
   }
   __syncthreads();
   for (int tb = t0; tb < t1; tb += kWarps) {
+    // Room for this batch: at most kWarps records per stream.
+    bool lacks = false;
+    if (n < N) lacks = s_done[n] + min(count - s_done[n], kWarps) > room;
+    if (__syncthreads_or(lacks)) {
+      __threadfence_system();  // the records written so far, before they are published
+      __syncthreads();
+      bool ok = true;
+      if (lacks) {
+        const int done = s_done[n];
+        if (done > published) {
+          publish_items(env, f_n, my_node, c, ring_first(env, C, my_node, c), ring_first(env, C, n, c), a.rec_bytes,
+                        published, done, (e << 32) | static_cast<uint32_t>(done));
+          published = done;
+          s_published[n] = done;
+        }
+        const int need = done + min(count - done, kWarps) - S;
+        int consumed = 0;
+        ok = spin_until(
+            error_env(env),
+            [&] {
+              int m = 0x7fffffff;
+              for (int g = 0; g < G; ++g) m = min(m, count_of(ld_acquire_sys(dcons_at(env.buffer, env, n, c, g)), e));
+              return m;
+            },
+            [&](int m) {
+              consumed = m;
+              return m >= need;
+            },
+            kWaitRingSpace, f_n, c, need);
+        room = consumed + S;
+      }
+      if (__syncthreads_or(!ok)) return;
+    }
     const int t = tb + warp;
     if (t < t1) {
       for (int nn = 0; nn < N; ++nn) {
         const int j = a.node_slot[static_cast<int64_t>(t) * N + nn];
         if (j < 0) continue;  // warp-uniform
         const int f = nn * G + my_local;
+        const int i = j - s_base[nn];
         uint8_t* dst = env.peers[f] != nullptr
-                           ? env.peers[f] + env.data_off + (static_cast<int64_t>(my_node) * env.cap + j) * a.rec_bytes
-                           : env.buffer + env.stage_off + (static_cast<int64_t>(nn) * env.cap + j) * a.rec_bytes;
+                           ? env.peers[f] + env.data_off + (ring_first(env, C, my_node, c) + i % S) * a.rec_bytes
+                           : env.buffer + env.stage_off + (ring_first(env, C, nn, c) + i % S) * a.rec_bytes;
         warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
                                              reinterpret_cast<const int4*>(a.x + t * a.data_bytes),
                                              static_cast<int>(a.data_bytes / 16));
         if (a.x_scales != nullptr) {
           const int* src = reinterpret_cast<const int*>(a.x_scales);
           int* out = reinterpret_cast<int*>(dst + a.data_bytes);
-          for (int i = lane; i < a.num_scales; i += 32)
-            out[i] = src[static_cast<int64_t>(t) * a.scale_stride_token + static_cast<int64_t>(i) * a.scale_stride_col];
+          for (int k = lane; k < a.num_scales; k += 32)
+            out[k] = src[static_cast<int64_t>(t) * a.scale_stride_token + static_cast<int64_t>(k) * a.scale_stride_col];
         }
         int* meta = reinterpret_cast<int*>(dst + meta_off);
         if (lane == 0) {
@@ -246,18 +342,8 @@ __device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s
     if (n < N) {
       const int done = s_done[n];
       if (done > published && (done - published >= a.chunk || last_batch)) {
-        const int f = n * G + my_local;
-        const uint64_t progress = (e << 32) | static_cast<uint32_t>(done);
-        if (env.peers[f] != nullptr) {
-          st_release_sys(progress_at(env.peers[f], env, my_node, c), progress);
-        } else {
-          const int64_t first = static_cast<int64_t>(base) + published;
-          nvshmem_fence();
-          nvshmem_putmem_signal_nbi(env.buffer + env.data_off + (static_cast<int64_t>(my_node) * env.cap + first) * a.rec_bytes,
-                                    env.buffer + env.stage_off + (static_cast<int64_t>(n) * env.cap + first) * a.rec_bytes,
-                                    static_cast<size_t>(done - published) * a.rec_bytes,
-                                    progress_at(env.buffer, env, my_node, c), progress, NVSHMEM_SIGNAL_SET, f);
-        }
+        publish_items(env, f_n, my_node, c, ring_first(env, C, my_node, c), ring_first(env, C, n, c), a.rec_bytes,
+                      published, done, (e << 32) | static_cast<uint32_t>(done));
         published = done;
         s_published[n] = done;
       }
@@ -265,65 +351,141 @@ __device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s
     __syncthreads();
   }
   if (env.has_rdma_peers && n < N) nvshmem_quiet();
-  // The last sender block tells every forwarder how many records it gets in all (the head kernel waits on it).
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    const int prev = atomicAdd(env.workspace + kWsSend, 1);
-    *s_last = prev == C - 1;
-    if (*s_last) env.workspace[kWsSend] = 0;
-  }
-  __syncthreads();
-  if (!*s_last) return;
-  __threadfence_system();
-  for (int nn = threadIdx.x; nn < N; nn += blockDim.x)
-    signal_peer(env, nn * G + my_local, kFlagDispatch, my_node, (e << 32) | static_cast<uint32_t>(a.node_count[nn]));
 }
 
-// Receiver warps: stream by stream ((forwarder g of my node, source node n, channel c)), pull the records that
-// list this rank as they are published, straight into the outputs.
-__device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e) {
+// Receiver: groups of `group` warps (a power of two, inside one block) each own a set of streams
+// (forwarder g of my node, source node n, channel c) and serve them round-robin: the group's leader (lane 0 of
+// its first warp) finds a stream with published records it has not read, the members copy those that list this
+// rank (member k takes records k, k + group, ...), then the leader publishes how far the group has read back to
+// the stream's sender, whose ring slots become free. Round-robin keeps a group from blocking on one stream while
+// another's sender waits for room. Reading its own forwarder's streams (g == my local index), a rank also writes
+// send_nvl_head for each record: the record's row in every node peer's output.
+constexpr int kMaxOwned = 64;  // streams per group: ceil(G * N / kWarps) <= 64 for G, N <= 32
+
+struct ReceiverState {
+  int next[kWarps][kMaxOwned];   // records read (by the group whose first warp is the index)
+  int count[kWarps][kMaxOwned];  // records in the stream, or -1 before its extent was seen
+  int base[kWarps][kMaxOwned];   // the stream's first index among its source's records to this node
+  int told[kWarps][kMaxOwned];   // consumption published to the sender
+  int cmd[kWarps][4];            // the leader's decision: stream, first, end (or -1 done / -2 failed)
+  int head_base[kMaxLocal * kMaxNodes];  // [g][n]
+  int first_record[kMaxNodes];
+};
+
+__device__ __forceinline__ void group_sync(int group, int id) {
+  if (group > 1)
+    named_barrier(1 + id, group * 32);
+  else
+    __syncwarp();
+}
+
+__device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e, ReceiverState& st) {
   const Env& env = a.env;
-  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
+  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels, S = env.slots;
   const int my_node = env.rank / G, my_local = env.rank % G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t meta_off = a.data_bytes + a.scale_bytes;
   const int el = a.num_local_experts, first_expert = env.rank * el;
-  // Streams are shared out over the receiver warps; when warps outnumber streams, `group` warps take one stream
-  // and split its records (warp k of the group takes records k, k + group, ...).
-  const int num_streams = G * N * C, receiver_warps = C * kWarps;
-  const int group = max(1, receiver_warps / num_streams);
-  const int rw = rb * kWarps + warp, member = rw % group;
-  for (int q = rw / group; q < num_streams; q += receiver_warps / group) {
+  const int num_streams = G * N * C;
+  int group = 1;
+  while (group < kWarps && 2 * group * num_streams <= C * kWarps) group *= 2;
+  const int per_block = kWarps / group, num_groups = C * per_block;
+  const int gid = warp / group, member = warp % group, lead = gid * group;
+  const int my_group = rb * per_block + gid;
+  const int owned = my_group < num_streams ? (num_streams - my_group + num_groups - 1) / num_groups : 0;
+  const bool head = a.send_nvl_head != nullptr;
+  if (head) {
+    for (int i = threadIdx.x; i < G * N; i += blockDim.x) st.head_base[i] = a.head_base[(i % N) * G + i / N];
+    if (threadIdx.x == 0)
+      for (int n = 0; n < N; ++n) st.first_record[n] = n == 0 ? 0 : a.recv_rdma_rank_prefix[n - 1];
+  }
+  const bool leader = member == 0 && lane == 0;
+  if (leader)
+    for (int k = 0; k < owned; ++k) {
+      st.next[lead][k] = 0;
+      st.count[lead][k] = -1;
+      st.told[lead][k] = 0;
+    }
+  __syncthreads();
+  int rr = 0;  // leader: the stream to look at first
+  for (;;) {
+    if (leader) {
+      int pick = -1, i0 = 0, i1 = 0, ready = 0;
+      const uint64_t start = global_timer_ns();
+      for (uint32_t scan = 1; pick == -1; ++scan) {
+        bool all_done = true;
+        int waiting_on = -1;
+        for (int kk = 0; kk < owned; ++kk) {
+          const int k = (rr + kk) % owned;
+          int cnt = st.count[lead][k];
+          const int nx = st.next[lead][k];
+          if (cnt >= 0 && nx >= cnt) continue;
+          all_done = false;
+          const int q = my_group + k * num_groups;
+          const int g = q / (N * C), n = (q / C) % N, c = q % C;
+          uint8_t* fwd = env.peers[my_node * G + g];
+          if (waiting_on < 0) waiting_on = my_node * G + g;
+          const uint64_t v = ld_acquire_sys(progress_at(fwd, env, n, c));
+          if ((v >> 32) < e) continue;  // the sender has not started this op's stream yet
+          if (cnt < 0) {
+            const uint64_t extent = ld_acquire_sys(extent_at(fwd, env, n, c));
+            st.base[lead][k] = static_cast<int>(extent >> 32);
+            cnt = st.count[lead][k] = static_cast<int>(extent & 0xffffffffu);
+            if (cnt == 0) continue;
+          }
+          const int avail = static_cast<int>(v & 0xffffffffu);
+          if (avail > nx) {
+            pick = k;
+            i0 = nx;
+            ready = avail;
+            i1 = min(avail, nx + 4 * group);
+            rr = k + 1;
+            break;
+          }
+        }
+        if (pick >= 0) break;
+        if (all_done) {
+          pick = -1;
+          break;
+        }
+        if ((scan & 15u) == 0) {
+          if (aborted(error_env(env))) {
+            pick = -2;
+            break;
+          }
+          if (global_timer_ns() - start > env.timeout_ns) {
+            report_error(error_env(env), kMailboxTimeout, kWaitForwarded, waiting_on, -1, static_cast<int64_t>(e), 0);
+            pick = -2;
+            break;
+          }
+        }
+      }
+      st.cmd[lead][0] = pick;
+      st.cmd[lead][1] = i0;
+      st.cmd[lead][2] = i1;
+      st.cmd[lead][3] = ready;
+    }
+    group_sync(group, gid);
+    const int k = st.cmd[lead][0];
+    if (k < 0) break;
+    const int i0 = st.cmd[lead][1], i1 = st.cmd[lead][2];
+    const int q = my_group + k * num_groups;
     const int g = q / (N * C), n = (q / C) % N, c = q % C;
     const int f = my_node * G + g, s = n * G + g;
-    uint8_t* fwd = env.peers[f];
-    const uint64_t* progress = progress_at(fwd, env, n, c);
-    uint64_t v = 0, extent = 0;
-    if (lane == 0) {
-      v = wait_flag(env, progress, e, true, kWaitForwarded, f);
-      if (v != ~0ull) extent = ld_acquire_sys(extent_at(fwd, env, n, c));
-    }
-    v = __shfl_sync(0xffffffffu, v, 0);
-    if (v == ~0ull) return;
-    extent = __shfl_sync(0xffffffffu, extent, 0);
-    const int base = static_cast<int>(extent >> 32), count = static_cast<int>(extent & 0xffffffffu);
-    int ready = static_cast<int>(v & 0xffffffffu);
+    const uint8_t* fwd = env.peers[f];
+    const int base = st.base[lead][k];
     const int64_t row0 = a.recv_base[s];
-    for (int i = member; i < count; i += group) {
-      if (i >= ready) {  // wait for the next chunk
-        if (lane == 0) {
-          const bool ok = spin_until(
-              error_env(env), [&] { return ld_acquire_sys(progress); },
-              [&](uint64_t w) { return (w >> 32) > e || static_cast<int>(w & 0xffffffffu) > i; }, kWaitForwarded, f,
-              c, static_cast<int64_t>(i + 1));
-          ready = ok ? static_cast<int>(ld_acquire_sys(progress) & 0xffffffffu) : -1;
-        }
-        ready = __shfl_sync(0xffffffffu, ready, 0);
-        if (ready < 0) return;
-      }
-      const uint8_t* rec = fwd + env.data_off + (static_cast<int64_t>(n) * env.cap + base + i) * a.rec_bytes;
+    for (int i = i0 + member; i < i1; i += group) {
+      const uint8_t* rec = fwd + env.data_off + (ring_first(env, C, n, c) + i % S) * a.rec_bytes;
       const int* meta = reinterpret_cast<const int*>(rec + meta_off);
+      if (head && g == my_local && lane < G) {
+        const int64_t hrow = st.first_record[n] + base + i;
+        const int p = ld_cg(meta + 2 + lane);
+        if (hrow < a.head_rows)
+          a.send_nvl_head[hrow * G + lane] = p >= 0 ? st.head_base[lane * N + n] + p : -1;
+        else if (lane == 0)
+          report_error(error_env(env), kMailboxOverflow, kWaitWorstTokens, s, -1, hrow + 1, a.head_rows);
+      }
       int pos = 0, token = 0;
       if (lane == 0) {
         pos = ld_cg(meta + 2 + my_local);
@@ -342,7 +504,7 @@ __device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e) {
       if (a.recv_scales != nullptr) {
         const int* src = reinterpret_cast<const int*>(rec + a.data_bytes);
         int* out = reinterpret_cast<int*>(a.recv_scales) + row * a.num_scales;
-        for (int k = lane; k < a.num_scales; k += 32) out[k] = ld_cg(src + k);
+        for (int x = lane; x < a.num_scales; x += 32) out[x] = ld_cg(src + x);
       }
       if (a.recv_src_meta != nullptr && lane == 0) {
         a.recv_src_meta[row * 2] = token;
@@ -357,66 +519,31 @@ __device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e) {
           a.recv_topk_weights[row * K + lane] = mine ? __int_as_float(ld_cg(meta + 2 + G + K + lane)) : 0.0f;
       }
     }
+    group_sync(group, gid);  // every member's reads of these slots are done
+    if (leader) {
+      st.next[lead][k] = i1;
+      // Tell the sender when a chunk was read, the group caught up with what was published, or the stream ended.
+      if (i1 - st.told[lead][k] >= a.chunk || i1 == st.cmd[lead][3] || i1 == st.count[lead][k]) {
+        publish_consumed(env, s, dcons_at(env.buffer, env, my_node, c, my_local),
+                         (e << 32) | static_cast<uint32_t>(i1));
+        st.told[lead][k] = i1;
+      }
+    }
   }
+  if (env.has_rdma_peers && leader) nvshmem_quiet();
 }
 
 // One launch, 2C blocks: blocks [0, C) send channel by channel, blocks [C, 2C) receive. All blocks are resident
 // together (2C <= the SMs, one block per SM), so receivers spinning never starve the senders they wait for.
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
-  __shared__ int s_done[kMaxNodes], s_published[kMaxNodes];
-  __shared__ int s_due, s_last;
+  __shared__ int s_done[kMaxNodes], s_published[kMaxNodes], s_base[kMaxNodes];
+  __shared__ int s_due;
+  __shared__ ReceiverState s_recv;
   const uint64_t e = static_cast<uint64_t>(*a.env.epoch);
   if (static_cast<int>(blockIdx.x) < a.num_channels)
-    dispatch_sender(a, blockIdx.x, e, s_done, s_published, &s_due, &s_last);
+    dispatch_sender(a, blockIdx.x, e, s_done, s_published, s_base, &s_due);
   else
-    dispatch_receiver(a, blockIdx.x - a.num_channels, e);
-}
-
-// Forwarder (fresh dispatch): send_nvl_head[i][g] = the row of record i in the output of node peer g, or -1.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_head_kernel(DispatchArgs a) {
-  __shared__ int s_prefix[kMaxNodes + 1];
-  __shared__ int s_base[kMaxLocal * kMaxNodes];
-  const Env& env = a.env;
-  const uint64_t e = static_cast<uint64_t>(*env.epoch);
-  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes;
-  const int my_node = env.rank / G, my_local = env.rank % G;
-  const int64_t meta_off = a.data_bytes + a.scale_bytes;
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    const uint64_t v = wait_flag(env, flag_at(env.buffer, R, kFlagDispatch, n), e, true, kWaitRecords, n * G + my_local);
-    s_prefix[n + 1] = v == ~0ull ? 0 : static_cast<int>(v & 0xffffffffu);
-  }
-  // Row base of source s = n * G + my_local in the output of d = my_node * G + g: tokens d gets from ranks < s.
-  for (int i = threadIdx.x; i < G * N; i += blockDim.x) {
-    const int g = i / N, n = i % N, s = n * G + my_local, d = my_node * G + g;
-    int sum = 0;
-    for (int s2 = 0; s2 < s; ++s2) sum += a.count_matrix[s2 * R + d];
-    s_base[i] = sum;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s_prefix[0] = 0;
-    for (int n = 0; n < N; ++n) s_prefix[n + 1] += s_prefix[n];
-  }
-  __syncthreads();
-  if (aborted(error_env(env))) return;
-  const int total = s_prefix[N];
-  if (total > a.head_rows && blockIdx.x == 0 && threadIdx.x == 0)
-    report_error(error_env(env), kMailboxOverflow, kWaitRecords, -1, -1, total, a.head_rows);
-  const int64_t cells = a.head_rows * G;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cells;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(c / G), g = static_cast<int>(c % G);
-    int out = -1;
-    if (i < total) {
-      const int n = upper_index(s_prefix, N, i);
-      const int j = i - s_prefix[n];
-      const int* meta = reinterpret_cast<const int*>(env.buffer + env.data_off +
-                                                     (static_cast<int64_t>(n) * env.cap + j) * a.rec_bytes + meta_off);
-      const int p = ld_cg(meta + 2 + g);
-      if (p >= 0) out = s_base[g * N + n] + p;
-    }
-    a.send_nvl_head[c] = out;
-  }
+    dispatch_receiver(a, blockIdx.x - a.num_channels, e, s_recv);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -445,13 +572,21 @@ __global__ void __launch_bounds__(kThreads, 1) combine_stage_kernel(CombineArgs 
   }
 }
 
-// Forwarder blocks (channel c): for every source node, the records of channel c in order (batches of one record
-// per warp): the sum of its node peers' staged rows (FP32, rounded once to BF16) and weights, written to the
-// source's region [my node][slot]; every `chunk` records the source's progress word of (my node, c) advances
-// (P2P: release store; puts: one put of the new partial rows with the progress as its signal).
-__device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e) {
+// Forwarder block (channel c): round-robin over the source nodes' streams of channel c, a batch of up to kWarps
+// records at a time (one per warp): the sum of the node peers' staged rows (FP32, rounded once to BF16) and
+// weights, written to slot (j % slots) of the source's ring [my node][c]; every `chunk` rows the source's progress
+// word of (my node, c) advances (P2P: release store; puts: one put per piece of new rows with the progress as
+// its signal). Thread 0 decides: a stream whose ring has room for its next batch (the source's consumption
+// word, epoch-tagged, in this rank's buffer); when none has, it publishes every stream's pending rows and waits.
+struct ForwarderState {
+  int done[kMaxNodes], told[kMaxNodes], room[kMaxNodes];
+  int cmd[3];  // stream (or -1 done / -2 failed), first, end
+};
+
+__device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e, ForwarderState& st) {
   const Env& env = a.env;
   const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
+  const int S = env.slots;
   const int my_node = env.rank / G, my_local = env.rank % G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t data_bytes = align16(2LL * a.hidden);
@@ -460,124 +595,215 @@ __device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e) {
     const int d = my_node * G + g;
     wait_flag(env, flag_at(env.peers[d], R, kFlagStaged, 0), e, false, kWaitStaged, d);
   }
-  __syncthreads();
-  if (aborted(error_env(env))) return;
-  for (int n = 0; n < N; ++n) {
+  // Stream n: records [j0, j1) of source node n (relative index j - j0 in the ring).
+  auto range = [&](int n, int& first_record, int& j0, int& j1) {
+    first_record = n == 0 ? 0 : a.recv_rdma_rank_prefix_sum[n - 1];
+    j0 = c == 0 ? 0 : a.recv_rdma_channel_prefix[n * C + c - 1];
+    j1 = a.recv_rdma_channel_prefix[n * C + c];
+  };
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    st.done[n] = 0;
+    st.told[n] = 0;
+    st.room[n] = S;
+  }
+  if (__syncthreads_or(aborted(error_env(env)))) return;  // every thread leaves, or none
+  int rr = 0;
+  for (;;) {
+    if (threadIdx.x == 0) {
+      int pick = -1, first = 0, end = 0;
+      const uint64_t start = global_timer_ns();
+      bool flushed = false;
+      for (uint32_t scan = 1;; ++scan) {
+        bool all_done = true;
+        int waiting_on = -1;
+        for (int kk = 0; kk < N && pick < 0; ++kk) {
+          const int n = (rr + kk) % N;
+          int fr, j0, j1;
+          range(n, fr, j0, j1);
+          const int done = st.done[n], total = j1 - j0;
+          if (done >= total) continue;
+          all_done = false;
+          const int want = done + min(total - done, kWarps);
+          if (want > st.room[n]) st.room[n] = count_of(ld_acquire_sys(ccons_at(env.buffer, env, n, c)), e) + S;
+          if (want > st.room[n]) {
+            if (waiting_on < 0) waiting_on = n * G + my_local;
+            continue;
+          }
+          pick = n;
+          first = done;
+          end = want;
+          rr = n + 1;
+        }
+        if (pick >= 0) break;
+        if (all_done) break;
+        // Every ring with work is full: publish what is pending so the sources can consume it, then wait.
+        if (!flushed) {
+          for (int n = 0; n < N; ++n) {
+            int fr, j0, j1;
+            range(n, fr, j0, j1);
+            if (st.done[n] > st.told[n]) {
+              publish_items(env, n * G + my_local, my_node, c, ring_first(env, C, my_node, c),
+                            ring_first(env, C, n, c), a.row_bytes, st.told[n], st.done[n],
+                            (e << 32) | static_cast<uint32_t>(st.done[n]));
+              st.told[n] = st.done[n];
+            }
+          }
+          flushed = true;
+        }
+        if ((scan & 15u) == 0) {
+          if (aborted(error_env(env))) {
+            pick = -2;
+            break;
+          }
+          if (global_timer_ns() - start > env.timeout_ns) {
+            report_error(error_env(env), kMailboxTimeout, kWaitPartialSpace, waiting_on, c, static_cast<int64_t>(e),
+                         0);
+            pick = -2;
+            break;
+          }
+        }
+      }
+      st.cmd[0] = pick;
+      st.cmd[1] = first;
+      st.cmd[2] = end;
+    }
+    __syncthreads();
+    const int n = st.cmd[0];
+    if (n < 0) break;
+    const int first = st.cmd[1], end = st.cmd[2];
+    int first_record, j0, j1;
+    range(n, first_record, j0, j1);
     const int s = n * G + my_local;
-    const int first_record = n == 0 ? 0 : a.recv_rdma_rank_prefix_sum[n - 1];
-    const int j0 = c == 0 ? 0 : a.recv_rdma_channel_prefix[n * C + c - 1];
-    const int j1 = a.recv_rdma_channel_prefix[n * C + c];
-    int published = j0;
-    for (int jb = j0; jb < j1; jb += kWarps) {
-      const int j = jb + warp;
-      if (j < j1) {
-        const int64_t i = first_record + j;
-        const int my_row = lane < G ? a.send_nvl_head[i * G + lane] : -1;
-        uint8_t* dst = env.peers[s] != nullptr
-                           ? env.peers[s] + env.data_off + (static_cast<int64_t>(my_node) * env.cap + j) * a.row_bytes
-                           : env.buffer + env.stage_off + (static_cast<int64_t>(n) * env.cap + j) * a.row_bytes;
-        const uint8_t* src[kMaxLocal];
-        int num_src = 0;
-        for (int g = 0; g < G; ++g) {
-          const int row = __shfl_sync(0xffffffffu, my_row, g);
-          if (row >= 0)
-            src[num_src++] = env.peers[my_node * G + g] + env.nvl_off + static_cast<int64_t>(row) * a.row_bytes;
-        }
-        for (int v = lane; v < vec; v += 32) {
-          float acc[8];
+    const int jj = first + warp;  // relative index of this warp's record
+    if (jj < end) {
+      const int64_t i = first_record + j0 + jj;
+      const int my_row = lane < G ? a.send_nvl_head[i * G + lane] : -1;
+      uint8_t* dst = env.peers[s] != nullptr
+                         ? env.peers[s] + env.data_off + (ring_first(env, C, my_node, c) + jj % S) * a.row_bytes
+                         : env.buffer + env.stage_off + (ring_first(env, C, n, c) + jj % S) * a.row_bytes;
+      const uint8_t* src[kMaxLocal];
+      int num_src = 0;
+      for (int g = 0; g < G; ++g) {
+        const int row = __shfl_sync(0xffffffffu, my_row, g);
+        if (row >= 0)
+          src[num_src++] = env.peers[my_node * G + g] + env.nvl_off + static_cast<int64_t>(row) * a.row_bytes;
+      }
+      for (int v = lane; v < vec; v += 32) {
+        float acc[8];
 #pragma unroll
-          for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-          for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
-          st_na_v4(reinterpret_cast<int4*>(dst) + v, to_bf16x8(acc));
-        }
-        // Test K, not this rank's weight pointer: a forwarder that received no rows itself has none.
-        if (K > 0 && lane < K) {
-          float w = 0.0f;
-          for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
-          reinterpret_cast<float*>(dst + data_bytes)[lane] = w;
-        }
+        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+        for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
+        st_na_v4(reinterpret_cast<int4*>(dst) + v, to_bf16x8(acc));
       }
-      __threadfence_system();  // this batch's partial rows, before thread 0 publishes them
-      __syncthreads();
-      const int done = min(jb + kWarps, j1);
-      if (threadIdx.x == 0 && (done - published >= a.chunk || done == j1)) {
-        const uint64_t progress = (e << 32) | static_cast<uint32_t>(done - j0);
-        if (env.peers[s] != nullptr) {
-          st_release_sys(progress_at(env.peers[s], env, my_node, c), progress);
-        } else {
-          nvshmem_fence();
-          nvshmem_putmem_signal_nbi(
-              env.buffer + env.data_off + (static_cast<int64_t>(my_node) * env.cap + published) * a.row_bytes,
-              env.buffer + env.stage_off + (static_cast<int64_t>(n) * env.cap + published) * a.row_bytes,
-              static_cast<size_t>(done - published) * a.row_bytes, progress_at(env.buffer, env, my_node, c), progress,
-              NVSHMEM_SIGNAL_SET, s);
-        }
+      // Test K, not this rank's weight pointer: a forwarder that received no rows itself has none.
+      if (K > 0 && lane < K) {
+        float w = 0.0f;
+        for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
+        reinterpret_cast<float*>(dst + data_bytes)[lane] = w;
       }
-      published = done - published >= a.chunk || done == j1 ? done : published;
+    }
+    __threadfence_system();  // this batch's partial rows, before thread 0 publishes them
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      st.done[n] = end;
+      if (end - st.told[n] >= a.chunk || end == j1 - j0) {
+        publish_items(env, s, my_node, c, ring_first(env, C, my_node, c), ring_first(env, C, n, c), a.row_bytes,
+                      st.told[n], end, (e << 32) | static_cast<uint32_t>(end));
+        st.told[n] = end;
+      }
     }
   }
   if (env.has_rdma_peers && threadIdx.x == 0) nvshmem_quiet();
 }
 
-// Source blocks (channel c of this rank's tokens): bias plus the partial row of every node each token went to,
-// as soon as that node's forwarder has published it (FP32, in node order, rounded once).
-__device__ void combine_receiver(const CombineArgs& a, int c, uint64_t e) {
+// Source blocks (channel c of this rank's tokens), kWarps tokens per round, one per warp: bias plus the partial
+// row of every node the token went to, as soon as that node's forwarder has published it (FP32, in node order,
+// rounded once). After each round, thread n < N tells node n's forwarder how many of its partial rows this
+// channel has consumed (the largest slot read so far, kept per round parity so that a warp already in the next
+// round cannot make it count a row still being read).
+__device__ void combine_receiver(const CombineArgs& a, int c, uint64_t e, int (*s_read)[kMaxNodes]) {
   const Env& env = a.env;
-  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
-  const int my_local = env.rank % G;
+  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels, S = env.slots;
+  const int my_node = env.rank / G, my_local = env.rank % G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t data_bytes = align16(2LL * a.hidden);
   const int vec = a.hidden / 8;
   int t0, t1;
   channel_range(a.num_tokens, C, c, t0, t1);
+  for (int i = threadIdx.x; i < 2 * kMaxNodes; i += blockDim.x) s_read[i / kMaxNodes][i % kMaxNodes] = -1;
   // Lane n < N: first slot of channel c in my stream to node n (the forwarder publishes progress from there).
   const int stream_base = lane < N ? (c == 0 ? 0 : a.rdma_channel_prefix[lane * C + c - 1]) : 0;
   int seen = 0;  // lane n: records of (node n, channel c) known to have arrived
-  for (int t = t0 + warp; t < t1; t += kWarps) {
-    const int my_slot = lane < N ? a.send_rdma_head[static_cast<int64_t>(t) * N + lane] : -1;
+  int told = 0;  // thread n < N: consumption published to node n's forwarder
+  __syncthreads();
+  for (int tb = t0, round = 0; tb < t1; tb += kWarps, ++round) {
+    const int t = tb + warp;
     bool ok = true;
-    if (my_slot >= 0 && my_slot - stream_base >= seen) {
-      const uint64_t* progress = progress_at(env.buffer, env, lane, c);
-      const int need = my_slot - stream_base;
-      ok = spin_until(
-          error_env(env), [&] { return ld_acquire_sys(progress); },
-          [&](uint64_t w) { return (w >> 32) > e || ((w >> 32) == e && static_cast<int>(w & 0xffffffffu) > need); },
-          kWaitPartials, lane * G + my_local, c, static_cast<int64_t>(need + 1));
-      if (ok) seen = static_cast<int>(ld_acquire_sys(progress) & 0xffffffffu);
-    }
-    if (__any_sync(0xffffffffu, !ok)) return;
-    const uint8_t* src[kMaxNodes];
-    int num_src = 0;
-    for (int n = 0; n < N; ++n) {
-      const int slot = __shfl_sync(0xffffffffu, my_slot, n);
-      if (slot >= 0) src[num_src++] = env.buffer + env.data_off + (static_cast<int64_t>(n) * env.cap + slot) * a.row_bytes;
-    }
-    const int64_t out_row = static_cast<int64_t>(t) * vec;
-    for (int v = lane; v < vec; v += 32) {
-      float acc[8];
+    if (t < t1) {
+      const int my_slot = lane < N ? a.send_rdma_head[static_cast<int64_t>(t) * N + lane] : -1;
+      const int rel = my_slot - stream_base;
+      if (my_slot >= 0 && rel >= seen) {
+        const uint64_t* progress = progress_at(env.buffer, env, lane, c);
+        ok = spin_until(
+            error_env(env), [&] { return ld_acquire_sys(progress); },
+            [&](uint64_t w) { return (w >> 32) > e || ((w >> 32) == e && static_cast<int>(w & 0xffffffffu) > rel); },
+            kWaitPartials, lane * G + my_local, c, static_cast<int64_t>(rel + 1));
+        if (ok) seen = static_cast<int>(ld_acquire_sys(progress) & 0xffffffffu);
+      }
+      if (!__any_sync(0xffffffffu, !ok)) {
+        const uint8_t* src[kMaxNodes];
+        int num_src = 0;
+        for (int n = 0; n < N; ++n) {
+          const int r = __shfl_sync(0xffffffffu, rel, n);
+          const int slot = __shfl_sync(0xffffffffu, my_slot, n);
+          if (slot >= 0)
+            src[num_src++] = env.buffer + env.data_off + (ring_first(env, C, n, c) + r % S) * a.row_bytes;
+        }
+        const int64_t out_row = static_cast<int64_t>(t) * vec;
+        for (int v = lane; v < vec; v += 32) {
+          float acc[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-      if (a.bias0 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias0) + out_row + v));
-      if (a.bias1 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias1) + out_row + v));
-      for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
-      st_na_v4(reinterpret_cast<int4*>(a.combined_x) + out_row + v, to_bf16x8(acc));
+          for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+          if (a.bias0 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias0) + out_row + v));
+          if (a.bias1 != nullptr) add_bf16x8(acc, ld_nc_v4(reinterpret_cast<const int4*>(a.bias1) + out_row + v));
+          for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
+          st_na_v4(reinterpret_cast<int4*>(a.combined_x) + out_row + v, to_bf16x8(acc));
+        }
+        if (K > 0 && lane < K) {
+          float w = 0.0f;
+          for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
+          a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+        }
+        __syncwarp();
+        if (my_slot >= 0) atomicMax(&s_read[round & 1][lane], rel);
+      } else {
+        ok = false;
+      }
     }
-    if (K > 0 && lane < K) {
-      float w = 0.0f;
-      for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
-      a.combined_topk_weights[static_cast<int64_t>(t) * K + lane] = w;
+    if (__syncthreads_or(!ok)) return;
+    const int n = threadIdx.x;
+    if (n < N) {
+      const int consumed = s_read[round & 1][n] + 1;
+      if (consumed > told) {
+        publish_consumed(env, n * G + my_local, ccons_at(env.buffer, env, my_node, c),
+                         (e << 32) | static_cast<uint32_t>(consumed));
+        told = consumed;
+      }
     }
   }
+  if (env.has_rdma_peers && threadIdx.x < N) nvshmem_quiet();
 }
 
 // One launch, 2C blocks: blocks [0, C) forward (reduce inside the node, send partials back), blocks [C, 2C) receive
 // this rank's tokens as their partials arrive.
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
+  __shared__ ForwarderState s_fwd;
+  __shared__ int s_read[2][kMaxNodes];
   const uint64_t e = static_cast<uint64_t>(*a.env.epoch);
   if (static_cast<int>(blockIdx.x) < a.num_channels)
-    combine_forwarder(a, blockIdx.x, e);
+    combine_forwarder(a, blockIdx.x, e, s_fwd);
   else
-    combine_receiver(a, blockIdx.x - a.num_channels, e);
+    combine_receiver(a, blockIdx.x - a.num_channels, e, s_read);
 }
 
 int blocks_for(int num_sms, int64_t work_warps) {
@@ -602,12 +828,6 @@ void dispatch(const DispatchArgs& a, void* stream) {
     throw std::runtime_error("deepep_plugin internode: num_channels must be in [1, " + std::to_string(kMaxChannels) +
                              "], got " + std::to_string(a.num_channels));
   dispatch_kernel<<<2 * a.num_channels, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-  IN_CUDA_CHECK(cudaGetLastError());
-}
-
-void dispatch_head(const DispatchArgs& a, int num_sms, void* stream) {
-  const int blocks = blocks_for(num_sms, (a.head_rows * a.env.ranks_per_node + 31) / 32);
-  dispatch_head_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   IN_CUDA_CHECK(cudaGetLastError());
 }
 

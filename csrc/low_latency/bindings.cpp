@@ -119,7 +119,7 @@ internode::Env make_internode_env(const py::dict& d) {
   env.notify_row_ints = num(d, "notify_row_ints");
   env.data_off = num(d, "data_off");
   env.stage_off = num(d, "stage_off");
-  env.cap = num(d, "cap");
+  env.slots = static_cast<int>(num(d, "slots"));
   env.nvl_off = num(d, "nvl_off");
   env.nvl_rows = num(d, "nvl_rows");
   return env;
@@ -142,11 +142,11 @@ internode::DispatchArgs make_internode_dispatch(const py::dict& d) {
   a.topk_weights = ptr<const float>(d, "topk_weights");
   a.pos = ptr<const int>(d, "pos");
   a.node_slot = ptr<const int>(d, "node_slot");
-  a.node_count = ptr<const int>(d, "node_count");
   a.rdma_channel_prefix = ptr<const int>(d, "rdma_channel_prefix");
   a.num_channels = static_cast<int>(num(d, "num_channels"));
   a.chunk = static_cast<int>(num(d, "chunk"));
-  a.count_matrix = ptr<const int>(d, "count_matrix");
+  a.head_base = ptr<const int>(d, "head_base");
+  a.recv_rdma_rank_prefix = ptr<const int>(d, "recv_rdma_rank_prefix");
   a.send_nvl_head = ptr<int>(d, "send_nvl_head");
   a.head_rows = num(d, "head_rows");
   a.recv_base = ptr<const int>(d, "recv_base");
@@ -251,9 +251,6 @@ PYBIND11_MODULE(_low_latency_C, m) {
   });
   m.def("internode_dispatch", [](const py::dict& d) {
     internode::dispatch(make_internode_dispatch(d), stream_of(d));
-  });
-  m.def("internode_dispatch_head", [](const py::dict& d, int num_sms) {
-    internode::dispatch_head(make_internode_dispatch(d), num_sms, stream_of(d));
   });
   m.def("internode_combine_stage", [](const py::dict& d, int num_sms) {
     internode::combine_stage(make_internode_combine(d), num_sms, stream_of(d));

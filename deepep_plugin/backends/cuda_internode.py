@@ -13,22 +13,26 @@ How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops
   rank, then token index — bit-identical to the reference backend, handle included. One kernel does both hops:
   ``C = num_sms / 2`` sender blocks (one per channel, a contiguous token range) and ``C`` receiver blocks; each
   (source node, channel) stream publishes its progress every ``Config.num_max_rdma_chunked_send_tokens`` records,
-  and receivers pull records as soon as they are published, so the network and NVLink hops overlap.
+  and receivers pull records as soon as they are published, so the network and NVLink hops overlap. Each stream
+  is a ring of ``Config.num_max_rdma_chunked_recv_tokens`` records at the forwarder; readers publish how far they
+  have read and the sender reuses a slot only once every reader of that node is past it.
 * **combine** — every GPU stages its expert outputs in its NVL region; then one kernel: ``C`` forwarder blocks sum,
   per record, the rows of their node peers (FP32, rounded once to BF16) and send **one partial row per record**
-  back over the network, publishing each (node, channel) stream's progress every chunk; ``C`` receiver blocks add
-  bias and each token's ``<= N`` partial rows (FP32, rounded once) as soon as they have arrived.
+  back over the network into a ring of ``num_max_rdma_chunked_recv_tokens`` rows per (node, channel) at the
+  source, publishing each stream's progress every chunk; ``C`` receiver blocks add bias and each token's ``<= N``
+  partial rows (FP32, rounded once) as soon as they have arrived, and tell the forwarders which slots are free.
 * Peers NVSHMEM maps into this process (NVLink P2P) are written with stores; the others (other nodes over RDMA)
   get one NVSHMEM put per chunk of records from local staging, its signal carrying the stream's progress. Node
   peers must be P2P-reachable. ``DEEPEP_PLUGIN_INTERNODE_PUTS=1`` sends to every other node with puts even where
   P2P would work (the RDMA code path, testable on one host).
-* The NVLink hop is a pull into the outputs, so the NVL chunk sizes of ``Config`` have no role here; the RDMA
-  receive chunk neither (an operation's records all fit in the buffer, see below).
+* The NVLink hop is a pull into the outputs, so the NVL chunk sizes of ``Config`` have no role here.
 
-Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). An
-operation holds all its records at once (no ring that wraps): the data region holds ``N`` streams of up to
-``cap`` records (``cap`` = records of the largest token count), and the NVL region a rank's received rows for
-combine. A call that does not fit raises ``DeepEPBufferTooSmall`` with the bytes needed.
+Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). The data
+region holds ``N x C`` rings of ``S = num_max_rdma_chunked_recv_tokens`` items (plus as many put-staging slots
+when some peer is reached with puts), so any number of tokens runs in a fixed buffer; a buffer sized by
+``Config.get_rdma_buffer_size_hint`` holds them. The NVL region holds a rank's received rows for combine (its
+expert outputs, staged for the forwarders of its node). A call that does not fit raises ``DeepEPBufferTooSmall``
+with the bytes needed.
 
 Host synchronisation: only a fresh dispatch without ``num_worst_tokens`` reads counts on the host (once, after
 the notify kernel); everything else is free of host syncs and CUDA-graph capturable.
@@ -61,12 +65,15 @@ MAX_NODES = 32
 MAX_TOPK = 16
 _FLAG_KINDS = 5
 _MAILBOX_TIMEOUT, _MAILBOX_OVERFLOW = 1, 2
+#: Ring slots per stream the kernels need at least (a batch of 16 items, plus 16 in flight at the consumer).
+MIN_RING_SLOTS = 32
 _WAITS = {80: "the operation barrier (did the peer make the same call?)",
           81: "dispatch notify: the peer's token counts (did it call dispatch?)",
-          82: "forwarder: the records of a source node",
+          82: "dispatch send: free ring slots at the forwarder (its node's readers' consumption)",
           83: "dispatch receive: a forwarder's records from one source node",
           84: "combine forward: a node peer's staged expert outputs (did it call combine?)",
           85: "combine receive: partial sums from a node's forwarder",
+          86: "combine forward: free ring slots at the source (its consumption of partial rows)",
           8: "dispatch: received rows beyond num_worst_tokens"}
 
 
@@ -88,10 +95,12 @@ class _Layout(NamedTuple):
 
 
 def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> _Layout:
-    """Where the flags, notify rows, data region and NVL region lie (``api.h`` describes each)."""
+    """Where the flags, stream words, notify rows, data region and NVL region lie (``api.h`` describes each)."""
     row_ints = _align(num_ranks + num_nodes + 1 + MAX_LOCAL_EXPERTS + 2 * MAX_CHANNELS, 4)
     stream_off = _align(_FLAG_KINDS * num_ranks * 8, 16)
-    ctrl = _align(stream_off + 2 * num_nodes * MAX_CHANNELS * 8, 256)
+    per_node = num_ranks // num_nodes
+    # extent, progress, ccons: [N][MAX_CHANNELS]; dcons: [N][MAX_CHANNELS][G] (uint64 each)
+    ctrl = _align(stream_off + (3 + per_node) * num_nodes * MAX_CHANNELS * 8, 256)
     notify = _align(num_ranks * row_ints * 4, 256)
     data_off = ctrl + 2 * notify
     rdma = _align(num_rdma_bytes, 256)
@@ -161,17 +170,22 @@ class InternodeRuntime(SymmetricRuntime):
         c.barrier_all()
 
     # ------------------------------------------------------------------------------------------------------
-    def capacity(self, item_bytes: int) -> int:
-        """Records (or partial rows) of ``item_bytes`` each stream of the data region holds."""
+    def ring_bytes(self, num_channels: int, slots: int, item_bytes: int) -> int:
+        """``num_rdma_bytes`` that ``N x num_channels`` rings of ``slots`` items (and their staging) need."""
         copies = 2 if self._has_rdma_peers else 1
-        return self.layout.data_bytes // (copies * self.num_nodes * item_bytes)
+        return self.layout.data_off + copies * self.num_nodes * num_channels * slots * item_bytes
 
-    def _needed_rdma_bytes(self, tokens: int, item_bytes: int) -> int:
-        copies = 2 if self._has_rdma_peers else 1
-        return self.layout.data_off + copies * self.num_nodes * tokens * item_bytes
+    def _check_rings(self, what: str, num_channels: int, slots: int, item_bytes: int) -> None:
+        expect(slots >= MIN_RING_SLOTS, f"{what}: Config.num_max_rdma_chunked_recv_tokens must be at least "
+               f"{MIN_RING_SLOTS} for the internode kernels, got {slots}")
+        need = self.ring_bytes(num_channels, slots, item_bytes)
+        if need > self.layout.nvl_off:
+            raise DeepEPBufferTooSmall(
+                f"{what}: num_rdma_bytes={self.layout.nvl_off} is too small for {self.num_nodes} x {num_channels} "
+                f"rings of {slots} items of {item_bytes} bytes (Config.num_max_rdma_chunked_recv_tokens, "
+                f"num_sms / 2 channels): it needs at least {need} bytes (Config.get_rdma_buffer_size_hint sizes it)")
 
-    def _env(self, item_bytes: int) -> dict:
-        cap = self.capacity(item_bytes)
+    def _env(self, item_bytes: int, num_channels: int, slots: int) -> dict:
         lay = self.layout
         return {"rank": self.rank, "num_ranks": self.num_ranks, "ranks_per_node": self.ranks_per_node,
                 "num_nodes": self.num_nodes, "has_rdma_peers": self._has_rdma_peers, "buffer": self._ptr,
@@ -180,7 +194,7 @@ class InternodeRuntime(SymmetricRuntime):
                 "mailbox": self._mailbox_device, "timeout_ns": int(self.timeout_s * 1e9),
                 "stream_off": lay.stream_off, "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
                 "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
-                "stage_off": lay.data_off + self.num_nodes * cap * item_bytes, "cap": cap,
+                "stage_off": lay.data_off + self.num_nodes * num_channels * slots * item_bytes, "slots": slots,
                 "nvl_off": lay.nvl_off, "nvl_rows": lay.nvl_bytes // max(item_bytes, 1),
                 "stream": torch.cuda.current_stream().cuda_stream}
 
@@ -188,13 +202,6 @@ class InternodeRuntime(SymmetricRuntime):
         if self._broken is not None:
             raise DeepEPTimeoutError(self._broken)
         expect(self._alive, f"{what}: the internode runtime was destroyed")
-
-    def _fits(self, what: str, tokens: int, item_bytes: int) -> None:
-        if tokens > self.capacity(item_bytes):
-            raise DeepEPBufferTooSmall(
-                f"{what}: num_rdma_bytes is too small for {tokens} tokens per rank: the internode kernels hold one "
-                f"operation's records at once and need at least {self._needed_rdma_bytes(tokens, item_bytes)} "
-                "bytes")
 
     # ------------------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -242,19 +249,17 @@ class InternodeRuntime(SymmetricRuntime):
         expect(K <= MAX_TOPK, f"dispatch: top-k must be <= {MAX_TOPK}, got {K}")
         rec = record_bytes(hidden_bytes, S, K, G)
         W = num_worst_tokens
-        if not fresh or W:
-            # A fresh dispatch with host counts checks the group's largest token count after notify instead,
-            # so that every rank raises the same error.
-            self._fits("dispatch", T, rec)
-        env = self._env(rec)
+        C = config.num_channels if fresh else handle.rdma_channel_prefix_matrix.size(1)
+        slots = config.num_max_rdma_chunked_recv_tokens
+        self._check_rings("dispatch", C, slots, rec)
+        env = self._env(rec, C, slots)
         pos = index_among_selected(in_rank)
         in_node = in_rank.view(T, N, G).any(-1)
         node_slot = index_among_selected(in_node) if fresh else handle.send_rdma_head.contiguous()
         node_count = in_node.sum(0, dtype=torch.int32)
         counts_list: list[int] = []
-        count_matrix: Optional[torch.Tensor] = None
+        head_base: Optional[torch.Tensor] = None
         if fresh:
-            C = config.num_channels
             num_experts = layout.num_tokens_per_expert.numel()
             e_loc = num_experts // R
             expect(e_loc <= MAX_LOCAL_EXPERTS and C <= MAX_CHANNELS,
@@ -285,15 +290,17 @@ class InternodeRuntime(SymmetricRuntime):
             recv_rdma_channel = received[fwd_src, o_rch:o_rch + C].contiguous()
             recv_rdma_rank_prefix = torch.cumsum(recv_rdma_channel[:, -1], 0, dtype=torch.int32)
             expert_recv = received[:, o_exp:o_exp + e_loc].sum(0, dtype=torch.int32)
+            # head_base[n, g]: first output row of source (n, my local index) at node peer g of this rank.
+            before = torch.cumsum(count_matrix, 0, dtype=torch.int32) - count_matrix
+            my_node = r // G
+            head_base = before[fwd_src, my_node * G:(my_node + 1) * G].to(torch.int32).contiguous()
             if W:
                 rows, head_rows = W, G * W
             else:
-                info = torch.cat([recv_gbl_rank_prefix[-1:], recv_rdma_rank_prefix[-1:],
-                                  received[:, R + N].max().view(1), expert_recv]).cpu()
+                info = torch.cat([recv_gbl_rank_prefix[-1:], recv_rdma_rank_prefix[-1:], expert_recv]).cpu()
                 self.check_error()
-                rows, head_rows, t_max = int(info[0]), int(info[1]), int(info[2])
-                counts_list = round_up_counts(info[3:].tolist(), expert_alignment)
-                self._fits("dispatch (largest token count of the group)", t_max, rec)
+                rows, head_rows = int(info[0]), int(info[1])
+                counts_list = round_up_counts(info[2:].tolist(), expert_alignment)
         else:
             rdma_prefix = handle.rdma_channel_prefix_matrix
             recv_gbl_rank_prefix = handle.recv_gbl_rank_prefix_sum
@@ -313,7 +320,7 @@ class InternodeRuntime(SymmetricRuntime):
         recv_idx = recv_w = meta = send_nvl_head = None
         if fresh:
             meta = out((rows, 2), torch.int32, -1)
-            send_nvl_head = torch.empty((head_rows, G), dtype=torch.int32, device=dev)
+            send_nvl_head = torch.full((head_rows, G), -1, dtype=torch.int32, device=dev)
             if topk_idx is not None:
                 recv_idx = out((rows, K), torch.int64, -1)
                 if topk_weights is not None:
@@ -329,10 +336,11 @@ class InternodeRuntime(SymmetricRuntime):
             "x": x.data_ptr(), "x_scales": x_scales.data_ptr() if x_scales is not None else None,
             "topk_idx": topk_idx_c.data_ptr() if topk_idx_c is not None else None,
             "topk_weights": topk_w_c.data_ptr() if topk_w_c is not None else None,
-            "pos": pos.data_ptr(), "node_slot": node_slot.data_ptr(), "node_count": node_count.data_ptr(),
+            "pos": pos.data_ptr(), "node_slot": node_slot.data_ptr(),
             "rdma_channel_prefix": rdma_prefix.data_ptr(), "num_channels": rdma_prefix.size(1),
             "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
-            "count_matrix": count_matrix.data_ptr() if count_matrix is not None else None,
+            "head_base": head_base.data_ptr() if head_base is not None else None,
+            "recv_rdma_rank_prefix": recv_rdma_rank_prefix.data_ptr() if fresh else None,
             "send_nvl_head": send_nvl_head.data_ptr() if send_nvl_head is not None else None,
             "head_rows": head_rows, "recv_base": recv_base.data_ptr(), "out_rows": rows,
             "num_local_experts": (layout.num_tokens_per_expert.numel() // R) if fresh else 0,
@@ -344,8 +352,6 @@ class InternodeRuntime(SymmetricRuntime):
                and rdma_prefix.size(1) <= MAX_CHANNELS, "dispatch: handle.rdma_channel_prefix_matrix must be a "
                f"contiguous int32 [N, C <= {MAX_CHANNELS}] tensor")
         self._c.internode_dispatch(args)  # 2C blocks: C senders, C receivers
-        if fresh:
-            self._c.internode_dispatch_head(args, max(1, config.num_sms))
         if not fresh:
             return DispatchResult(recv_x, recv_scales, None, None, [], handle)
         new_handle = InternodeHandle(in_rank, rdma_prefix, gbl_prefix, recv_rdma_channel, recv_rdma_rank_prefix,
@@ -374,7 +380,9 @@ class InternodeRuntime(SymmetricRuntime):
         K = topk_weights.size(1) if topk_weights is not None else 0
         expect(K <= MAX_TOPK, f"combine: top-k must be <= {MAX_TOPK}, got {K}")
         row = _align(2 * H, 16) + _align(4 * K, 16)
-        self._fits("combine", T, row)
+        C = handle.rdma_channel_prefix_matrix.size(1)
+        slots = config.num_max_rdma_chunked_recv_tokens
+        self._check_rings("combine", C, slots, row)
         if x.size(0) * row > self.layout.nvl_bytes:
             raise DeepEPBufferTooSmall(
                 f"combine: num_nvl_bytes={self.layout.nvl_bytes} is too small to stage {x.size(0)} received rows of "
@@ -385,12 +393,12 @@ class InternodeRuntime(SymmetricRuntime):
         combined_w = torch.empty((T, K), dtype=torch.float32, device=x.device) if w is not None else None
         b0 = bias0.contiguous() if bias0 is not None else None
         b1 = bias1.contiguous() if bias1 is not None else None
-        env = self._env(row)
+        env = self._env(row, C, slots)
         args = dict(env)
         args.update({
             "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T, "num_rows": x.size(0),
             "x": x.data_ptr(), "topk_weights": w.data_ptr() if w is not None else None,
-            "num_channels": handle.rdma_channel_prefix_matrix.size(1),
+            "num_channels": C,
             "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
             "send_nvl_head": handle.send_nvl_head.data_ptr(),
             "recv_rdma_rank_prefix_sum": handle.recv_rdma_rank_prefix_sum.data_ptr(),
