@@ -128,3 +128,24 @@ def test_is_sm90_compiled_reports_the_built_kernels() -> None:
     assert dp.Buffer.is_sm90_compiled() == cuda_extensions_available()
     if not torch.cuda.is_available():
         assert dp.Buffer.is_sm90_compiled() is False
+
+
+@pytest.mark.parametrize("num_ranks", [16, 32, 64, 128])
+@pytest.mark.parametrize("num_sms", [8, 24, 64])
+def test_rdma_size_hint_holds_the_internode_rings(num_ranks: int, num_sms: int) -> None:
+    # A buffer sized like DeepEP's (Config.get_rdma_buffer_size_hint with BF16 hidden bytes) holds the internode
+    # kernels' rings for the default configs, BF16 and FP8 records and combine rows, with put staging (RDMA).
+    from deepep_plugin.backends.cuda_internode import buffer_layout, record_bytes, ring_bytes
+
+    hidden, per_node, topk = 7168, 8, 8
+    nodes = num_ranks // per_node
+    for cfg in (dp.Buffer.get_dispatch_config(num_ranks), dp.Buffer.get_combine_config(num_ranks)):
+        cfg = dp.Config(num_sms, cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens,
+                        cfg.num_max_rdma_chunked_send_tokens, cfg.num_max_rdma_chunked_recv_tokens)
+        hint = cfg.get_rdma_buffer_size_hint(hidden * 2, num_ranks)
+        layout = buffer_layout(num_ranks, nodes, hint, 0)
+        items = [record_bytes(hidden * 2, 0, topk, per_node), record_bytes(hidden, hidden // 128, topk, per_node),
+                 hidden * 2 + 4 * topk]  # BF16 record, FP8 record with scales, combine row
+        for item in items:
+            need = ring_bytes(layout, nodes, cfg.num_channels, cfg.num_max_rdma_chunked_recv_tokens, item, True)
+            assert need <= hint, (item, need, hint)

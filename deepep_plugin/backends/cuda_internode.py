@@ -112,6 +112,14 @@ def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_no
     return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (2 + ranks_per_node + 2 * num_topk), 16)
 
 
+def ring_bytes(layout: _Layout, num_nodes: int, num_channels: int, slots: int, item_bytes: int,
+               has_rdma_peers: bool) -> int:
+    """``num_rdma_bytes`` that ``num_nodes x num_channels`` rings of ``slots`` items need (with their put staging
+    when some peer is reached over RDMA), control block included."""
+    copies = 2 if has_rdma_peers else 1
+    return layout.data_off + copies * num_nodes * num_channels * slots * item_bytes
+
+
 class InternodeRuntime(SymmetricRuntime):
     """One rank's internode state: its symmetric buffer, peer mappings, epoch, workspace and mailbox.
 
@@ -170,15 +178,10 @@ class InternodeRuntime(SymmetricRuntime):
         c.barrier_all()
 
     # ------------------------------------------------------------------------------------------------------
-    def ring_bytes(self, num_channels: int, slots: int, item_bytes: int) -> int:
-        """``num_rdma_bytes`` that ``N x num_channels`` rings of ``slots`` items (and their staging) need."""
-        copies = 2 if self._has_rdma_peers else 1
-        return self.layout.data_off + copies * self.num_nodes * num_channels * slots * item_bytes
-
     def _check_rings(self, what: str, num_channels: int, slots: int, item_bytes: int) -> None:
         expect(slots >= MIN_RING_SLOTS, f"{what}: Config.num_max_rdma_chunked_recv_tokens must be at least "
                f"{MIN_RING_SLOTS} for the internode kernels, got {slots}")
-        need = self.ring_bytes(num_channels, slots, item_bytes)
+        need = ring_bytes(self.layout, self.num_nodes, num_channels, slots, item_bytes, bool(self._has_rdma_peers))
         if need > self.layout.nvl_off:
             raise DeepEPBufferTooSmall(
                 f"{what}: num_rdma_bytes={self.layout.nvl_off} is too small for {self.num_nodes} x {num_channels} "
