@@ -132,8 +132,8 @@ def test_is_sm90_compiled_reports_the_built_kernels() -> None:
 
 @pytest.mark.parametrize("num_ranks", [16, 32, 64, 128])
 @pytest.mark.parametrize("num_sms", [8, 24, 64])
-def test_rdma_size_hint_holds_the_internode_rings(num_ranks: int, num_sms: int) -> None:
-    # A buffer sized like DeepEP's (Config.get_rdma_buffer_size_hint with BF16 hidden bytes) holds the internode
+def test_size_hints_hold_the_internode_rings(num_ranks: int, num_sms: int) -> None:
+    # Buffers sized like DeepEP's (Config.get_rdma/nvl_buffer_size_hint with BF16 hidden bytes) hold the internode
     # kernels' rings for the default configs, BF16 and FP8 records and combine rows, with put staging (RDMA).
     from deepep_plugin.backends.cuda_internode import buffer_layout, record_bytes, ring_bytes
 
@@ -149,3 +149,6 @@ def test_rdma_size_hint_holds_the_internode_rings(num_ranks: int, num_sms: int) 
         for item in items:
             need = ring_bytes(layout, nodes, cfg.num_channels, cfg.num_max_rdma_chunked_recv_tokens, item, True)
             assert need <= hint, (item, need, hint)
+        # Combine's NVL rings (G x C x num_max_nvl_chunked_recv_tokens rows) in a get_nvl_buffer_size_hint buffer.
+        nvl_rings = per_node * cfg.num_channels * cfg.num_max_nvl_chunked_recv_tokens * items[2]
+        assert nvl_rings <= cfg.get_nvl_buffer_size_hint(hidden * 2, num_ranks)

@@ -22,12 +22,17 @@
 //                        outputs at rows fixed by the source (no atomics, no reorder), and publishes how far it
 //                        has read back to the sender. Reading its own forwarder's streams, a rank also writes
 //                        the handle's send_nvl_head rows (fresh dispatch).
-//   combine: (barrier) stage: each rank copies its expert outputs into its NVL region;
-//             one kernel, two roles, C blocks each:
-//             forwarders: round-robin over the (source node, channel c) streams, in record order, the sum of the
-//                         node peers' rows (FP32, rounded once to BF16), sent back to the source as one partial
-//                         row per record into its ring [my node][c] (P2P stores, or one put per chunk), with the
-//                         stream's progress every `chunk` records; a slot is reused once the source consumed it;
+//   combine: (barrier) one kernel, C forwarder blocks and C receiver blocks:
+//             pushers (8 warps of each forwarder block): warp l pushes, over NVLink, this rank's expert-output rows
+//                         that came through node peer l (sources with local index l) in channel c, in order,
+//                         into l's NVL ring [my local index][c] (Config.num_max_nvl_chunked_recv_tokens rows),
+//                         publishing its tail every num_max_nvl_chunked_send_tokens rows; a slot is reused once
+//                         l has consumed it;
+//             forwarders (the other 8 warps): source node by source node, in record order, the sum of the node
+//                         peers' rows from the local NVL rings (FP32, rounded once to BF16), sent back to the
+//                         source as one partial row per record into its ring [my node][c] (P2P stores, or one
+//                         put per chunk), with the stream's progress every `chunk` records; a slot is reused once
+//                         the source consumed it;
 //             receivers:  each source adds bias and its <= N partial rows per token as they arrive, and
 //                         publishes its consumption to each forwarder after every 16 tokens.
 // Every wait is bounded (common/wait.cuh) and reports {rank, peer, what} through the mailbox.
@@ -46,9 +51,10 @@ enum InternodeWait : int32_t {
   kWaitNotify = 81,          // dispatch notify: the peer's counts
   kWaitRingSpace = 82,       // dispatch send: ring slots of a forwarder's node (its readers' consumption)
   kWaitForwarded = 83,       // dispatch receive: a forwarder's records from one source node (peer = forwarder)
-  kWaitStaged = 84,          // combine forward: a node peer's staged expert outputs
+  kWaitPushed = 84,          // combine forward: a node peer's expert-output rows (its NVL ring tail)
   kWaitPartials = 85,        // combine receive: partial sums from a node's forwarder
   kWaitPartialSpace = 86,    // combine forward: ring slots at a source (its consumption of partial rows)
+  kWaitNvlSpace = 87,        // combine push: NVL ring slots at a node peer (its forwarder's consumption)
 };
 
 // Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each; then, at `stream_off`, the
@@ -57,9 +63,11 @@ enum InternodeWait : int32_t {
 //   progress [N][kMaxChannels]     (dispatch: at the forwarder, per source node; combine: at the source, per
 //                                  forwarder node) epoch << 32 | items written;
 //   dcons    [N][kMaxChannels][G]  (dispatch, at the sender, per destination node and reader) epoch << 32 | read;
-//   ccons    [N][kMaxChannels]     (combine, at the forwarder, per source node) epoch << 32 | partial rows read.
-enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1, kFlagDispatch = 2, kFlagStaged = 3, kFlagCombine = 4 };
-constexpr int kFlagKinds = 5;
+//   ccons    [N][kMaxChannels]     (combine, at the forwarder, per source node) epoch << 32 | partial rows read;
+//   ntail    [G][kMaxChannels]     (combine, at the forwarder, per pushing node peer) epoch << 32 | rows pushed;
+//   ncons    [G][kMaxChannels]     (combine, at the pusher, per forwarder node peer) epoch << 32 | rows read.
+enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1 };
+constexpr int kFlagKinds = 2;
 constexpr int kMaxChannels = 128;
 
 struct Env {
@@ -77,7 +85,7 @@ struct Env {
   int64_t notify_off, notify_stage_off, notify_row_ints;
   int64_t data_off, stage_off;            // rings [N][C][slots] items at data_off; put staging alike at stage_off
   int slots;                              // ring slots per stream (items of the current op's size)
-  int64_t nvl_off, nvl_rows;              // combine staging rows [nvl_rows] at nvl_off
+  int64_t nvl_off;                        // combine NVL rings [G][C][nvl_slots] rows at nvl_off
 };
 
 struct NotifyArgs {
@@ -121,13 +129,15 @@ struct DispatchArgs {
 
 struct CombineArgs {
   Env env;
-  int64_t row_bytes;            // align16(2H) + align16(4K): one staged row or partial row
+  int64_t row_bytes;            // align16(2H) + align16(4K): one NVL row or partial row
   int hidden, num_topk, num_tokens;
-  int64_t num_rows;             // rows of x (received rows, padded in num_worst_tokens mode)
-  const uint16_t* x;            // [num_rows, H] bf16
-  const float* topk_weights;    // [num_rows, K] or null
+  const uint16_t* x;            // [rows, H] bf16: this rank's expert outputs (the dispatch's received rows)
+  const float* topk_weights;    // [rows, K] or null
   int num_channels;             // C of the dispatch that made the handle: C forwarder + C receiver blocks
   int chunk;                    // partial rows per progress update (Config.num_max_rdma_chunked_send_tokens)
+  int nvl_slots, nvl_chunk;     // NVL ring rows and rows per tail update (Config's NVL recv / send chunk)
+  const int* recv_gbl_channel_prefix;    // [R, C] first row of (source, channel) in x (pusher)
+  const int* recv_gbl_rank_prefix_sum;   // [R] inclusive rows per source (pusher)
   const int* send_nvl_head;     // [head_rows, G] (forwarder)
   const int* recv_rdma_rank_prefix_sum;  // [N] inclusive record counts per source node (forwarder)
   const int* recv_rdma_channel_prefix;   // [N, C] inclusive per-channel record counts per source node (forwarder)
@@ -142,7 +152,6 @@ struct CombineArgs {
 void barrier(const Env& env, void* stream);
 void notify(const NotifyArgs& a, void* stream);
 void dispatch(const DispatchArgs& a, void* stream);  // 2 * num_channels blocks
-void combine_stage(const CombineArgs& a, int num_sms, void* stream);
 void combine(const CombineArgs& a, void* stream);  // 2 * num_channels blocks
 
 }  // namespace internode

@@ -27,7 +27,6 @@
 #include <string>
 
 #include "common/bf16x8.cuh"
-#include "common/grid.cuh"
 #include "common/ptx.cuh"
 #include "common/vec_copy.cuh"
 #include "common/wait.cuh"
@@ -42,7 +41,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxNodes = 32;    // N (the host checks; a node index is one lane)
 constexpr int kMaxLocal = 32;    // G (the host checks; a node peer index is one lane)
 // Workspace words (grid-completion counters; the last block of a launch resets its word).
-constexpr int kWsStage = 1;  // blocks of the combine stage kernel
 
 #define IN_CUDA_CHECK(expr)                                                                             \
   do {                                                                                                  \
@@ -549,171 +547,194 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
 // ---------------------------------------------------------------------------------------------------------
 // Combine.
 
-// Every rank: its expert outputs (and weights) into its NVL region, where the forwarders of its node read them.
-__global__ void __launch_bounds__(kThreads, 1) combine_stage_kernel(CombineArgs a) {
-  __shared__ int s_last;
-  const Env& env = a.env;
-  const uint64_t e = static_cast<uint64_t>(*env.epoch);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = a.num_topk;
-  const int64_t data_bytes = align16(2LL * a.hidden);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < a.num_rows;
-       i += static_cast<int64_t>(gridDim.x) * kWarps) {
-    uint8_t* dst = env.buffer + env.nvl_off + i * a.row_bytes;
-    warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
-                                         reinterpret_cast<const int4*>(a.x + i * a.hidden), a.hidden / 8);
-    if (a.topk_weights != nullptr && lane < K)
-      reinterpret_cast<float*>(dst + data_bytes)[lane] = a.topk_weights[i * K + lane];
-  }
-  __threadfence_system();
-  if (!last_block(env.workspace + kWsStage, &s_last)) return;
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    st_release_sys(flag_at(env.buffer, env.num_ranks, kFlagStaged, 0), e);
-  }
+// NVL ring words (combine, api.h): tail of pusher g's ring at this forwarder; consumption of forwarder l.
+__device__ __forceinline__ uint64_t* ntail_at(uint8_t* base, const Env& env, int peer, int channel) {
+  return stream_words(base, env) + (3 + env.ranks_per_node) * env.num_nodes * kMaxChannels + peer * kMaxChannels +
+         channel;
+}
+__device__ __forceinline__ uint64_t* ncons_at(uint8_t* base, const Env& env, int peer, int channel) {
+  return ntail_at(base, env, env.ranks_per_node + peer, channel);
 }
 
-// Forwarder block (channel c): round-robin over the source nodes' streams of channel c, a batch of up to kWarps
-// records at a time (one per warp): the sum of the node peers' staged rows (FP32, rounded once to BF16) and
-// weights, written to slot (j % slots) of the source's ring [my node][c]; every `chunk` rows the source's progress
-// word of (my node, c) advances (P2P: release store; puts: one put per piece of new rows with the progress as
-// its signal). Thread 0 decides: a stream whose ring has room for its next batch (the source's consumption
-// word, epoch-tagged, in this rank's buffer); when none has, it publishes every stream's pending rows and waits.
+// Combine roles of a forwarder block: warps [0, kPushWarps) push, the others forward.
+constexpr int kPushWarps = 8;
+constexpr int kFwdWarps = kWarps - kPushWarps;
+constexpr int kFwdBarrier = 1;  // named barrier of the forwarder warps
+
+// Pusher warp l (< G) of channel c: this rank's rows that came from sources (n, l) in channel c, source node by
+// source node, in row order (the order forwarder l reads its records in), into l's NVL ring [my local][c] at slot
+// k % nvl_slots; the tail advances every nvl_chunk rows and at the end. A slot is reused once l's consumption word
+// (in this rank's buffer) is past it.
+__device__ void combine_pusher(const CombineArgs& a, int c, int l, uint64_t e) {
+  const Env& env = a.env;
+  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels, Q = a.nvl_slots;
+  const int my_node = env.rank / G, my_local = env.rank % G;
+  const int lane = threadIdx.x & 31;
+  const int64_t data_bytes = align16(2LL * a.hidden);
+  const int f = my_node * G + l;
+  uint8_t* ring = env.peers[f] + env.nvl_off + (static_cast<int64_t>(my_local) * C + c) * Q * a.row_bytes;
+  uint64_t* tail = ntail_at(env.peers[f], env, my_local, c);
+  const uint64_t* cons = ncons_at(env.buffer, env, l, c);
+  int k = 0, told = 0, room = Q;
+  auto publish = [&] {
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) st_release_sys(tail, (e << 32) | static_cast<uint32_t>(k));
+    told = k;
+  };
+  for (int n = 0; n < N; ++n) {
+    const int s = n * G + l;
+    const int r0 = a.recv_gbl_channel_prefix[s * C + c];
+    const int r1 = c + 1 < C ? a.recv_gbl_channel_prefix[s * C + c + 1] : a.recv_gbl_rank_prefix_sum[s];
+    for (int row = r0; row < r1; ++row) {
+      if (k >= room) {
+        if (k > told) publish();
+        int seen = 0;
+        bool ok = true;
+        if (lane == 0)
+          ok = spin_until(
+              error_env(env), [&] { return count_of(ld_acquire_sys(cons), e); },
+              [&](int v) {
+                seen = v;
+                return v + Q > k;
+              },
+              kWaitNvlSpace, f, c, k + 1 - Q);
+        if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+        room = __shfl_sync(0xffffffffu, seen, 0) + Q;
+      }
+      uint8_t* dst = ring + static_cast<int64_t>(k % Q) * a.row_bytes;
+      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
+                                           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(row) * a.hidden),
+                                           a.hidden / 8);
+      if (a.topk_weights != nullptr && lane < K)
+        reinterpret_cast<float*>(dst + data_bytes)[lane] = a.topk_weights[static_cast<int64_t>(row) * K + lane];
+      ++k;
+      if (k - told >= a.nvl_chunk) publish();
+    }
+  }
+  if (k > told) publish();
+}
+
+// Forwarder warps of channel c (kFwdWarps of them, one record each per batch): source node by source node (every
+// forwarder serves the source nodes in the same order, so the rings never wait in a cycle), records in order: the
+// sum of the node peers' rows, read from this rank's NVL rings (FP32, rounded once to BF16), and weights, written
+// to slot j % slots of the source's ring [my node][c]; every `chunk` rows the source's progress word of (my node, c)
+// advances (P2P: release store; puts: one put per piece with the progress as its signal). Before a batch, the
+// leader makes sure the source's ring has room (publishing what is pending first) and assigns each record its
+// position in each peer's NVL ring (peers' rows arrive in record order; a record takes one from each peer that got
+// it); after it, it tells the pushers how far their rings were read.
 struct ForwarderState {
-  int done[kMaxNodes], told[kMaxNodes], room[kMaxNodes];
-  int cmd[3];  // stream (or -1 done / -2 failed), first, end
+  int pos[kFwdWarps][kMaxLocal];  // the batch's NVL ring positions (count since the op began), or -1
+  int read[kMaxLocal];            // NVL rows read from each peer's ring
 };
 
 __device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e, ForwarderState& st) {
   const Env& env = a.env;
-  const int R = env.num_ranks, G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
-  const int S = env.slots;
+  const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels;
+  const int S = env.slots, Q = a.nvl_slots;
   const int my_node = env.rank / G, my_local = env.rank % G;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) - kPushWarps;  // forwarder warp index
+  const bool leader = warp == 0 && lane == 0;
   const int64_t data_bytes = align16(2LL * a.hidden);
   const int vec = a.hidden / 8;
-  for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    const int d = my_node * G + g;
-    wait_flag(env, flag_at(env.peers[d], R, kFlagStaged, 0), e, false, kWaitStaged, d);
-  }
-  // Stream n: records [j0, j1) of source node n (relative index j - j0 in the ring).
-  auto range = [&](int n, int& first_record, int& j0, int& j1) {
-    first_record = n == 0 ? 0 : a.recv_rdma_rank_prefix_sum[n - 1];
-    j0 = c == 0 ? 0 : a.recv_rdma_channel_prefix[n * C + c - 1];
-    j1 = a.recv_rdma_channel_prefix[n * C + c];
-  };
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    st.done[n] = 0;
-    st.told[n] = 0;
-    st.room[n] = S;
-  }
-  if (__syncthreads_or(aborted(error_env(env)))) return;  // every thread leaves, or none
-  int rr = 0;
-  for (;;) {
-    if (threadIdx.x == 0) {
-      int pick = -1, first = 0, end = 0;
-      const uint64_t start = global_timer_ns();
-      bool flushed = false;
-      for (uint32_t scan = 1;; ++scan) {
-        bool all_done = true;
-        int waiting_on = -1;
-        for (int kk = 0; kk < N && pick < 0; ++kk) {
-          const int n = (rr + kk) % N;
-          int fr, j0, j1;
-          range(n, fr, j0, j1);
-          const int done = st.done[n], total = j1 - j0;
-          if (done >= total) continue;
-          all_done = false;
-          const int want = done + min(total - done, kWarps);
-          if (want > st.room[n]) st.room[n] = count_of(ld_acquire_sys(ccons_at(env.buffer, env, n, c)), e) + S;
-          if (want > st.room[n]) {
-            if (waiting_on < 0) waiting_on = n * G + my_local;
-            continue;
-          }
-          pick = n;
-          first = done;
-          end = want;
-          rr = n + 1;
-        }
-        if (pick >= 0) break;
-        if (all_done) break;
-        // Every ring with work is full: publish what is pending so the sources can consume it, then wait.
-        if (!flushed) {
-          for (int n = 0; n < N; ++n) {
-            int fr, j0, j1;
-            range(n, fr, j0, j1);
-            if (st.done[n] > st.told[n]) {
-              publish_items(env, n * G + my_local, my_node, c, ring_first(env, C, my_node, c),
-                            ring_first(env, C, n, c), a.row_bytes, st.told[n], st.done[n],
-                            (e << 32) | static_cast<uint32_t>(st.done[n]));
-              st.told[n] = st.done[n];
-            }
-          }
-          flushed = true;
-        }
-        if ((scan & 15u) == 0) {
-          if (aborted(error_env(env))) {
-            pick = -2;
-            break;
-          }
-          if (global_timer_ns() - start > env.timeout_ns) {
-            report_error(error_env(env), kMailboxTimeout, kWaitPartialSpace, waiting_on, c, static_cast<int64_t>(e),
-                         0);
-            pick = -2;
-            break;
-          }
-        }
-      }
-      st.cmd[0] = pick;
-      st.cmd[1] = first;
-      st.cmd[2] = end;
-    }
-    __syncthreads();
-    const int n = st.cmd[0];
-    if (n < 0) break;
-    const int first = st.cmd[1], end = st.cmd[2];
-    int first_record, j0, j1;
-    range(n, first_record, j0, j1);
+  // Barrier of the forwarder warps that also tells every one of them whether any failed (they leave together).
+  auto sync_failed = [](bool failed) { return named_barrier_or(kFwdBarrier, kFwdWarps * 32, failed); };
+  if (warp == 0 && lane < G) st.read[lane] = 0;
+  sync_failed(false);
+  for (int n = 0; n < N; ++n) {
     const int s = n * G + my_local;
-    const int jj = first + warp;  // relative index of this warp's record
-    if (jj < end) {
-      const int64_t i = first_record + j0 + jj;
-      const int my_row = lane < G ? a.send_nvl_head[i * G + lane] : -1;
-      uint8_t* dst = env.peers[s] != nullptr
-                         ? env.peers[s] + env.data_off + (ring_first(env, C, my_node, c) + jj % S) * a.row_bytes
-                         : env.buffer + env.stage_off + (ring_first(env, C, n, c) + jj % S) * a.row_bytes;
-      const uint8_t* src[kMaxLocal];
-      int num_src = 0;
-      for (int g = 0; g < G; ++g) {
-        const int row = __shfl_sync(0xffffffffu, my_row, g);
-        if (row >= 0)
-          src[num_src++] = env.peers[my_node * G + g] + env.nvl_off + static_cast<int64_t>(row) * a.row_bytes;
+    const int first_record = n == 0 ? 0 : a.recv_rdma_rank_prefix_sum[n - 1];
+    const int j0 = c == 0 ? 0 : a.recv_rdma_channel_prefix[n * C + c - 1];
+    const int total = a.recv_rdma_channel_prefix[n * C + c] - j0;
+    const int64_t dst_first = ring_first(env, C, my_node, c), stage_first = ring_first(env, C, n, c);
+    int told = 0, room = S;  // leader: partial rows published to the source; writable before a consumption check
+    for (int jb = 0; jb < total; jb += kFwdWarps) {
+      const int nb = min(kFwdWarps, total - jb);
+      bool ok = true;
+      if (warp == 0) {
+        // Room at the source: its consumption word (in this rank's buffer) must be past jb + nb - S.
+        if (lane == 0 && jb + nb > room) {
+          if (jb > told) {
+            publish_items(env, s, my_node, c, dst_first, stage_first, a.row_bytes, told, jb,
+                          (e << 32) | static_cast<uint32_t>(jb));
+            told = jb;
+          }
+          int seen = 0;
+          ok = spin_until(
+              error_env(env), [&] { return count_of(ld_acquire_sys(ccons_at(env.buffer, env, n, c)), e); },
+              [&](int v) {
+                seen = v;
+                return v + S >= jb + nb;
+              },
+              kWaitPartialSpace, s, c, jb + nb - S);
+          room = seen + S;
+        }
+        // NVL ring positions of the batch's records, peer by peer (lane g).
+        if (lane < G) {
+          int r = st.read[lane];
+          for (int w = 0; w < nb; ++w) {
+            const int64_t i = first_record + j0 + jb + w;
+            st.pos[w][lane] = a.send_nvl_head[i * G + lane] >= 0 ? r++ : -1;
+          }
+          st.read[lane] = r;
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
       }
-      for (int v = lane; v < vec; v += 32) {
-        float acc[8];
+      if (sync_failed(!ok)) return;
+      if (warp < nb) {
+        const int jj = jb + warp;
+        // Wait for the rows of this record (lane g: peer g's tail past its position).
+        const int p = lane < G ? st.pos[warp][lane] : -1;
+        if (p >= 0) {
+          const uint64_t* tail = ntail_at(env.buffer, env, lane, c);
+          ok = spin_until(
+              error_env(env), [&] { return count_of(ld_acquire_sys(tail), e); }, [&](int v) { return v > p; },
+              kWaitPushed, my_node * G + lane, c, p + 1);
+        }
+        if (!__any_sync(0xffffffffu, !ok)) {
+          uint8_t* dst = env.peers[s] != nullptr ? env.peers[s] + env.data_off + (dst_first + jj % S) * a.row_bytes
+                                                 : env.buffer + env.stage_off + (stage_first + jj % S) * a.row_bytes;
+          const uint8_t* src[kMaxLocal];
+          int num_src = 0;
+          for (int g = 0; g < G; ++g) {
+            const int q = __shfl_sync(0xffffffffu, p, g);
+            if (q >= 0)
+              src[num_src++] = env.buffer + env.nvl_off +
+                               ((static_cast<int64_t>(g) * C + c) * Q + q % Q) * a.row_bytes;
+          }
+          for (int v = lane; v < vec; v += 32) {
+            float acc[8];
 #pragma unroll
-        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-        for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
-        st_na_v4(reinterpret_cast<int4*>(dst) + v, to_bf16x8(acc));
+            for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+            for (int q = 0; q < num_src; ++q) add_bf16x8(acc, ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + v));
+            st_na_v4(reinterpret_cast<int4*>(dst) + v, to_bf16x8(acc));
+          }
+          // Test K, not this rank's weight pointer: a forwarder that received no rows itself has none.
+          if (K > 0 && lane < K) {
+            float w = 0.0f;
+            for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
+            reinterpret_cast<float*>(dst + data_bytes)[lane] = w;
+          }
+        } else {
+          ok = false;
+        }
       }
-      // Test K, not this rank's weight pointer: a forwarder that received no rows itself has none.
-      if (K > 0 && lane < K) {
-        float w = 0.0f;
-        for (int q = 0; q < num_src; ++q) w += ld_cg(reinterpret_cast<const float*>(src[q] + data_bytes) + lane);
-        reinterpret_cast<float*>(dst + data_bytes)[lane] = w;
-      }
-    }
-    __threadfence_system();  // this batch's partial rows, before thread 0 publishes them
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      st.done[n] = end;
-      if (end - st.told[n] >= a.chunk || end == j1 - j0) {
-        publish_items(env, s, my_node, c, ring_first(env, C, my_node, c), ring_first(env, C, n, c), a.row_bytes,
-                      st.told[n], end, (e << 32) | static_cast<uint32_t>(end));
-        st.told[n] = end;
+      __threadfence_system();  // this batch's partial rows, before the leader publishes them
+      if (sync_failed(!ok)) return;
+      if (warp == 0) {
+        const int done = jb + nb;
+        if (lane == 0 && (done - told >= a.chunk || done == total)) {
+          publish_items(env, s, my_node, c, dst_first, stage_first, a.row_bytes, told, done,
+                        (e << 32) | static_cast<uint32_t>(done));
+          told = done;
+        }
+        // The batch's NVL rows are read: free their slots at the pushers.
+        if (lane < G) publish_consumed(env, my_node * G + lane, ncons_at(env.buffer, env, my_local, c),
+                                       (e << 32) | static_cast<uint32_t>(st.read[lane]));
       }
     }
   }
-  if (env.has_rdma_peers && threadIdx.x == 0) nvshmem_quiet();
+  if (env.has_rdma_peers && leader) nvshmem_quiet();
 }
 
 // Source blocks (channel c of this rank's tokens), kWarps tokens per round, one per warp: bias plus the partial
@@ -794,21 +815,21 @@ __device__ void combine_receiver(const CombineArgs& a, int c, uint64_t e, int (*
   if (env.has_rdma_peers && threadIdx.x < N) nvshmem_quiet();
 }
 
-// One launch, 2C blocks: blocks [0, C) forward (reduce inside the node, send partials back), blocks [C, 2C) receive
-// this rank's tokens as their partials arrive.
+// One launch, 2C blocks: blocks [0, C) push (warps < G) and forward (the other 8 warps: reduce inside the node,
+// send partials back), blocks [C, 2C) receive this rank's tokens as their partials arrive.
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
   __shared__ ForwarderState s_fwd;
   __shared__ int s_read[2][kMaxNodes];
   const uint64_t e = static_cast<uint64_t>(*a.env.epoch);
-  if (static_cast<int>(blockIdx.x) < a.num_channels)
-    combine_forwarder(a, blockIdx.x, e, s_fwd);
-  else
+  if (static_cast<int>(blockIdx.x) < a.num_channels) {
+    const int w = threadIdx.x >> 5;
+    if (w >= kPushWarps)
+      combine_forwarder(a, blockIdx.x, e, s_fwd);
+    else if (w < a.env.ranks_per_node)
+      combine_pusher(a, blockIdx.x, w, e);
+  } else {
     combine_receiver(a, blockIdx.x - a.num_channels, e, s_read);
-}
-
-int blocks_for(int num_sms, int64_t work_warps) {
-  const int64_t want = std::max<int64_t>(1, (work_warps + kWarps - 1) / kWarps);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_sms, want)));
+  }
 }
 
 }  // namespace
@@ -828,11 +849,6 @@ void dispatch(const DispatchArgs& a, void* stream) {
     throw std::runtime_error("deepep_plugin internode: num_channels must be in [1, " + std::to_string(kMaxChannels) +
                              "], got " + std::to_string(a.num_channels));
   dispatch_kernel<<<2 * a.num_channels, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-  IN_CUDA_CHECK(cudaGetLastError());
-}
-
-void combine_stage(const CombineArgs& a, int num_sms, void* stream) {
-  combine_stage_kernel<<<blocks_for(num_sms, a.num_rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   IN_CUDA_CHECK(cudaGetLastError());
 }
 

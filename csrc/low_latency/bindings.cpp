@@ -121,7 +121,6 @@ internode::Env make_internode_env(const py::dict& d) {
   env.stage_off = num(d, "stage_off");
   env.slots = static_cast<int>(num(d, "slots"));
   env.nvl_off = num(d, "nvl_off");
-  env.nvl_rows = num(d, "nvl_rows");
   return env;
 }
 
@@ -167,11 +166,14 @@ internode::CombineArgs make_internode_combine(const py::dict& d) {
   a.hidden = static_cast<int>(num(d, "hidden"));
   a.num_topk = static_cast<int>(num(d, "num_topk"));
   a.num_tokens = static_cast<int>(num(d, "num_tokens"));
-  a.num_rows = num(d, "num_rows");
   a.x = ptr<const uint16_t>(d, "x");
   a.topk_weights = ptr<const float>(d, "topk_weights");
   a.num_channels = static_cast<int>(num(d, "num_channels"));
   a.chunk = static_cast<int>(num(d, "chunk"));
+  a.nvl_slots = static_cast<int>(num(d, "nvl_slots"));
+  a.nvl_chunk = static_cast<int>(num(d, "nvl_chunk"));
+  a.recv_gbl_channel_prefix = ptr<const int>(d, "recv_gbl_channel_prefix");
+  a.recv_gbl_rank_prefix_sum = ptr<const int>(d, "recv_gbl_rank_prefix_sum");
   a.send_nvl_head = ptr<const int>(d, "send_nvl_head");
   a.recv_rdma_rank_prefix_sum = ptr<const int>(d, "recv_rdma_rank_prefix_sum");
   a.recv_rdma_channel_prefix = ptr<const int>(d, "recv_rdma_channel_prefix");
@@ -251,9 +253,6 @@ PYBIND11_MODULE(_low_latency_C, m) {
   });
   m.def("internode_dispatch", [](const py::dict& d) {
     internode::dispatch(make_internode_dispatch(d), stream_of(d));
-  });
-  m.def("internode_combine_stage", [](const py::dict& d, int num_sms) {
-    internode::combine_stage(make_internode_combine(d), num_sms, stream_of(d));
   });
   m.def("internode_combine", [](const py::dict& d) {
     internode::combine(make_internode_combine(d), stream_of(d));

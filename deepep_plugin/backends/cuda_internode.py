@@ -16,23 +16,27 @@ How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops
   and receivers pull records as soon as they are published, so the network and NVLink hops overlap. Each stream
   is a ring of ``Config.num_max_rdma_chunked_recv_tokens`` records at the forwarder; readers publish how far they
   have read and the sender reuses a slot only once every reader of that node is past it.
-* **combine** — every GPU stages its expert outputs in its NVL region; then one kernel: ``C`` forwarder blocks sum,
-  per record, the rows of their node peers (FP32, rounded once to BF16) and send **one partial row per record**
-  back over the network into a ring of ``num_max_rdma_chunked_recv_tokens`` rows per (node, channel) at the
-  source, publishing each stream's progress every chunk; ``C`` receiver blocks add bias and each token's ``<= N``
-  partial rows (FP32, rounded once) as soon as they have arrived, and tell the forwarders which slots are free.
+* **combine** — one kernel: in each of ``C`` forwarder blocks, ``G`` pusher warps push this GPU's expert-output
+  rows over NVLink, in the order their forwarder reads them, into an NVL ring of
+  ``Config.num_max_nvl_chunked_recv_tokens`` rows per (node peer, channel) at that forwarder (tail published every
+  ``num_max_nvl_chunked_send_tokens`` rows); 8 forwarder warps sum, per record, the node peers' rows from the local
+  rings (FP32, rounded once to BF16) and send **one partial row per record** back over the network into a ring of
+  ``num_max_rdma_chunked_recv_tokens`` rows per (node, channel) at the source, publishing each stream's progress
+  every ``num_max_rdma_chunked_send_tokens``; ``C`` receiver blocks add bias and each token's ``<= N`` partial rows
+  (FP32, rounded once) as soon as they have arrived, and tell the forwarders which slots are free.
 * Peers NVSHMEM maps into this process (NVLink P2P) are written with stores; the others (other nodes over RDMA)
   get one NVSHMEM put per chunk of records from local staging, its signal carrying the stream's progress. Node
   peers must be P2P-reachable. ``DEEPEP_PLUGIN_INTERNODE_PUTS=1`` sends to every other node with puts even where
   P2P would work (the RDMA code path, testable on one host).
-* The NVLink hop is a pull into the outputs, so the NVL chunk sizes of ``Config`` have no role here.
+* Dispatch's NVLink hop is a pull straight into the outputs, so the NVL chunk sizes of ``Config`` shape combine
+  only.
 
 Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). The data
-region holds ``N x C`` rings of ``S = num_max_rdma_chunked_recv_tokens`` items (plus as many put-staging slots
-when some peer is reached with puts), so any number of tokens runs in a fixed buffer; a buffer sized by
-``Config.get_rdma_buffer_size_hint`` holds them. The NVL region holds a rank's received rows for combine (its
-expert outputs, staged for the forwarders of its node). A call that does not fit raises ``DeepEPBufferTooSmall``
-with the bytes needed.
+region holds ``N x C`` rings of ``num_max_rdma_chunked_recv_tokens`` items (plus as many put-staging slots when
+some peer is reached with puts), the NVL region ``G x C`` rings of ``num_max_nvl_chunked_recv_tokens`` rows; so
+any number of tokens runs in fixed buffers, and buffers sized by ``Config.get_rdma_buffer_size_hint`` and
+``get_nvl_buffer_size_hint`` hold them. A call that does not fit raises ``DeepEPBufferTooSmall`` with the bytes
+needed.
 
 Host synchronisation: only a fresh dispatch without ``num_worst_tokens`` reads counts on the host (once, after
 the notify kernel); everything else is free of host syncs and CUDA-graph capturable.
@@ -63,17 +67,22 @@ MAX_CHANNELS = 128
 #: Node count and node size the kernels handle (a node index / node peer index is one lane of a warp).
 MAX_NODES = 32
 MAX_TOPK = 16
-_FLAG_KINDS = 5
+_FLAG_KINDS = 2
 _MAILBOX_TIMEOUT, _MAILBOX_OVERFLOW = 1, 2
 #: Ring slots per stream the kernels need at least (a batch of 16 items, plus 16 in flight at the consumer).
 MIN_RING_SLOTS = 32
+#: NVL ring rows per (node peer, channel) combine needs at least (a forwarder batch of 8 records, and some slack).
+MIN_NVL_SLOTS = 16
+#: Node size the kernels handle: one pusher warp per node peer in a combine forwarder block.
+MAX_LOCAL = 8
 _WAITS = {80: "the operation barrier (did the peer make the same call?)",
           81: "dispatch notify: the peer's token counts (did it call dispatch?)",
           82: "dispatch send: free ring slots at the forwarder (its node's readers' consumption)",
           83: "dispatch receive: a forwarder's records from one source node",
-          84: "combine forward: a node peer's staged expert outputs (did it call combine?)",
+          84: "combine forward: a node peer's expert-output rows in the NVL ring (did it call combine?)",
           85: "combine receive: partial sums from a node's forwarder",
           86: "combine forward: free ring slots at the source (its consumption of partial rows)",
+          87: "combine push: free NVL ring slots at a node peer (its forwarder's consumption)",
           8: "dispatch: received rows beyond num_worst_tokens"}
 
 
@@ -99,8 +108,9 @@ def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_b
     row_ints = _align(num_ranks + num_nodes + 1 + MAX_LOCAL_EXPERTS + 2 * MAX_CHANNELS, 4)
     stream_off = _align(_FLAG_KINDS * num_ranks * 8, 16)
     per_node = num_ranks // num_nodes
-    # extent, progress, ccons: [N][MAX_CHANNELS]; dcons: [N][MAX_CHANNELS][G] (uint64 each)
-    ctrl = _align(stream_off + (3 + per_node) * num_nodes * MAX_CHANNELS * 8, 256)
+    # extent, progress, ccons: [N][MAX_CHANNELS]; dcons: [N][MAX_CHANNELS][G]; ntail, ncons: [G][MAX_CHANNELS]
+    words = (3 + per_node) * num_nodes * MAX_CHANNELS + 2 * per_node * MAX_CHANNELS
+    ctrl = _align(stream_off + words * 8, 256)
     notify = _align(num_ranks * row_ints * 4, 256)
     data_off = ctrl + 2 * notify
     rdma = _align(num_rdma_bytes, 256)
@@ -140,6 +150,8 @@ class InternodeRuntime(SymmetricRuntime):
                  num_qps_per_rank: int) -> None:
         expect(num_ranks % ranks_per_node == 0 and num_ranks // ranks_per_node >= 2,
                f"InternodeRuntime: {num_ranks} ranks do not form >= 2 nodes of {ranks_per_node}")
+        expect(ranks_per_node <= MAX_LOCAL,
+               f"InternodeRuntime: at most {MAX_LOCAL} ranks per node are supported, got {ranks_per_node}")
         expect(num_ranks // ranks_per_node <= MAX_NODES,
                f"InternodeRuntime: at most {MAX_NODES} nodes are supported, got {num_ranks // ranks_per_node}")
         self._c = _extension()
@@ -198,7 +210,7 @@ class InternodeRuntime(SymmetricRuntime):
                 "stream_off": lay.stream_off, "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
                 "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
                 "stage_off": lay.data_off + self.num_nodes * num_channels * slots * item_bytes, "slots": slots,
-                "nvl_off": lay.nvl_off, "nvl_rows": lay.nvl_bytes // max(item_bytes, 1),
+                "nvl_off": lay.nvl_off,
                 "stream": torch.cuda.current_stream().cuda_stream}
 
     def _check_alive(self, what: str) -> None:
@@ -382,14 +394,22 @@ class InternodeRuntime(SymmetricRuntime):
         expect(H % 8 == 0, f"combine: hidden must be a multiple of 8, got {H}")
         K = topk_weights.size(1) if topk_weights is not None else 0
         expect(K <= MAX_TOPK, f"combine: top-k must be <= {MAX_TOPK}, got {K}")
+        rows = handle.recv_src_meta.size(0)
+        expect(x.size(0) == rows, f"combine: x must have the {rows} rows of the dispatch that made the handle, got "
+               f"{x.size(0)}")
         row = _align(2 * H, 16) + _align(4 * K, 16)
         C = handle.rdma_channel_prefix_matrix.size(1)
         slots = config.num_max_rdma_chunked_recv_tokens
         self._check_rings("combine", C, slots, row)
-        if x.size(0) * row > self.layout.nvl_bytes:
+        nvl_slots = config.num_max_nvl_chunked_recv_tokens
+        expect(nvl_slots >= MIN_NVL_SLOTS, f"combine: Config.num_max_nvl_chunked_recv_tokens must be at least "
+               f"{MIN_NVL_SLOTS} for the internode kernels, got {nvl_slots}")
+        nvl_need = self.ranks_per_node * C * nvl_slots * row
+        if nvl_need > self.layout.nvl_bytes:
             raise DeepEPBufferTooSmall(
-                f"combine: num_nvl_bytes={self.layout.nvl_bytes} is too small to stage {x.size(0)} received rows of "
-                f"{row} bytes: it needs at least {x.size(0) * row} bytes")
+                f"combine: num_nvl_bytes={self.layout.nvl_bytes} is too small for {self.ranks_per_node} x {C} NVL "
+                f"rings of {nvl_slots} rows of {row} bytes (Config.num_max_nvl_chunked_recv_tokens): it needs at least "
+                f"{nvl_need} bytes (Config.get_nvl_buffer_size_hint sizes it)")
         x = x.contiguous()
         w = topk_weights.to(torch.float32).contiguous() if topk_weights is not None else None
         combined = torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
@@ -399,10 +419,13 @@ class InternodeRuntime(SymmetricRuntime):
         env = self._env(row, C, slots)
         args = dict(env)
         args.update({
-            "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T, "num_rows": x.size(0),
+            "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T,
             "x": x.data_ptr(), "topk_weights": w.data_ptr() if w is not None else None,
             "num_channels": C,
             "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
+            "nvl_slots": nvl_slots, "nvl_chunk": max(1, min(config.num_max_nvl_chunked_send_tokens, nvl_slots)),
+            "recv_gbl_channel_prefix": handle.recv_gbl_channel_prefix_matrix.contiguous().data_ptr(),
+            "recv_gbl_rank_prefix_sum": handle.recv_gbl_rank_prefix_sum.contiguous().data_ptr(),
             "send_nvl_head": handle.send_nvl_head.data_ptr(),
             "recv_rdma_rank_prefix_sum": handle.recv_rdma_rank_prefix_sum.data_ptr(),
             "recv_rdma_channel_prefix": handle.recv_rdma_channel_prefix_matrix.contiguous().data_ptr(),
@@ -412,8 +435,7 @@ class InternodeRuntime(SymmetricRuntime):
             "combined_x": combined.data_ptr(),
             "combined_topk_weights": combined_w.data_ptr() if combined_w is not None else None})
         self._c.internode_barrier(env)
-        self._c.internode_combine_stage(args, max(1, config.num_sms))
-        self._c.internode_combine(args)  # 2C blocks: C forwarders, C receivers
+        self._c.internode_combine(args)  # 2C blocks: C pushers + forwarders, C receivers
         return CombineResult(combined, combined_w)
 
     # ------------------------------------------------------------------------------------------------------

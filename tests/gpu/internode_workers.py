@@ -54,7 +54,7 @@ def _same_handle(got, want, rows: int | None = None) -> None:
 
 def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, seed: int, hidden: int,
                             num_topk: int, puts: bool, num_sms: int, rdma_chunk: int = 16,
-                            ring_slots: int = 128) -> None:
+                            ring_slots: int = 128, nvl_slots: int = 256) -> None:
     if puts:
         os.environ["DEEPEP_PLUGIN_INTERNODE_PUTS"] = "1"
     dev = take_device(rank)
@@ -66,9 +66,9 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
     assert gpu.num_nodes == world // per_node > 1 and gpu.backend_name == "cuda"
     assert gpu.runtime.internode is not None, "the CUDA backend did not build the internode runtime"
     # rdma_chunk: records per progress update of a (node, channel) stream (1 = every record on its own);
-    # ring_slots: records (and partial rows) each (node, channel) ring holds; fewer than a stream's records
-    # make the rings wrap, the sender waiting for its readers.
-    cfg = dp.Config(num_sms, 8, 256, rdma_chunk, ring_slots)
+    # ring_slots: records (and partial rows) each (node, channel) ring holds; nvl_slots: rows of each combine NVL
+    # ring (node peer, channel). Fewer than a stream's items make the rings wrap, producers waiting for consumers.
+    cfg = dp.Config(num_sms, min(8, nvl_slots // 4), nvl_slots, rdma_chunk, ring_slots)
     x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
 
     # Layout on the GPU equals the reference's (per rank, per node, per expert, membership).

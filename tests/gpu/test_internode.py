@@ -44,14 +44,15 @@ def test_internode_deepseek_hidden_top8_one_channel_chunk_of_one() -> None:
 
 @pytest.mark.parametrize("puts", [False, True])
 def test_internode_rings_wrap(puts: bool) -> None:
-    # One channel and 32-slot rings: a node's 20-90 tokens per rank wrap each ring up to three times, so senders
-    # wait for their readers (dispatch) and forwarders for their sources (combine) in the same fixed buffer.
-    run_distributed(w.dispatch_combine_worker, 4, 2, "node_limited", 66, 256, 8, puts, 2, 4, 32, **SPAWN)
+    # One channel, 32-slot RDMA rings and 16-row NVL rings: a node's 20-90 tokens per rank wrap each ring several
+    # times, so senders wait for their readers (dispatch), pushers for their forwarders and forwarders for their
+    # sources (combine), in the same fixed buffers.
+    run_distributed(w.dispatch_combine_worker, 4, 2, "node_limited", 66, 256, 8, puts, 2, 4, 32, 16, **SPAWN)
 
 
 def test_internode_eight_ranks_four_nodes_small_rings() -> None:
     # 4 nodes, 2 channels: up to 45 records per (node, channel) stream in 32-slot rings, chunks of 2.
-    run_distributed(w.dispatch_combine_worker, 8, 2, "node_limited", 67, 128, 4, False, 4, 2, 32, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, 8, 2, "node_limited", 67, 128, 4, False, 4, 2, 32, 24, **SPAWN)
 
 
 def test_internode_eight_ranks_four_nodes() -> None:
