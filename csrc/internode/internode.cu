@@ -561,58 +561,74 @@ constexpr int kPushWarps = 8;
 constexpr int kFwdWarps = kWarps - kPushWarps;
 constexpr int kFwdBarrier = 1;  // named barrier of the forwarder warps
 
-// Pusher warp l (< G) of channel c: this rank's rows that came from sources (n, l) in channel c, source node by
-// source node, in row order (the order forwarder l reads its records in), into l's NVL ring [my local][c] at slot
-// k % nvl_slots; the tail advances every nvl_chunk rows and at the end. A slot is reused once l's consumption word
-// (in this rank's buffer) is past it.
-__device__ void combine_pusher(const CombineArgs& a, int c, int l, uint64_t e) {
+// Pushers of channel c: kPushWarps / G warps per node peer l (the group of l). They push this rank's rows that
+// came from sources (n, l) in channel c, source node by source node, in row order (the order forwarder l reads its
+// records in), into l's NVL ring [my local][c] at slot k % nvl_slots, one row per member warp per step. Before a
+// step the group's first lane makes sure the ring has room (l's consumption word in this rank's buffer; it first
+// publishes everything written, so l can get there); after a step the tail advances when nvl_chunk rows have
+// gathered, and at the end.
+__device__ void combine_pusher(const CombineArgs& a, int c, int w, uint64_t e) {
   const Env& env = a.env;
   const int G = env.ranks_per_node, N = env.num_nodes, K = a.num_topk, C = a.num_channels, Q = a.nvl_slots;
+  const int P = max(1, kPushWarps / G);  // warps per node peer
+  const int l = w / P, m = w % P;
+  if (l >= G) return;
   const int my_node = env.rank / G, my_local = env.rank % G;
   const int lane = threadIdx.x & 31;
+  const bool first = m == 0 && lane == 0;
   const int64_t data_bytes = align16(2LL * a.hidden);
   const int f = my_node * G + l;
   uint8_t* ring = env.peers[f] + env.nvl_off + (static_cast<int64_t>(my_local) * C + c) * Q * a.row_bytes;
   uint64_t* tail = ntail_at(env.peers[f], env, my_local, c);
   const uint64_t* cons = ncons_at(env.buffer, env, l, c);
-  int k = 0, told = 0, room = Q;
-  auto publish = [&] {
-    __threadfence_system();
-    __syncwarp();
-    if (lane == 0) st_release_sys(tail, (e << 32) | static_cast<uint32_t>(k));
-    told = k;
+  // Barrier of the group that also tells every member whether any failed (named barriers 2.. ; 1 is the
+  // forwarders').
+  auto sync_failed = [&](bool failed) {
+    return P > 1 ? named_barrier_or(2 + l, P * 32, failed) : __any_sync(0xffffffffu, failed) != 0;
   };
+  int k = 0, told = 0, room = Q;  // rows pushed; published; writable before a consumption check (first lane)
   for (int n = 0; n < N; ++n) {
     const int s = n * G + l;
     const int r0 = a.recv_gbl_channel_prefix[s * C + c];
     const int r1 = c + 1 < C ? a.recv_gbl_channel_prefix[s * C + c + 1] : a.recv_gbl_rank_prefix_sum[s];
-    for (int row = r0; row < r1; ++row) {
-      if (k >= room) {
-        if (k > told) publish();
+    for (int rb = r0; rb < r1; rb += P) {
+      const int step = min(P, r1 - rb);
+      bool ok = true;
+      if (first && k + step > room) {
+        if (k > told) {  // the previous steps' rows are fenced and behind a group barrier
+          st_release_sys(tail, (e << 32) | static_cast<uint32_t>(k));
+          told = k;
+        }
         int seen = 0;
-        bool ok = true;
-        if (lane == 0)
-          ok = spin_until(
-              error_env(env), [&] { return count_of(ld_acquire_sys(cons), e); },
-              [&](int v) {
-                seen = v;
-                return v + Q > k;
-              },
-              kWaitNvlSpace, f, c, k + 1 - Q);
-        if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-        room = __shfl_sync(0xffffffffu, seen, 0) + Q;
+        ok = spin_until(
+            error_env(env), [&] { return count_of(ld_acquire_sys(cons), e); },
+            [&](int v) {
+              seen = v;
+              return v + Q >= k + step;
+            },
+            kWaitNvlSpace, f, c, k + step - Q);
+        room = seen + Q;
       }
-      uint8_t* dst = ring + static_cast<int64_t>(k % Q) * a.row_bytes;
-      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
-                                           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(row) * a.hidden),
-                                           a.hidden / 8);
-      if (a.topk_weights != nullptr && lane < K)
-        reinterpret_cast<float*>(dst + data_bytes)[lane] = a.topk_weights[static_cast<int64_t>(row) * K + lane];
-      ++k;
-      if (k - told >= a.nvl_chunk) publish();
+      if (sync_failed(!ok)) return;
+      if (m < step) {
+        const int row = rb + m;
+        uint8_t* dst = ring + static_cast<int64_t>((k + m) % Q) * a.row_bytes;
+        warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(dst),
+                                             reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(row) * a.hidden),
+                                             a.hidden / 8);
+        if (a.topk_weights != nullptr && lane < K)
+          reinterpret_cast<float*>(dst + data_bytes)[lane] = a.topk_weights[static_cast<int64_t>(row) * K + lane];
+        __threadfence_system();
+      }
+      sync_failed(false);
+      k += step;
+      if (first && (k - told >= a.nvl_chunk || (n == N - 1 && rb + P >= r1))) {
+        st_release_sys(tail, (e << 32) | static_cast<uint32_t>(k));
+        told = k;
+      }
     }
   }
-  if (k > told) publish();
+  if (first && k > told) st_release_sys(tail, (e << 32) | static_cast<uint32_t>(k));
 }
 
 // Forwarder warps of channel c (kFwdWarps of them, one record each per batch): source node by source node (every
@@ -815,7 +831,7 @@ __device__ void combine_receiver(const CombineArgs& a, int c, uint64_t e, int (*
   if (env.has_rdma_peers && threadIdx.x < N) nvshmem_quiet();
 }
 
-// One launch, 2C blocks: blocks [0, C) push (warps < G) and forward (the other 8 warps: reduce inside the node,
+// One launch, 2C blocks: blocks [0, C) push (warps < 8) and forward (the other 8 warps: reduce inside the node,
 // send partials back), blocks [C, 2C) receive this rank's tokens as their partials arrive.
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
   __shared__ ForwarderState s_fwd;
@@ -825,7 +841,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(CombineArgs a) {
     const int w = threadIdx.x >> 5;
     if (w >= kPushWarps)
       combine_forwarder(a, blockIdx.x, e, s_fwd);
-    else if (w < a.env.ranks_per_node)
+    else
       combine_pusher(a, blockIdx.x, w, e);
   } else {
     combine_receiver(a, blockIdx.x - a.num_channels, e, s_read);
