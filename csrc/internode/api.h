@@ -76,7 +76,6 @@ struct Env {
   uint8_t* buffer;              // this rank's symmetric buffer
   uint8_t* const* peers;        // device array [R]: each rank's buffer mapped here, or null (puts)
   int64_t* epoch;               // device int64 [1]: operations so far (advanced by the barrier/notify kernel)
-  int* workspace;               // device int32 [8]: grid-completion counters, zero between launches
   int* abort_flag;              // device int32: set once any wait of this rank timed out
   Mailbox* mailbox;             // device alias of the host-mapped mailbox
   uint64_t timeout_ns;

@@ -40,7 +40,6 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxNodes = 32;    // N (the host checks; a node index is one lane)
 constexpr int kMaxLocal = 32;    // G (the host checks; a node peer index is one lane)
-// Workspace words (grid-completion counters; the last block of a launch resets its word).
 
 #define IN_CUDA_CHECK(expr)                                                                             \
   do {                                                                                                  \
@@ -197,7 +196,8 @@ __device__ void publish_items(const Env& env, int pe, int dst_node, int channel,
                             progress_at(env.buffer, env, dst_node, channel), progress, NVSHMEM_SIGNAL_SET, pe);
 }
 
-// One thread: tell `pe` how far this rank has read one of its streams (word `word` of pe's stream words).
+// One thread: tell `pe` how far this rank has read one of its streams: `value` into the word at pe that lies where
+// `word_here` lies in this rank's buffer.
 __device__ __forceinline__ void publish_consumed(const Env& env, int pe, uint64_t* word_here, uint64_t value) {
   if (env.peers[pe] != nullptr) {
     const int64_t off = reinterpret_cast<uint8_t*>(word_here) - env.buffer;

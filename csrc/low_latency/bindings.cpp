@@ -109,7 +109,6 @@ internode::Env make_internode_env(const py::dict& d) {
   env.buffer = ptr<uint8_t>(d, "buffer");
   env.peers = ptr<uint8_t* const>(d, "peers");
   env.epoch = ptr<int64_t>(d, "epoch");
-  env.workspace = ptr<int>(d, "workspace");
   env.abort_flag = ptr<int>(d, "abort_flag");
   env.mailbox = ptr<Mailbox>(d, "mailbox");
   env.timeout_ns = static_cast<uint64_t>(num(d, "timeout_ns"));

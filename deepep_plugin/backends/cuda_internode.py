@@ -131,7 +131,7 @@ def ring_bytes(layout: _Layout, num_nodes: int, num_channels: int, slots: int, i
 
 
 class InternodeRuntime(SymmetricRuntime):
-    """One rank's internode state: its symmetric buffer, peer mappings, epoch, workspace and mailbox.
+    """One rank's internode state: its symmetric buffer, peer mappings, epoch and mailbox.
 
     Collective: every rank of ``group`` constructs it together (and calls :meth:`destroy` together).
 
@@ -205,7 +205,7 @@ class InternodeRuntime(SymmetricRuntime):
         return {"rank": self.rank, "num_ranks": self.num_ranks, "ranks_per_node": self.ranks_per_node,
                 "num_nodes": self.num_nodes, "has_rdma_peers": self._has_rdma_peers, "buffer": self._ptr,
                 "peers": self._peers.data_ptr(), "epoch": self._epoch.data_ptr(),
-                "workspace": self._workspace.data_ptr(), "abort_flag": self._abort.data_ptr(),
+                "abort_flag": self._abort.data_ptr(),
                 "mailbox": self._mailbox_device, "timeout_ns": int(self.timeout_s * 1e9),
                 "stream_off": lay.stream_off, "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
                 "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
