@@ -135,7 +135,7 @@ def test_is_sm90_compiled_reports_the_built_kernels() -> None:
 def test_size_hints_hold_the_internode_rings(num_ranks: int, num_sms: int) -> None:
     # Buffers sized like DeepEP's (Config.get_rdma/nvl_buffer_size_hint with BF16 hidden bytes) hold the internode
     # kernels' rings for the default configs, BF16 and FP8 records and combine rows, with put staging (RDMA).
-    from deepep_plugin.backends.cuda_internode import buffer_layout, record_bytes, ring_bytes
+    from deepep_plugin.backends.cuda_internode import buffer_layout, combine_row_bytes, record_bytes, ring_bytes
 
     hidden, per_node, topk = 7168, 8, 8
     nodes = num_ranks // per_node
@@ -145,7 +145,7 @@ def test_size_hints_hold_the_internode_rings(num_ranks: int, num_sms: int) -> No
         hint = cfg.get_rdma_buffer_size_hint(hidden * 2, num_ranks)
         layout = buffer_layout(num_ranks, nodes, hint, 0)
         items = [record_bytes(hidden * 2, 0, topk, per_node), record_bytes(hidden, hidden // 128, topk, per_node),
-                 hidden * 2 + 4 * topk]  # BF16 record, FP8 record with scales, combine row
+                 combine_row_bytes(hidden, topk)]  # BF16 record, FP8 record with scales, combine row
         for item in items:
             need = ring_bytes(layout, nodes, cfg.num_channels, cfg.num_max_rdma_chunked_recv_tokens, item, True)
             assert need <= hint, (item, need, hint)

@@ -122,6 +122,11 @@ def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_no
     return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (2 + ranks_per_node + 2 * num_topk), 16)
 
 
+def combine_row_bytes(hidden: int, num_topk: int) -> int:
+    """One combine row (NVL ring row or partial row): BF16 data | float32 weights, each part 16-byte aligned."""
+    return _align(2 * hidden, 16) + _align(4 * num_topk, 16)
+
+
 def ring_bytes(layout: _Layout, num_nodes: int, num_channels: int, slots: int, item_bytes: int,
                has_rdma_peers: bool) -> int:
     """``num_rdma_bytes`` that ``num_nodes x num_channels`` rings of ``slots`` items need (with their put staging
@@ -397,7 +402,7 @@ class InternodeRuntime(SymmetricRuntime):
         rows = handle.recv_src_meta.size(0)
         expect(x.size(0) == rows, f"combine: x must have the {rows} rows of the dispatch that made the handle, got "
                f"{x.size(0)}")
-        row = _align(2 * H, 16) + _align(4 * K, 16)
+        row = combine_row_bytes(H, K)
         C = handle.rdma_channel_prefix_matrix.size(1)
         slots = config.num_max_rdma_chunked_recv_tokens
         self._check_rings("combine", C, slots, row)
