@@ -1,4 +1,4 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency} [options]``: the benchmarks (programs, not
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare} [options]``: the benchmarks (programs, not
 tests)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 USAGE = (
-    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency} [options]  (--help after the name for "
-    "options)"
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare} [options]  (--help after the "
+    "name for options)"
 )
 
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
         from .intranode import main as run
     elif name == "internode":
         from .internode import main as run
+    elif name == "compare":
+        from .compare import main as run
     elif name in ("low-latency", "low_latency"):
         from .low_latency import main as run
     else:

@@ -1,0 +1,47 @@
+"""The side-by-side benchmark's bookkeeping (``deepep_plugin.bench.compare``), on synthetic rows: the per-rank rows
+merge into one row per (library, configuration, timing) with the slowest rank's times and the mean host cost, and
+the RESULTS.md section reports plugin / DeepEP ratios. The timing itself needs GPUs (``bash tools/gpu_compare.sh``).
+"""
+
+from __future__ import annotations
+
+from deepep_plugin.bench.compare import OPS, _fits_count, _merge_ranks, markdown
+
+
+def _row(rank: int, lib: str, timing: str, us: float, host: float, equal: bool = True) -> dict:
+    row = {"lib": lib, "ranks": 2, "gpus": 1, "tokens": 256, "hidden": 7168, "topk": 8, "experts": 256,
+           "num_sms": 24, "timing": timing, "device": "GPU", "date": "2026-12-02T00:00", "rank": rank}
+    for op in OPS:
+        row[f"{op}_us"] = us
+        row[f"host_{op}_us"] = host
+        row[f"syncs_{op}"] = 1.0 if op in ("dispatch_fresh", "dispatch_fresh_fp8", "fwd_step") else 0.0
+    if lib == "deepep_plugin":
+        row["outputs_equal"] = equal
+        row["outputs_equal_by_op"] = {op: equal for op in OPS}
+        row["compared_with"] = "deep_ep"
+    return row
+
+
+def test_rows_merge_over_ranks_with_the_slowest_time_and_the_mean_host_cost() -> None:
+    per_rank = [[_row(r, lib, t, 100.0 + 10 * r, 20.0 + 2 * r, equal=(r == 0 or lib == "deep_ep"))
+                 for lib in ("deepep_plugin", "deep_ep") for t in ("runahead", "synced")] for r in range(2)]
+    rows = _merge_ranks(per_rank)
+    assert len(rows) == 4 and all("rank" not in r for r in rows)
+    mine = next(r for r in rows if r["lib"] == "deepep_plugin" and r["timing"] == "runahead")
+    assert mine["fwd_step_us"] == 110.0 and mine["host_combine_us"] == 21.0
+    assert mine["outputs_equal"] is False  # rank 1's outputs differed
+    assert mine["outputs_equal_by_op"]["combine"] is False
+
+
+def test_markdown_reports_ratios_against_deepep() -> None:
+    rows = _merge_ranks([[_row(0, "deepep_plugin", t, 50.0, 10.0) for t in ("runahead", "synced")]
+                         + [_row(0, "deep_ep", t, 100.0, 25.0) for t in ("runahead", "synced")]])
+    text = markdown(rows, "python -m deepep_plugin.bench compare")
+    assert "| 256 | 24 | 50 (0.50x) | 50 (0.50x) |" in text
+    assert "10 / 10 (25 / 25)" in text
+
+
+def test_sm_counts_that_cannot_be_resident_together_are_skipped() -> None:
+    assert _fits_count(24, 2, 1, 132) and _fits_count(16, 8, 1, 132)
+    assert not _fits_count(24, 8, 1, 132)  # 8 ranks x 24 blocks of 1024 threads > 132 SMs
+    assert _fits_count(24, 8, 8, 132)  # one rank per GPU
