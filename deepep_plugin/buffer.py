@@ -52,29 +52,33 @@ XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 def _check_tensor(t: Any, name: str, *, dtype: Any = None, ndim: Optional[int] = None,
                   shape: Optional[Sequence[Optional[int]]] = None, device: Optional[torch.device] = None,
                   contiguous: bool = False) -> None:
-    expect(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtype is not None:
+    """Raise ``DeepEPInputError`` naming ``name`` unless ``t`` is a tensor as described (messages are built only
+    on failure: this runs several times per call on the hot path)."""
+    if not isinstance(t, torch.Tensor):
+        raise DeepEPInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and not (t.dtype in dtype if isinstance(dtype, tuple) else t.dtype == dtype):
         allowed = dtype if isinstance(dtype, tuple) else (dtype,)
-        expect(t.dtype in allowed, f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
-    if ndim is not None:
-        expect(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+        raise DeepEPInputError(f"{name} must have dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise DeepEPInputError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None:
-        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        expect(ok, f"{name} must have shape {want}, got {list(t.shape)}")
-    if device is not None:
-        expect(t.device == device, f"{name} must be on {device} (where x is), got {t.device}")
-    if contiguous:
-        expect(t.is_contiguous(), f"{name} must be contiguous")
+        dims = t.shape
+        if len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise DeepEPInputError(f"{name} must have shape {want}, got {list(dims)}")
+    if device is not None and t.device != device:
+        raise DeepEPInputError(f"{name} must be on {device} (where x is), got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise DeepEPInputError(f"{name} must be contiguous")
 
 
 def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
-    """Entries must lie in ``[-1, num_experts)``.
+    """Entries must lie in ``[-1, num_experts)``, checked on the host.
 
-    Always checked on CPU. On CUDA the check reads two numbers on the host (one extra round trip), so it runs only
-    on paths that synchronise with the host anyway (non-cached dispatch without ``num_worst_tokens``, low-latency
-    dispatch outside graph capture), never while a CUDA graph is captured, and not at all with
-    ``DEEPEP_PLUGIN_CHECK_VALUES=0``; unchecked out-of-range ids select nothing, as in DeepEP.
+    Used for CPU tensors and for CUDA tensors that no kernel serves (the reference path, which reads the GPU
+    anyway), never while a CUDA graph is captured, and not at all with ``DEEPEP_PLUGIN_CHECK_VALUES=0``. The CUDA
+    kernels check on the GPU instead (get_dispatch_layout's kernel, the internode count read, the low-latency
+    send kernel) and report a bad id through their mailbox, with no host read; out-of-range ids select nothing.
     """
     if topk_idx.numel() == 0:
         return
@@ -189,6 +193,13 @@ class Buffer:
         if low_latency_mode:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._comm_stream: Optional[torch.cuda.Stream] = None
+        # The intranode kernels, called directly on the hot path (None where they do not serve this group). Their
+        # runtime orders its calls across streams itself, so calls without events run on the current stream.
+        self._intranode: Any = getattr(self.runtime, "intranode", None)
+        # Whether a CUDA topk_idx is range-checked on the host (only where no kernel checks it on the GPU).
+        self._host_checks_cuda_topk = (getattr(self.runtime, "intranode", None) is None
+                                       and getattr(self.runtime, "internode", None) is None)
+        self._default_configs: dict[tuple[str, int], Config] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Static helpers (DeepEP's)
@@ -316,34 +327,70 @@ class Buffer:
     # Streams and events (DeepEP's model, spec 1.5)
     # ------------------------------------------------------------------------------------------------------
     def _run(self, fn: Callable[[], Any], cuda: bool, previous_event: Optional[EventOverlap], async_finish: bool,
-             allocate_on_comm_stream: bool, inputs: Sequence[Optional[torch.Tensor]]) -> Tuple[Any, EventOverlap]:
-        expect(not allocate_on_comm_stream or (previous_event is not None and async_finish),
-               "allocate_on_comm_stream=True requires previous_event and async_finish=True")
+             allocate_on_comm_stream: bool, inputs: Sequence[Optional[torch.Tensor]],
+             ordered: bool = False) -> Tuple[Any, EventOverlap]:
+        """Run ``fn`` with DeepEP's stream model (spec 1.5).
+
+        ``ordered``: the runtime orders its own calls across streams (the intranode kernels), so a call without
+        ``previous_event``, ``async_finish`` or ``allocate_on_comm_stream`` runs on the current stream with no
+        stream or event bookkeeping at all: the same order as "comm stream waits, kernels, current stream waits",
+        for none of its cost.
+        """
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
         if not cuda:
             result = fn()
             return result, EventOverlap(EventHandle() if async_finish else None)
+        if ordered and previous_event is None and not async_finish:
+            return fn(), EventOverlap(None)
         compute = torch.cuda.current_stream()
         comm = self.get_comm_stream()
         if previous_event is not None and previous_event.event is not None:
             previous_event.event.stream_wait(comm)
         else:
             comm.wait_stream(compute)
-        with torch.cuda.stream(comm):
-            result = fn()
-        outputs = [t for t in _tensors_in(result)]
+        if allocate_on_comm_stream:
+            with torch.cuda.stream(comm):
+                result = fn()
+        else:
+            result = self._launch_on(comm, fn)
+        outputs = _tensors_in(result)
         live_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
         if async_finish:
             event = EventHandle(comm)
             for t in live_inputs + outputs:
                 t.record_stream(comm)
-            if not allocate_on_comm_stream:
+            if allocate_on_comm_stream:
                 for t in outputs:
                     t.record_stream(compute)
             return result, EventOverlap(event, tuple(live_inputs + outputs))
         compute.wait_stream(comm)
-        for t in outputs:
-            t.record_stream(compute)
         return result, EventOverlap(None)
+
+    @staticmethod
+    def _launch_on(comm: "torch.cuda.Stream", fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` with ``comm`` current (its outputs are allocated there) and record its outputs on the stream
+        that was current, which uses them."""
+        compute = torch.cuda.current_stream()
+        with torch.cuda.stream(comm):
+            result = fn()
+        for t in _tensors_in(result):
+            t.record_stream(compute)
+        return result
+
+    def _config(self, config: Optional[Config], kind: str) -> Config:
+        """``config`` checked, or the default ``Config`` of ``kind`` ("dispatch"/"combine") for ``Buffer.num_sms``
+        (built once per SM count; never handed out, so nothing can change it)."""
+        if config is not None:
+            if not isinstance(config, Config):
+                raise DeepEPInputError(f"{kind}: config must be a deepep_plugin.Config, got {type(config)}")
+            return config
+        key = (kind, Buffer.num_sms)
+        cached = self._default_configs.get(key)
+        if cached is None:
+            make = dispatch_config if kind == "dispatch" else combine_config
+            cached = self._default_configs[key] = make(self.group_size, Buffer.num_sms)
+        return cached
 
     # ------------------------------------------------------------------------------------------------------
     # Normal kernels
@@ -355,53 +402,75 @@ class Buffer:
         """Count, per rank, node and expert, the tokens of a routing.
 
         Args:
-            topk_idx: ``[T, K]`` ``topk_idx_t`` (int64), contiguous; ``-1`` marks an unused slot.
+            topk_idx: ``[T, K]`` ``topk_idx_t`` (int64), contiguous; ``-1`` marks an unused slot. Any other
+                value outside ``[0, num_experts)`` is an error: on CPU it raises here; on the GPU it is counted
+                nowhere and reported without a host read (``DeepEPInputError`` at the next dispatch's count read
+                or the next call, naming the entry and its value).
             num_experts: ``E``, a positive multiple of the group size.
 
         Returns:
             ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32 or None within one node,
             num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, EventOverlap)``, on ``topk_idx``'s
-            device.
+            device. No host read on the GPU.
         """
-        runtime = self._alive()
+        runtime = self.runtime
+        if runtime is None:
+            raise DeepEPError("Buffer: this buffer was destroyed")
         self._check_num_experts(num_experts)
         _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, ndim=2, contiguous=True)
-        if not topk_idx.is_cuda:
-            _check_topk_values(topk_idx, num_experts)
-        layout, event = self._run(lambda: runtime.get_dispatch_layout(topk_idx, num_experts), topk_idx.is_cuda,
-                                  previous_event, async_finish, allocate_on_comm_stream, [topk_idx])
+        kernels = self._intranode
+        if kernels is not None and topk_idx.is_cuda:
+            layout, event = self._run(lambda: kernels.get_dispatch_layout(topk_idx, num_experts), True,
+                                      previous_event, async_finish, allocate_on_comm_stream, [topk_idx], True)
+        else:
+            runtime.check_error()
+            if not topk_idx.is_cuda or self._host_checks_cuda_topk:
+                _check_topk_values(topk_idx, num_experts)
+            layout, event = self._run(lambda: runtime.get_dispatch_layout(topk_idx, num_experts),
+                                      topk_idx.is_cuda, previous_event, async_finish, allocate_on_comm_stream,
+                                      [topk_idx])
         return (layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
                 layout.is_token_in_rank, event)
 
     def _check_num_experts(self, num_experts: int) -> None:
-        expect(isinstance(num_experts, int) and num_experts > 0,
-               f"num_experts must be a positive int, got {num_experts!r}")
-        expect(num_experts % self.group_size == 0,
-               f"num_experts ({num_experts}) must be divisible by the group size ({self.group_size})")
-        expect(num_experts // self.group_size <= MAX_LOCAL_EXPERTS,
-               f"num_experts / group size must be at most {MAX_LOCAL_EXPERTS}, got {num_experts // self.group_size}")
+        if not isinstance(num_experts, int) or num_experts <= 0:
+            raise DeepEPInputError(f"num_experts must be a positive int, got {num_experts!r}")
+        if num_experts % self.group_size != 0:
+            raise DeepEPInputError(f"num_experts ({num_experts}) must be divisible by the group size "
+                                   f"({self.group_size})")
+        if num_experts // self.group_size > MAX_LOCAL_EXPERTS:
+            raise DeepEPInputError(f"num_experts / group size must be at most {MAX_LOCAL_EXPERTS}, got "
+                                   f"{num_experts // self.group_size}")
 
     def _split_x(self, x: XType, what: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if isinstance(x, (tuple, list)):
-            expect(len(x) == 2, f"{what}: x must be a tensor or a tuple (x_fp8, x_scales), got {len(x)} items")
-            data, scales = x
-            _check_tensor(data, "x[0] (FP8 data)", dtype=_FP8_DTYPES, ndim=2, contiguous=True)
-            hidden = data.size(1)
-            expect(hidden % 128 == 0, f"{what}: FP8 x must have a hidden size that is a multiple of 128, got {hidden}")
-            _check_tensor(scales, "x[1] (scales)", dtype=(torch.float32, torch.int32), ndim=2, device=data.device)
-            num_scales = hidden // 128 if scales.dtype == torch.float32 else (hidden // 128 + 3) // 4
-            expect(scales.size(0) == data.size(0) and scales.size(1) == num_scales,
-                   f"{what}: x[1] (scales) must have shape [{data.size(0)}, {num_scales}] "
-                   f"({'hidden/128 float32' if scales.dtype == torch.float32 else 'hidden/512 packed UE8M0 int32'}),"
-                   f" got {list(scales.shape)}")
-            return data, scales
-        _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
-        expect(x.size(1) * x.element_size() % 16 == 0,
-               f"{what}: a row of x must be a multiple of 16 bytes (hidden {x.size(1)} x {x.element_size()} bytes)")
-        return x, None
+        if isinstance(x, torch.Tensor):
+            if x.dtype not in _FLOAT_DTYPES or x.dim() != 2 or not x.is_contiguous():
+                _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
+            if x.size(1) * x.element_size() % 16 != 0:
+                raise DeepEPInputError(f"{what}: a row of x must be a multiple of 16 bytes (hidden {x.size(1)} x "
+                                       f"{x.element_size()} bytes)")
+            return x, None
+        if not isinstance(x, (tuple, list)) or len(x) != 2:
+            if not isinstance(x, (tuple, list)):
+                _check_tensor(x, "x")
+            raise DeepEPInputError(f"{what}: x must be a tensor or a tuple (x_fp8, x_scales), got {len(x)} items")
+        data, scales = x
+        _check_tensor(data, "x[0] (FP8 data)", dtype=_FP8_DTYPES, ndim=2, contiguous=True)
+        hidden = data.size(1)
+        if hidden % 128 != 0:
+            raise DeepEPInputError(f"{what}: FP8 x must have a hidden size that is a multiple of 128, got {hidden}")
+        _check_tensor(scales, "x[1] (scales)", dtype=(torch.float32, torch.int32), ndim=2, device=data.device)
+        num_scales = hidden // 128 if scales.dtype == torch.float32 else (hidden // 128 + 3) // 4
+        if scales.size(0) != data.size(0) or scales.size(1) != num_scales:
+            raise DeepEPInputError(
+                f"{what}: x[1] (scales) must have shape [{data.size(0)}, {num_scales}] "
+                f"({'hidden/128 float32' if scales.dtype == torch.float32 else 'hidden/512 packed UE8M0 int32'}),"
+                f" got {list(scales.shape)}")
+        return data, scales
 
     def _check_handle(self, handle: Any, num_tokens: Optional[int], config: Optional[Config], what: str) -> Handle:
-        if isinstance(handle, (IntranodeHandle, InternodeHandle)):
+        kind = type(handle)
+        if kind is IntranodeHandle or kind is InternodeHandle:
             pass
         elif isinstance(handle, (tuple, list)) and len(handle) == 6:
             handle = IntranodeHandle(*handle)
@@ -409,24 +478,26 @@ class Buffer:
             handle = InternodeHandle(*handle)
         else:
             raise DeepEPInputError(f"{what}: handle must be the handle returned by dispatch, got {type(handle)}")
-        intranode = self.num_nodes == 1
-        expect(isinstance(handle, IntranodeHandle) == intranode,
-               f"{what}: handle is an {'internode' if intranode else 'intranode'} handle, but this buffer spans "
-               f"{self.num_nodes} node(s)")
-        expect(handle.is_token_in_rank.size(1) == self.group_size,
-               f"{what}: handle was made for a group of {handle.is_token_in_rank.size(1)} ranks, this buffer's group "
-               f"has {self.group_size}")
-        if num_tokens is not None:
-            expect(handle.is_token_in_rank.size(0) == num_tokens,
-                   f"{what}: handle was made for {handle.is_token_in_rank.size(0)} tokens, x has {num_tokens}")
+        intranode = self.num_ranks_per_node == self.group_size
+        in_rank = handle.is_token_in_rank
+        if isinstance(handle, IntranodeHandle) != intranode:
+            raise DeepEPInputError(
+                f"{what}: handle is an {'internode' if intranode else 'intranode'} handle, but this buffer spans "
+                f"{self.num_nodes} node(s)")
+        if in_rank.size(1) != self.group_size:
+            raise DeepEPInputError(f"{what}: handle was made for a group of {in_rank.size(1)} ranks, this buffer's "
+                                   f"group has {self.group_size}")
+        if num_tokens is not None and in_rank.size(0) != num_tokens:
+            raise DeepEPInputError(f"{what}: handle was made for {in_rank.size(0)} tokens, x has {num_tokens}")
         if config is not None:
             channels = handle_num_channels(handle)
-            expect(channels == config.num_channels,
-                   f"{what}: handle was made with num_sms={2 * channels}, config has num_sms={config.num_sms}")
+            if channels != config.num_channels:
+                raise DeepEPInputError(f"{what}: handle was made with num_sms={2 * channels}, config has "
+                                       f"num_sms={config.num_sms}")
         return handle
 
     def _check_nvl_bytes(self, what: str, needed: int) -> None:
-        if self.num_nodes == 1 and needed > self.num_nvl_bytes:
+        if needed > self.num_nvl_bytes and self.num_ranks_per_node == self.group_size:
             raise DeepEPBufferTooSmall(
                 f"{what}: num_nvl_bytes={self.num_nvl_bytes} is too small for this call; it needs at least "
                 f"{needed} bytes (size it with Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))")
@@ -462,68 +533,77 @@ class Buffer:
             source token index; ``recv_topk_idx`` ``[n_recv, K]`` int64 local expert ids or -1;
             ``recv_topk_weights`` ``[n_recv, K]`` float32, 0 where the id is -1; the per-local-expert receive
             counts as a list (``[]`` with ``num_worst_tokens``). Cached mode returns
-            ``(recv_x, None, None, None, None, event)``.
+            ``(recv_x, None, None, None, None, event)``. On the GPU only a fresh dispatch without
+            ``num_worst_tokens`` reads from it (the receive counts, once).
         """
-        runtime = self._alive()
+        runtime = self.runtime
+        if runtime is None:
+            raise DeepEPError("Buffer: this buffer was destroyed")
         data, scales = self._split_x(x, "dispatch")
         num_tokens, hidden = data.shape
         dev = data.device
-        config = config if config is not None else self.get_dispatch_config(self.group_size)
-        expect(isinstance(config, Config), f"dispatch: config must be a deepep_plugin.Config, got {type(config)}")
-        expect(isinstance(expert_alignment, int) and expert_alignment >= 1,
-               f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
-        expect(isinstance(num_worst_tokens, int) and num_worst_tokens >= 0,
-               f"dispatch: num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+        config = self._config(config, "dispatch")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise DeepEPInputError(f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise DeepEPInputError(f"dispatch: num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
         num_topk = topk_idx.size(1) if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         layout = None
+        r = self.group_size
         if handle is not None:
             handle = self._check_handle(handle, num_tokens, config, "dispatch")
-            expect(topk_idx is None and topk_weights is None,
-                   "dispatch: with a cached handle, topk_idx and topk_weights must be None")
-            expect(handle.is_token_in_rank.device == dev, f"dispatch: handle is on {handle.is_token_in_rank.device}, "
-                                                          f"x on {dev}")
-            if num_worst_tokens:
-                expect(handle_recv_count(handle) <= num_worst_tokens,
-                       f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the "
-                       f"{handle_recv_count(handle)} tokens the handle receives")
+            if topk_idx is not None or topk_weights is not None:
+                raise DeepEPInputError("dispatch: with a cached handle, topk_idx and topk_weights must be None")
+            if handle.is_token_in_rank.device != dev:
+                raise DeepEPInputError(f"dispatch: handle is on {handle.is_token_in_rank.device}, x on {dev}")
+            if num_worst_tokens and handle_recv_count(handle) > num_worst_tokens:
+                raise DeepEPInputError(f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the "
+                                       f"{handle_recv_count(handle)} tokens the handle receives")
         else:
-            r = self.group_size
             _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype=torch.int32, shape=[r], device=dev)
             _check_tensor(is_token_in_rank, "is_token_in_rank", dtype=torch.bool, shape=[num_tokens, r], device=dev)
             _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype=torch.int32, ndim=1, device=dev)
-            self._check_num_experts(num_tokens_per_expert.numel())
-            if self.num_nodes > 1:
+            assert num_tokens_per_expert is not None
+            num_experts = num_tokens_per_expert.numel()
+            self._check_num_experts(num_experts)
+            if self.num_ranks_per_node != r:
                 _check_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtype=torch.int32,
                               shape=[self.num_nodes], device=dev)
             if topk_idx is None:
-                expect(topk_weights is None, "dispatch: topk_weights given without topk_idx")
-                expect(num_worst_tokens == 0 or self.num_nodes > 1,
-                       "dispatch: num_worst_tokens needs topk_idx and topk_weights")
+                if topk_weights is not None:
+                    raise DeepEPInputError("dispatch: topk_weights given without topk_idx")
+                if num_worst_tokens and self.num_ranks_per_node == r:
+                    raise DeepEPInputError("dispatch: num_worst_tokens needs topk_idx and topk_weights")
             else:
                 _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, shape=[num_tokens, None], device=dev,
                               contiguous=True)
-                expect(1 <= num_topk <= MAX_TOPK_NORMAL, f"dispatch: top-k must be in [1, {MAX_TOPK_NORMAL}], "
-                                                         f"got {num_topk}")
+                if not 1 <= num_topk <= MAX_TOPK_NORMAL:
+                    raise DeepEPInputError(f"dispatch: top-k must be in [1, {MAX_TOPK_NORMAL}], got {num_topk}")
                 _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, shape=[num_tokens, num_topk],
                               device=dev, contiguous=True)
-                if num_worst_tokens == 0:
-                    _check_topk_values(topk_idx, num_tokens_per_expert.numel())
+                if num_worst_tokens == 0 and (not topk_idx.is_cuda or self._host_checks_cuda_topk):
+                    _check_topk_values(topk_idx, num_experts)
             layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
                                     is_token_in_rank)
-            num_experts = num_tokens_per_expert.numel()
-            local = num_experts // self.group_size
-            self._check_nvl_bytes("dispatch", self.group_size * (self.group_size + local) * 4)
-        c, q, r = config.num_channels, config.num_max_nvl_chunked_recv_tokens, self.group_size
+            self._check_nvl_bytes("dispatch", r * (r + num_experts // r) * 4)
+        c, q = config.num_channels, config.num_max_nvl_chunked_recv_tokens
         num_scales = scales.size(1) if scales is not None else 0
         self._check_nvl_bytes("dispatch", r * r * 4 + c * r * 16 + c * r * q * (
             hidden * data.element_size() + 4 + num_topk * (TOPK_IDX_BYTES + 4) + 4 * num_scales))
 
+        kernels = self._intranode
+        if kernels is not None and data.is_cuda and (handle is None or type(handle) is IntranodeHandle):
+            target, ordered = kernels, True
+        else:
+            runtime.check_error()
+            target, ordered = runtime, False
+
         def run() -> Any:
-            return runtime.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
-                                    num_worst_tokens, config)
+            return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
+                                   num_worst_tokens, config)
 
         result, event = self._run(run, dev.type == "cuda", previous_event, async_finish, allocate_on_comm_stream,
-                                  [data, scales, topk_idx, topk_weights, is_token_in_rank])
+                                  [data, scales, topk_idx, topk_weights, is_token_in_rank], ordered)
         recv_x = result.recv_x if result.recv_x_scales is None else (result.recv_x, result.recv_x_scales)
         if handle is not None:
             return recv_x, None, None, None, None, event
@@ -548,37 +628,51 @@ class Buffer:
         Returns:
             ``(combined_x [T, H] x.dtype, combined_topk_weights [T, K] float32 or None, event)``, accumulated in
             FP32: ``combined_x[t] = bias0[t] + bias1[t] + sum over ranks j that received t of x_j[row of t]``.
+            No host read.
         """
-        runtime = self._alive()
-        config = config if config is not None else self.get_combine_config(self.group_size)
-        expect(isinstance(config, Config), f"combine: config must be a deepep_plugin.Config, got {type(config)}")
-        _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
+        runtime = self.runtime
+        if runtime is None:
+            raise DeepEPError("Buffer: this buffer was destroyed")
+        config = self._config(config, "combine")
+        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() != 2 or not x.is_contiguous():
+            _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
         handle = self._check_handle(handle, None, None, "combine")
         dev = x.device
         n_recv = handle_recv_count(handle)
-        expect(x.size(0) >= n_recv, f"combine: x must have at least the {n_recv} rows dispatch received, "
-                                    f"got {x.size(0)}")
+        if x.size(0) < n_recv:
+            raise DeepEPInputError(f"combine: x must have at least the {n_recv} rows dispatch received, "
+                                   f"got {x.size(0)}")
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
-        expect(hidden * x.element_size() % 16 == 0,
-               f"combine: a row of x must be a multiple of 16 bytes (hidden {hidden} x {x.element_size()} bytes)")
+        if hidden * x.element_size() % 16 != 0:
+            raise DeepEPInputError(f"combine: a row of x must be a multiple of 16 bytes (hidden {hidden} x "
+                                   f"{x.element_size()} bytes)")
         num_topk = 0
         if topk_weights is not None:
             _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, ndim=2, device=dev, contiguous=True)
-            expect(topk_weights.size(0) == x.size(0),
-                   f"combine: topk_weights must have {x.size(0)} rows (as x), got {topk_weights.size(0)}")
+            if topk_weights.size(0) != x.size(0):
+                raise DeepEPInputError(f"combine: topk_weights must have {x.size(0)} rows (as x), got "
+                                       f"{topk_weights.size(0)}")
             num_topk = topk_weights.size(1)
         bias0, bias1 = self._unpack_bias(bias)
-        for name, b in (("bias[0]", bias0), ("bias[1]", bias1)):
-            if b is not None:
-                _check_tensor(b, name, dtype=x.dtype, shape=[num_tokens, hidden], device=dev, contiguous=True)
+        if bias0 is not None:
+            _check_tensor(bias0, "bias[0]", dtype=x.dtype, shape=[num_tokens, hidden], device=dev, contiguous=True)
+        if bias1 is not None:
+            _check_tensor(bias1, "bias[1]", dtype=x.dtype, shape=[num_tokens, hidden], device=dev, contiguous=True)
         c, q, r = config.num_channels, config.num_max_nvl_chunked_recv_tokens, self.group_size
         self._check_nvl_bytes("combine", c * r * 8 + c * r * q * (hidden * x.element_size() + 4 + 4 * num_topk))
 
+        kernels = self._intranode
+        if (kernels is not None and x.is_cuda and x.dtype == torch.bfloat16 and type(handle) is IntranodeHandle):
+            target, ordered = kernels, True
+        else:
+            runtime.check_error()
+            target, ordered = runtime, False
+
         def run() -> Any:
-            return runtime.combine(x, handle, topk_weights, bias0, bias1, config)
+            return target.combine(x, handle, topk_weights, bias0, bias1, config)
 
         result, event = self._run(run, dev.type == "cuda", previous_event, async_finish, allocate_on_comm_stream,
-                                  [x, topk_weights, bias0, bias1])
+                                  [x, topk_weights, bias0, bias1], ordered)
         return result.combined_x, result.combined_topk_weights, event
 
     def internode_dispatch(self, *args: Any, **kwargs: Any) -> Any:
@@ -653,7 +747,8 @@ class Buffer:
                       contiguous=True)
         expect(1 <= topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
                f"low_latency_dispatch: top-k must be in [1, {MAX_TOPK_LOW_LATENCY}], got {topk_idx.size(1)}")
-        _check_topk_values(topk_idx, num_experts)
+        if not topk_idx.is_cuda or getattr(runtime, "low_latency", None) is None:
+            _check_topk_values(topk_idx, num_experts)  # the low-latency kernels check on the GPU instead
         local = num_experts // self.group_size
         if cumulative_local_expert_recv_stats is not None:
             _check_tensor(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats",

@@ -24,6 +24,10 @@ HINT_MAX_SCALES = 128
 SOURCE_META_BYTES = 8
 
 
+_CONFIG_FIELDS = ("num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                  "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens")
+
+
 def _roundup(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
@@ -56,34 +60,33 @@ class Config:
         num_max_rdma_chunked_send_tokens: int = 6,
         num_max_rdma_chunked_recv_tokens: int = 256,
     ) -> None:
-        for name, value in (
-            ("num_sms", num_sms),
-            ("num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens),
-            ("num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens),
-            ("num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens),
-            ("num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens),
-        ):
-            expect(isinstance(value, int) and not isinstance(value, bool),
-                   f"Config: {name} must be an int, got {value!r}")
-        expect(num_sms >= 0, f"Config: num_sms must be >= 0, got {num_sms}")
-        expect(num_sms % 2 == 0, f"Config: num_sms must be even (two SMs per channel), got {num_sms}")
+        values = (num_sms, num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
+                  num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens)
+        if not all(type(v) is int for v in values):  # messages only on failure: Config is built per call
+            for name, value in zip(_CONFIG_FIELDS, values):
+                expect(isinstance(value, int) and not isinstance(value, bool),
+                       f"Config: {name} must be an int, got {value!r}")
         nvl_send, nvl_recv = num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens
         rdma_send, rdma_recv = num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens
-        expect(nvl_send > 0, f"Config: num_max_nvl_chunked_send_tokens must be > 0, got {nvl_send}")
-        expect(nvl_recv > 0, f"Config: num_max_nvl_chunked_recv_tokens must be > 0, got {nvl_recv}")
-        expect(
-            nvl_send < nvl_recv,
-            f"Config: num_max_nvl_chunked_send_tokens ({nvl_send}) must be smaller than "
-            f"num_max_nvl_chunked_recv_tokens ({nvl_recv})",
-        )
-        expect(rdma_send > 0, f"Config: num_max_rdma_chunked_send_tokens must be > 0, got {rdma_send}")
-        expect(rdma_recv > 0, f"Config: num_max_rdma_chunked_recv_tokens must be > 0, got {rdma_recv}")
-        rdma_recv = _roundup(rdma_recv, rdma_send)
-        expect(
-            rdma_send < rdma_recv and rdma_send <= rdma_recv // 2,
-            f"Config: num_max_rdma_chunked_send_tokens ({rdma_send}) must be at most half of "
-            f"num_max_rdma_chunked_recv_tokens ({rdma_recv} after rounding up to a multiple of the send chunk)",
-        )
+        rdma_recv = _roundup(rdma_recv, rdma_send) if rdma_send > 0 else rdma_recv
+        if not (num_sms >= 0 and num_sms % 2 == 0 and 0 < nvl_send < nvl_recv and rdma_send > 0 and rdma_recv > 0
+                and rdma_send < rdma_recv and rdma_send <= rdma_recv // 2):
+            expect(num_sms >= 0, f"Config: num_sms must be >= 0, got {num_sms}")
+            expect(num_sms % 2 == 0, f"Config: num_sms must be even (two SMs per channel), got {num_sms}")
+            expect(nvl_send > 0, f"Config: num_max_nvl_chunked_send_tokens must be > 0, got {nvl_send}")
+            expect(nvl_recv > 0, f"Config: num_max_nvl_chunked_recv_tokens must be > 0, got {nvl_recv}")
+            expect(
+                nvl_send < nvl_recv,
+                f"Config: num_max_nvl_chunked_send_tokens ({nvl_send}) must be smaller than "
+                f"num_max_nvl_chunked_recv_tokens ({nvl_recv})",
+            )
+            expect(rdma_send > 0, f"Config: num_max_rdma_chunked_send_tokens must be > 0, got {rdma_send}")
+            expect(rdma_recv > 0, f"Config: num_max_rdma_chunked_recv_tokens must be > 0, got {rdma_recv}")
+            expect(
+                False,
+                f"Config: num_max_rdma_chunked_send_tokens ({rdma_send}) must be at most half of "
+                f"num_max_rdma_chunked_recv_tokens ({rdma_recv} after rounding up to a multiple of the send chunk)",
+            )
         self.num_sms = num_sms
         self.num_max_nvl_chunked_send_tokens = nvl_send
         self.num_max_nvl_chunked_recv_tokens = nvl_recv

@@ -19,6 +19,9 @@ enum MailboxStatus : int32_t {
   kMailboxTimeout = 1,   // a spin-wait ran out of time; the buffer's queues are in an unknown state
   kMailboxOverflow = 2,  // more rows arrived than the output holds (num_worst_tokens too small); no write
                          // went out of bounds and the buffer stays consistent
+  kMailboxBadInput = 3,  // an input value was out of range (what = kWaitBadExpertId: peer = token, channel =
+                         // top-k slot, detail = the value, observed = num_experts); the entry selected
+                         // nothing, the collective went on and the buffer stays consistent
 };
 
 // What a kernel was waiting for. The host turns these into sentences (see wait_name()).
@@ -32,6 +35,7 @@ enum WaitKind : int32_t {
   kWaitCombineTokens = 6,   // combine receiver: rows from the peer
   kWaitCombineDrain = 7,    // combine sender: peer to consume the last rows
   kWaitWorstTokens = 8,     // (overflow) rows beyond num_worst_tokens were dropped
+  kWaitBadExpertId = 9,     // (bad input) a topk_idx entry outside [-1, num_experts)
   kWaitLowLatencyBase = 64  // codes >= 64 belong to the low-latency kernels
 };
 
@@ -56,6 +60,7 @@ inline const char* wait_name(int32_t what) {
     case kWaitCombineTokens: return "combine receive: rows from the peer";
     case kWaitCombineDrain: return "combine send: the peer to consume the last rows";
     case kWaitWorstTokens: return "dispatch: received rows beyond num_worst_tokens";
+    case kWaitBadExpertId: return "topk_idx: an expert id outside [-1, num_experts)";
     default: return "unknown wait";
   }
 }

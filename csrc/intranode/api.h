@@ -20,8 +20,11 @@ struct Peers {
   int num_ranks;
 };
 
-// get_dispatch_layout. Outputs must be zeroed by the caller (counts are accumulated atomically).
+// get_dispatch_layout. The outputs need no initialisation (the counts gather in `work`, see LayoutWork).
+// An id outside [-1, E) selects nothing and is reported through the mailbox (kMailboxBadInput, the first one).
 struct LayoutArgs {
+  ErrorEnv env;
+  LayoutWork* work;
   const int64_t* topk_idx;      // [T, K]
   int num_tokens, num_topk, num_experts, num_ranks;
   int* num_tokens_per_rank;     // [R]

@@ -33,6 +33,7 @@ namespace deepep::intranode {
 constexpr int kMaxRanks = 8;            // NVLink peers in a node
 constexpr int kMaxChannels = 128;       // num_sms / 2 <= 128
 constexpr int kMaxLocalExperts = 1024;  // E / R (DeepEP's NUM_MAX_LOCAL_EXPERTS)
+constexpr int kMaxExperts = kMaxRanks * kMaxLocalExperts;
 
 // Notify payload a source writes into each destination: its num_tokens_per_rank row [R], its per-channel
 // token counts to that destination [C], and its per-expert counts for the destination's experts [E_loc].
@@ -49,6 +50,17 @@ struct alignas(128) Header {
   uint64_t head[kMaxChannels][kMaxRanks];
   uint64_t sent[kMaxChannels][kMaxRanks];
   uint64_t consumed[kMaxChannels][kMaxRanks];
+};
+
+// Scratch of get_dispatch_layout (its own device allocation, this rank's only): the blocks add their counts
+// here, and the last block to finish (by `ticket`) moves them into the outputs and leaves everything zero
+// again (first_bad: all ones), so no memset runs before a call and CUDA-graph replays find the same state.
+struct LayoutWork {
+  unsigned int ticket;                  // blocks of the running call that have flushed their counts
+  unsigned int pad0[31];
+  unsigned long long first_bad;         // smallest flat index t * K + k of an id outside [-1, E); ~0 if none
+  unsigned long long pad1[15];
+  int counts[kMaxExperts + kMaxRanks];  // [e] (token, k) entries of expert e, then [E + r] tokens of rank r
 };
 
 constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }

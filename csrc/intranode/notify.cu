@@ -2,8 +2,8 @@
 //
 // Protocol (notify number `seq`, counted by each rank's own kernel in Header::notify_seq, so it stays right
 // under CUDA-graph replay; all ranks run the same sequence of notifies):
-//   1. count, per destination j and channel c, this rank's tokens of channel c that go to j
-//      (channel_prefix_matrix = inclusive prefix over c);
+//   1. count, per destination j and channel c, this rank's tokens of channel c that go to j (a thread per
+//      token, shared-memory atomics; channel_prefix_matrix = inclusive prefix over c);
 //   2. write the payload {num_tokens_per_rank row [R], channel counts to j [C], expert counts of j's
 //      experts [E_loc]} into notify_payload[seq % 2][this rank] of every rank j (itself included);
 //   3. __syncthreads, then one thread fences at system scope and stores notify_flag[this rank] = seq into
@@ -27,22 +27,19 @@ namespace {
 __global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(NotifyArgs a) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels, E_loc = a.num_local_experts;
   const int T = a.num_tokens;
-  const int warp = threadIdx.x / 32, lane = lane_id();
   __shared__ int counts[kMaxRanks][kMaxChannels];
   __shared__ uint64_t seq_s;
 
-  // 1. Channel counts: one warp per (destination, channel), 32 tokens per ballot.
+  // 1. Channel counts: one thread per token (all 1024 threads stride over the tokens, so a token's R flags are
+  // loaded in parallel with every other token's), shared-memory atomics per (destination, channel).
+  for (int i = threadIdx.x; i < R * C; i += blockDim.x) counts[i / C][i % C] = 0;
+  __syncthreads();
   const int per_channel = (T + C - 1) / C;
-  for (int q = warp; q < R * C; q += kNumWarps) {
-    const int j = q / C, c = q % C;
-    const int t0 = min(c * per_channel, T), t1 = min(t0 + per_channel, T);
-    int n = 0;
-    for (int w0 = t0; w0 < t1; w0 += 32) {
-      const int t = w0 + lane;
-      const bool in = t < t1 && a.is_token_in_rank[static_cast<int64_t>(t) * R + j];
-      n += __popc(__ballot_sync(0xffffffffu, in));
-    }
-    if (lane == 0) counts[j][c] = n;
+  for (int t = threadIdx.x; t < T; t += blockDim.x) {
+    const int c = t / per_channel;
+    const bool* row = a.is_token_in_rank + static_cast<int64_t>(t) * R;
+    for (int j = 0; j < R; ++j)
+      if (row[j]) atomicAdd(&counts[j][c], 1);
   }
   Header* self = a.peers.ctrl[rank];
   if (threadIdx.x == 0) seq_s = self->notify_seq + 1;

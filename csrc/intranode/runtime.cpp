@@ -2,11 +2,19 @@
 //
 // The runtime owns: this rank's NVL buffer (queues, num_nvl_bytes) and control block (struct Header), both
 // cudaMalloc'ed, zeroed and exported with CUDA IPC handles; the peers' allocations opened from their handles;
-// and one page of pinned host memory mapped into the device holding the error mailbox and the receive counters
-// of the non-cached dispatch. It allocates no tensors and keeps no per-call state: Python (deepep_plugin/backends/cuda_intranode.py) allocates outputs on the
-// current stream and calls the launchers below, which enqueue on the current CUDA stream.
-#include <c10/cuda/CUDAStream.h>
+// the layout scratch (LayoutWork); and one page of pinned host memory mapped into the device holding the error
+// mailbox and the receive counters of the non-cached dispatch.
+//
+// One call per op (layout, fresh dispatch, cached dispatch, combine): it checks what the kernels need, allocates
+// the outputs on the current stream, enqueues the kernels there and returns the tensors, so the Python side
+// (deepep_plugin/backends/cuda_intranode.py) costs one bound call per op. Calls are ordered among themselves even
+// when they come from different streams (the ring counters are read at kernel start and written at kernel end):
+// a call on another stream than the previous call's first makes its stream wait for that one (one event), and a
+// call on the same stream costs nothing extra. Under CUDA-graph capture the caller orders the captured calls.
+
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -35,6 +43,18 @@ void check_cuda(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
+// Raised as deepep_plugin.errors.DeepEPInputError / DeepEPBufferTooSmall (translators at the bottom).
+struct InputError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+struct BufferTooSmall : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+// The mailbox holds a report (a timeout, an overflow, a bad id): Python reads it and raises the right error.
+struct MailboxPending : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 template <typename T>
 T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? reinterpret_cast<T*>(t->data_ptr()) : nullptr;
@@ -46,6 +66,9 @@ struct HostPage {
   int64_t pad[8];
   int64_t counters[2 + kMaxLocalExperts];  // [0] ready, [1] n_recv, [2 + e] tokens of local expert e
 };
+
+// Status of a fresh dispatch's wait for the receive counts (the last element of dispatch_fresh's result).
+enum WaitStatus : int { kWaitOk = 0, kWaitHostTimeout = 1, kWaitKernelTimeout = 2 };
 
 class Runtime {
  public:
@@ -59,11 +82,15 @@ class Runtime {
     check_cuda(cudaMemset(buffer_, 0, static_cast<size_t>(num_nvl_bytes)), "cudaMemset of the NVL buffer");
     check_cuda(cudaMalloc(&ctrl_, sizeof(Header)), "cudaMalloc of the control block");
     check_cuda(cudaMemset(ctrl_, 0, sizeof(Header)), "cudaMemset of the control block");
+    check_cuda(cudaMalloc(&work_, sizeof(LayoutWork)), "cudaMalloc of the layout scratch");
+    check_cuda(cudaMemset(work_, 0, sizeof(LayoutWork)), "cudaMemset of the layout scratch");
+    check_cuda(cudaMemset(&work_->first_bad, 0xff, sizeof(work_->first_bad)), "cudaMemset of the layout scratch");
     check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_), sizeof(HostPage), cudaHostAllocMapped),
                "cudaHostAlloc of the mailbox");
     std::memset(static_cast<void*>(host_), 0, sizeof(HostPage));
     check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host_, 0),
                "cudaHostGetDevicePointer of the mailbox");
+    check_cuda(cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming), "cudaEventCreate");
     check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
     for (auto& p : peers_) p = nullptr;
     for (auto& p : peer_ctrl_) p = nullptr;
@@ -113,10 +140,14 @@ class Runtime {
       }
     if (buffer_ != nullptr) cudaFree(buffer_);
     if (ctrl_ != nullptr) cudaFree(ctrl_);
+    if (work_ != nullptr) cudaFree(work_);
     if (host_ != nullptr) cudaFreeHost(host_);
+    if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     buffer_ = nullptr;
     ctrl_ = nullptr;
+    work_ = nullptr;
     host_ = nullptr;
+    order_event_ = nullptr;
   }
 
   bool destroyed() const { return destroyed_; }
@@ -127,145 +158,173 @@ class Runtime {
                             torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA, device_));
   }
 
+  // Host waits on the GPU this runtime made (fresh dispatches without num_worst_tokens), for tests.
+  int64_t host_waits() const { return host_waits_; }
+
   // --- layout --------------------------------------------------------------------------------------------
-  void layout(const at::Tensor& topk_idx, int num_experts, const at::Tensor& num_tokens_per_rank,
-              const at::Tensor& num_tokens_per_expert, const at::Tensor& is_token_in_rank) {
-    alive();
+  // (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool).
+  py::tuple layout(const at::Tensor& topk_idx, int64_t num_experts) {
+    enter(topk_idx, "get_dispatch_layout: topk_idx");
+    if (num_experts <= 0 || num_experts % num_ranks_ != 0 || num_experts / num_ranks_ > kMaxLocalExperts)
+      throw InputError("get_dispatch_layout: num_experts must be a positive multiple of the group size (" +
+                       std::to_string(num_ranks_) + ") with at most " + std::to_string(kMaxLocalExperts) +
+                       " experts per rank, got " + std::to_string(num_experts));
+    const cudaStream_t stream = call_stream();
+    const int64_t T = topk_idx.size(0);
+    const auto ints = topk_idx.options().dtype(at::kInt);
+    at::Tensor per_rank = at::empty({num_ranks_}, ints);
+    at::Tensor per_expert = at::empty({num_experts}, ints);
+    at::Tensor in_rank = at::empty({T, num_ranks_}, topk_idx.options().dtype(at::kBool));
     LayoutArgs a{};
+    a.env = env(0.0);
+    a.work = work_;
     a.topk_idx = topk_idx.data_ptr<int64_t>();
-    a.num_tokens = static_cast<int>(topk_idx.size(0));
+    a.num_tokens = static_cast<int>(T);
     a.num_topk = static_cast<int>(topk_idx.size(1));
-    a.num_experts = num_experts;
+    a.num_experts = static_cast<int>(num_experts);
     a.num_ranks = num_ranks_;
-    a.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
-    a.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
-    a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    check_cuda(launch_layout(a, c10::cuda::getCurrentCUDAStream().stream()), "layout kernel launch");
+    a.num_tokens_per_rank = per_rank.data_ptr<int>();
+    a.num_tokens_per_expert = per_expert.data_ptr<int>();
+    a.is_token_in_rank = in_rank.data_ptr<bool>();
+    check_cuda(launch_layout(a, stream), "layout kernel launch");
+    return py::make_tuple(per_rank, per_expert, in_rank);
   }
 
-  // --- notify --------------------------------------------------------------------------------------------
-  void notify(const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
-              const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix_matrix,
-              const at::Tensor& channel_prefix_matrix,
-              const at::Tensor& recv_channel_prefix_matrix, int num_channels, int num_local_experts,
-              int expert_alignment, bool host_sync, double timeout_s) {
-    alive();
-    NotifyArgs a{};
-    a.peers = peers(); a.env = env(timeout_s);
-    a.num_tokens = static_cast<int>(is_token_in_rank.size(0));
-    a.num_channels = num_channels;
-    a.num_local_experts = num_local_experts;
-    a.expert_alignment = expert_alignment;
-    a.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
-    a.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
-    a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
-    a.channel_prefix_matrix = channel_prefix_matrix.data_ptr<int>();
-    a.recv_channel_prefix_matrix = recv_channel_prefix_matrix.data_ptr<int>();
-    a.host_counters = nullptr;
-    if (host_sync) {
-      // Only a non-cached, non-worst dispatch writes the counters, and its caller waits for them before
+  // --- fresh dispatch: notify, the receive-count read (unless num_worst_tokens), dispatch ----------------
+  // Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert counts [list], rank_prefix,
+  // channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status): status 0 = done, 1 = the host wait
+  // timed out, 2 = a kernel reported a timeout (nothing was dispatched), 3 = done, but the mailbox holds a
+  // report (a bad id, an overflow): Python raises it.
+  py::tuple dispatch_fresh(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                           const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+                           const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
+                           const at::Tensor& is_token_in_rank, int num_channels, int queue_tokens,
+                           int expert_alignment, int64_t num_worst_tokens, double timeout_s) {
+    enter(x, "dispatch: x");
+    const int R = num_ranks_, C = num_channels;
+    const int64_t E = num_tokens_per_expert.numel();
+    if (E % R != 0 || E / R > kMaxLocalExperts)
+      throw InputError("dispatch: num_tokens_per_expert must have a multiple of the group size (" +
+                       std::to_string(R) + ") entries, at most " + std::to_string(kMaxLocalExperts) +
+                       " per rank, got " + std::to_string(E));
+    const int E_loc = static_cast<int>(E / R);
+    const DispatchSlot slot = check_dispatch(x, x_scales, topk_idx, C, queue_tokens);
+    const cudaStream_t stream = call_stream();
+    const auto ints = x.options().dtype(at::kInt);
+    at::Tensor rank_prefix = at::empty({R, R}, ints);
+    at::Tensor channel_prefix = at::empty({R, C}, ints);
+    at::Tensor recv_channel_prefix = at::empty({R, C}, ints);
+    const bool worst = num_worst_tokens > 0;
+
+    NotifyArgs n{};
+    n.peers = peers();
+    n.env = env(timeout_s);
+    n.num_tokens = static_cast<int>(x.size(0));
+    n.num_channels = C;
+    n.num_local_experts = E_loc;
+    n.expert_alignment = expert_alignment;
+    n.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
+    n.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
+    n.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    n.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+    n.channel_prefix_matrix = channel_prefix.data_ptr<int>();
+    n.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
+    n.host_counters = nullptr;
+    if (!worst) {
+      // Only a fresh dispatch without num_worst_tokens writes the counters, and it waits for them before
       // returning, so no earlier kernel can still be writing here.
       reinterpret_cast<volatile int64_t*>(host_->counters)[0] = 0;
-      a.host_counters = host_dev_->counters;
+      n.host_counters = host_dev_->counters;
     }
-    check_cuda(launch_notify(a, c10::cuda::getCurrentCUDAStream().stream()), "notify kernel launch");
+    check_cuda(launch_notify(n, stream), "notify kernel launch");
+
+    int64_t rows = num_worst_tokens;
+    py::list per_expert;
+    if (!worst) {
+      const int status = wait_recv_counts(2.0 * timeout_s + 1.0);
+      if (status != kWaitOk) return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(),
+                                                   py::none(), py::none(), py::none(), py::none(), py::none(),
+                                                   status);
+      const volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
+      rows = c[1];
+      for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
+    }
+    const int64_t T = x.size(0);
+    const int K = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+    at::Tensor recv_x = at::empty({rows, x.size(1)}, x.options());
+    std::optional<at::Tensor> recv_scales, recv_topk_idx, recv_topk_weights;
+    if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
+    if (topk_idx.has_value()) {
+      recv_topk_idx = at::empty({rows, K}, topk_idx->options());
+      recv_topk_weights = at::empty({rows, K}, topk_weights->options());
+    }
+    at::Tensor recv_src_idx = at::empty({rows}, ints);
+    at::Tensor send_head = at::empty({T, R}, ints);
+    launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
+                           recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
+                           queue_tokens, E_loc, worst, timeout_s, stream);
+    const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
+    return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
+                          rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
   }
 
-  // Wait (GIL released) until the notify kernel published the receive counts. Returns
-  // (status, n_recv, per-expert counts): status 0 = ready, 1 = the host wait timed out, 2 = a kernel
-  // reported an error in the mailbox.
-  std::tuple<int, int64_t, std::vector<int64_t>> wait_recv_counts(int num_local_experts, double timeout_s) {
-    alive();
-    int status = 1;
-    {
-      py::gil_scoped_release release;
-      volatile int64_t* ready = reinterpret_cast<volatile int64_t*>(host_->counters);
-      const auto start = std::chrono::steady_clock::now();
-      for (uint64_t it = 0;; ++it) {
-        if (*ready != 0) {
-          status = 0;
-          break;
-        }
-        if (host_->mailbox.status != kMailboxEmpty) {
-          status = 2;
-          break;
-        }
-        if ((it & 1023u) == 0) {
-          const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-          if (waited > timeout_s) break;
-          std::this_thread::yield();
-        }
-      }
-    }
-    std::vector<int64_t> per_expert;
-    int64_t n_recv = -1;
-    if (status == 0) {
-      std::atomic_thread_fence(std::memory_order_acquire);
-      volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
-      n_recv = c[1];
-      per_expert.resize(num_local_experts);
-      for (int e = 0; e < num_local_experts; ++e) per_expert[e] = c[2 + e];
-    }
-    return {status, n_recv, per_expert};
-  }
-
-  // --- dispatch ------------------------------------------------------------------------------------------
-  void dispatch(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
-                const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
-                const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix_matrix,
-                const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& recv_x,
-                const std::optional<at::Tensor>& recv_scales, const std::optional<at::Tensor>& recv_topk_idx,
-                const std::optional<at::Tensor>& recv_topk_weights, const std::optional<at::Tensor>& recv_src_idx,
-                const std::optional<at::Tensor>& send_head, int num_channels, int queue_tokens,
-                int num_local_experts, bool worst_mode, double timeout_s) {
-    alive();
-    DispatchArgs a{};
-    a.peers = peers(); a.env = env(timeout_s);
-    a.num_tokens = static_cast<int>(x.size(0));
-    a.num_channels = num_channels;
-    a.queue_tokens = queue_tokens;
-    const int row_bytes = static_cast<int>(x.size(1) * x.element_size());
-    a.num_scales = x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0;
-    a.num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
-    a.num_local_experts = num_local_experts;
-    a.slot = dispatch_slot(row_bytes, a.num_scales, a.num_topk);
-    a.scale_stride_token = x_scales.has_value() ? x_scales->stride(0) : 0;
-    a.scale_stride_elem = x_scales.has_value() ? x_scales->stride(1) : 0;
-    a.x = static_cast<const uint8_t*>(x.data_ptr());
-    a.x_scales = ptr_or_null<const int32_t>(x_scales);
-    a.topk_idx = ptr_or_null<const int64_t>(topk_idx);
-    a.topk_weights = ptr_or_null<const float>(topk_weights);
-    a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    a.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
-    a.recv_channel_prefix_matrix = recv_channel_prefix_matrix.data_ptr<int>();
-    a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
-    a.recv_scales = ptr_or_null<int32_t>(recv_scales);
-    a.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
-    a.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
-    a.recv_src_idx = ptr_or_null<int>(recv_src_idx);
-    a.send_head = ptr_or_null<int>(send_head);
-    a.num_rows = static_cast<int>(recv_x.size(0));
-    a.worst_mode = worst_mode ? 1 : 0;
-    check_cuda(launch_dispatch(a, c10::cuda::getCurrentCUDAStream().stream()), "dispatch kernel launch");
+  // --- cached dispatch: the handle's layout, no notify, no host read --------------------------------------
+  // Returns (recv_x [rows, H], recv_scales [rows, S] or None).
+  py::tuple dispatch_cached(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                            const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix,
+                            const at::Tensor& recv_channel_prefix, int64_t rows, int num_channels, int queue_tokens,
+                            bool worst, double timeout_s) {
+    enter(x, "dispatch: x");
+    const int C = num_channels;
+    if (recv_channel_prefix.size(1) != C)
+      throw InputError("cached dispatch: the handle was made with num_sms=" +
+                       std::to_string(2 * recv_channel_prefix.size(1)) + ", config has num_sms=" +
+                       std::to_string(2 * C));
+    if (is_token_in_rank.size(0) != x.size(0))
+      throw InputError("cached dispatch: x has " + std::to_string(x.size(0)) + " tokens, the handle was made for " +
+                       std::to_string(is_token_in_rank.size(0)));
+    const DispatchSlot slot = check_dispatch(x, x_scales, std::nullopt, C, queue_tokens);
+    const cudaStream_t stream = call_stream();
+    at::Tensor recv_x = at::empty({rows, x.size(1)}, x.options());
+    std::optional<at::Tensor> recv_scales;
+    if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
+    launch_dispatch_kernel(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, rank_prefix,
+                           recv_channel_prefix, recv_x, recv_scales, std::nullopt, std::nullopt, nullptr, nullptr,
+                           slot, C, queue_tokens, 1, worst, timeout_s, stream);
+    return py::make_tuple(recv_x, opt(recv_scales));
   }
 
   // --- combine -------------------------------------------------------------------------------------------
-  void combine(const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
-               const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
-               const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
-               const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& send_head, const at::Tensor& combined_x,
-               const std::optional<at::Tensor>& combined_topk_weights, int num_channels, int queue_tokens,
-               double timeout_s) {
-    alive();
+  // Returns (combined_x [T, H] bf16, combined_topk_weights [T, K] float32 or None).
+  py::tuple combine(const at::Tensor& x_in, const std::optional<at::Tensor>& topk_weights,
+                    const std::optional<at::Tensor>& bias0, const std::optional<at::Tensor>& bias1,
+                    const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
+                    const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& send_head, int queue_tokens,
+                    double timeout_s) {
+    enter(x_in, "combine: x");
+    if (x_in.scalar_type() != at::kBFloat16)
+      throw InputError(std::string("combine: x must be bfloat16, got ") + c10::toString(x_in.scalar_type()));
+    const at::Tensor x = x_in.contiguous();
+    const int C = static_cast<int>(channel_prefix_matrix.size(1));
+    const int H = static_cast<int>(x.size(1));
+    if (H % 8 != 0) throw InputError("combine: hidden must be a multiple of 8, got " + std::to_string(H));
+    const int K = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
+    const CombineSlot slot = combine_slot(H * 2, K);
+    check_size("combine", C, queue_tokens, slot.slot_bytes);
+    const cudaStream_t stream = call_stream();
+    const int64_t T = send_head.size(0);
+    at::Tensor combined_x = at::empty({T, H}, x.options());
+    std::optional<at::Tensor> combined_w;
+    if (topk_weights.has_value()) combined_w = at::empty({T, K}, topk_weights->options());
     CombineArgs a{};
-    a.peers = peers(); a.env = env(timeout_s);
-    a.num_tokens = static_cast<int>(send_head.size(0));
-    a.num_channels = num_channels;
+    a.peers = peers();
+    a.env = env(timeout_s);
+    a.num_tokens = static_cast<int>(T);
+    a.num_channels = C;
     a.queue_tokens = queue_tokens;
-    a.hidden = static_cast<int>(x.size(1));
-    a.num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
-    a.slot = combine_slot(a.hidden * 2, a.num_topk);
+    a.hidden = H;
+    a.num_topk = K;
+    a.slot = slot;
     a.x = static_cast<const uint16_t*>(x.data_ptr());
     a.topk_weights = ptr_or_null<const float>(topk_weights);
     a.bias0 = ptr_or_null<const uint16_t>(bias0);
@@ -275,13 +334,15 @@ class Runtime {
     a.recv_channel_prefix_matrix = recv_channel_prefix_matrix.data_ptr<int>();
     a.send_head = send_head.data_ptr<int>();
     a.combined_x = static_cast<uint16_t*>(combined_x.data_ptr());
-    a.combined_topk_weights = ptr_or_null<float>(combined_topk_weights);
-    check_cuda(launch_combine(a, c10::cuda::getCurrentCUDAStream().stream()), "combine kernel launch");
+    a.combined_topk_weights = ptr_or_null<float>(combined_w);
+    check_cuda(launch_combine(a, stream), "combine kernel launch");
+    return py::make_tuple(combined_x, opt(combined_w));
   }
 
   // --- errors --------------------------------------------------------------------------------------------
-  // (status, rank, peer, channel, what, what_name, detail, observed); status 0 = no error. An overflow
-  // report is cleared once read (the buffer stays consistent); a timeout stays (the buffer is unusable).
+  // (status, rank, peer, channel, what, what_name, detail, observed); status 0 = no error. An overflow or
+  // bad-input report is cleared once read (the buffer stays consistent); a timeout stays (the buffer is
+  // unusable).
   py::tuple read_mailbox() {
     if (destroyed_) return py::make_tuple(0, -1, -1, -1, 0, "", 0, 0);
     const Mailbox& m = host_->mailbox;
@@ -290,7 +351,7 @@ class Runtime {
     std::atomic_thread_fence(std::memory_order_acquire);
     py::tuple t = py::make_tuple(status, m.rank, m.peer, m.channel, m.what, std::string(wait_name(m.what)),
                                  m.detail, m.observed);
-    if (status == kMailboxOverflow) host_->mailbox.status = kMailboxEmpty;
+    if (status != kMailboxTimeout) host_->mailbox.status = kMailboxEmpty;
     return t;
   }
 
@@ -300,9 +361,141 @@ class Runtime {
   static int combine_slot_bytes(int row_bytes, int num_topk) { return combine_slot(row_bytes, num_topk).slot_bytes; }
 
  private:
+  static py::object opt(const std::optional<at::Tensor>& t) {
+    return t.has_value() ? py::cast(*t) : py::none();
+  }
+
   void alive() const {
     if (destroyed_) throw std::runtime_error("deepep_plugin intranode runtime used after destroy()");
   }
+
+  // Every op starts here: a live runtime, an empty mailbox (else Python raises what it holds), `t` on this GPU.
+  void enter(const at::Tensor& t, const char* what) const {
+    alive();
+    if (host_->mailbox.status != kMailboxEmpty) throw MailboxPending("mailbox");
+    if (!t.is_cuda() || t.get_device() != device_)
+      throw InputError(std::string(what) + " must be on cuda:" + std::to_string(device_) + " (this Buffer's GPU), got " +
+                       t.device().str());
+  }
+
+  // The current stream, made to wait for the previous call when that one was enqueued on another stream.
+  cudaStream_t call_stream() {
+    const cudaStream_t s = c10::cuda::getCurrentCUDAStream(device_).stream();
+    if (s != last_stream_) {
+      if (last_stream_ != nullptr) {
+        cudaStreamCaptureStatus now = cudaStreamCaptureStatusNone, before = cudaStreamCaptureStatusNone;
+        check_cuda(cudaStreamIsCapturing(s, &now), "cudaStreamIsCapturing");
+        check_cuda(cudaStreamIsCapturing(last_stream_, &before), "cudaStreamIsCapturing");
+        if (now == cudaStreamCaptureStatusNone && before == cudaStreamCaptureStatusNone) {
+          check_cuda(cudaEventRecord(order_event_, last_stream_), "cudaEventRecord (call ordering)");
+          check_cuda(cudaStreamWaitEvent(s, order_event_, 0), "cudaStreamWaitEvent (call ordering)");
+        }
+      }
+      last_stream_ = s;
+    }
+    return s;
+  }
+
+  void check_size(const char* what, int C, int Q, int slot_bytes) const {
+    const size_t region = region_bytes_of(static_cast<size_t>(num_nvl_bytes_), num_ranks_);
+    const size_t need = static_cast<size_t>(C) * Q * slot_bytes;
+    if (need > region)
+      throw BufferTooSmall(std::string(what) + ": the NVL buffer has " + std::to_string(num_nvl_bytes_) +
+                           " bytes but this call needs " + std::to_string(num_ranks_ * (need + 15)) + " (" +
+                           std::to_string(num_ranks_) + " ranks x " + std::to_string(C) + " channels x " +
+                           std::to_string(Q) + " queue slots x " + std::to_string(slot_bytes) +
+                           " bytes per message); size it with Config.get_nvl_buffer_size_hint or lower num_sms / "
+                           "num_max_nvl_chunked_recv_tokens");
+  }
+
+  DispatchSlot check_dispatch(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                              const std::optional<at::Tensor>& topk_idx, int C, int Q) const {
+    if (C < 1 || C > kMaxChannels)
+      throw InputError("dispatch: config.num_sms must be in [2, " + std::to_string(2 * kMaxChannels) + "], got " +
+                       std::to_string(2 * C));
+    const int64_t row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+    if (row_bytes % 16 != 0)
+      throw InputError("dispatch: x: hidden * element_size must be a multiple of 16 bytes, got " +
+                       std::to_string(row_bytes));
+    const int K = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+    if (K > 32) throw InputError("dispatch: topk_idx: at most 32 top-k slots, got " + std::to_string(K));
+    int S = 0;
+    if (x_scales.has_value()) {
+      if (x_scales->element_size() != 4) throw InputError("dispatch: x_scales must be float32 or int32");
+      S = static_cast<int>(x_scales->size(1));
+    }
+    const DispatchSlot slot = dispatch_slot(static_cast<int>(row_bytes), S, K);
+    check_size("dispatch", C, Q, slot.slot_bytes);
+    return slot;
+  }
+
+  // Wait (GIL released) until the notify kernel published the receive counts: kWaitOk, kWaitHostTimeout, or
+  // kWaitKernelTimeout when a kernel of this rank reported a timeout (a bad-id or overflow report does not stop
+  // the wait: the collective goes on and Python raises the report after the dispatch is enqueued).
+  int wait_recv_counts(double timeout_s) {
+    ++host_waits_;
+    int status = kWaitHostTimeout;
+    py::gil_scoped_release release;
+    volatile int64_t* ready = reinterpret_cast<volatile int64_t*>(host_->counters);
+    const auto start = std::chrono::steady_clock::now();
+    for (uint64_t it = 0;; ++it) {
+      if (*ready != 0) {
+        status = kWaitOk;
+        break;
+      }
+      if (host_->mailbox.status == kMailboxTimeout) {
+        status = kWaitKernelTimeout;
+        break;
+      }
+      if ((it & 1023u) == 0) {
+        const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (waited > timeout_s) break;
+        if (waited > 1e-3) std::this_thread::yield();
+      }
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return status;
+  }
+
+  void launch_dispatch_kernel(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                              const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+                              const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix,
+                              const at::Tensor& recv_channel_prefix, const at::Tensor& recv_x,
+                              const std::optional<at::Tensor>& recv_scales,
+                              const std::optional<at::Tensor>& recv_topk_idx,
+                              const std::optional<at::Tensor>& recv_topk_weights, at::Tensor* recv_src_idx,
+                              at::Tensor* send_head, const DispatchSlot& slot, int C, int Q, int num_local_experts,
+                              bool worst, double timeout_s, cudaStream_t stream) {
+    DispatchArgs a{};
+    a.peers = peers();
+    a.env = env(timeout_s);
+    a.num_tokens = static_cast<int>(x.size(0));
+    a.num_channels = C;
+    a.queue_tokens = Q;
+    a.num_scales = x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0;
+    a.num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+    a.num_local_experts = num_local_experts;
+    a.slot = slot;
+    a.scale_stride_token = x_scales.has_value() ? x_scales->stride(0) : 0;
+    a.scale_stride_elem = x_scales.has_value() ? x_scales->stride(1) : 0;
+    a.x = static_cast<const uint8_t*>(x.data_ptr());
+    a.x_scales = ptr_or_null<const int32_t>(x_scales);
+    a.topk_idx = ptr_or_null<const int64_t>(topk_idx);
+    a.topk_weights = ptr_or_null<const float>(topk_weights);
+    a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    a.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+    a.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
+    a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+    a.recv_scales = ptr_or_null<int32_t>(recv_scales);
+    a.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
+    a.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
+    a.recv_src_idx = recv_src_idx != nullptr ? recv_src_idx->data_ptr<int>() : nullptr;
+    a.send_head = send_head != nullptr ? send_head->data_ptr<int>() : nullptr;
+    a.num_rows = static_cast<int>(recv_x.size(0));
+    a.worst_mode = worst ? 1 : 0;
+    check_cuda(launch_dispatch(a, stream), "dispatch kernel launch");
+  }
+
   Peers peers() const {
     if (!opened_ && num_ranks_ > 1) throw std::runtime_error("intranode runtime: peers not opened");
     Peers p{};
@@ -329,8 +522,12 @@ class Runtime {
   int device_;
   void* buffer_ = nullptr;
   void* ctrl_ = nullptr;
+  LayoutWork* work_ = nullptr;
   HostPage* host_ = nullptr;
   HostPage* host_dev_ = nullptr;
+  cudaEvent_t order_event_ = nullptr;
+  cudaStream_t last_stream_ = nullptr;
+  int64_t host_waits_ = 0;
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];
   bool opened_ = false;
@@ -342,7 +539,22 @@ class Runtime {
 
 PYBIND11_MODULE(_intranode_C, m) {
   using deepep::intranode::Runtime;
+  namespace di = deepep::intranode;
   m.doc() = "deepep_plugin intranode NVLink kernels (CUDA IPC buffers, layout/notify/dispatch/combine)";
+  // C++ errors become deepep_plugin's Python exceptions (imported lazily: deepep_plugin.errors is pure Python).
+  py::register_exception<di::MailboxPending>(m, "MailboxPending");
+  py::register_exception_translator([](std::exception_ptr p) {
+    if (!p) return;
+    try {
+      std::rethrow_exception(p);
+    } catch (const di::BufferTooSmall& e) {
+      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPBufferTooSmall");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const di::InputError& e) {
+      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPInputError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
   py::class_<Runtime>(m, "Runtime")
       .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
            py::arg("device"))
@@ -351,10 +563,10 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("destroy", &Runtime::destroy)
       .def("destroyed", &Runtime::destroyed)
       .def("local_buffer", &Runtime::local_buffer)
+      .def("host_waits", &Runtime::host_waits)
       .def("layout", &Runtime::layout)
-      .def("notify", &Runtime::notify)
-      .def("wait_recv_counts", &Runtime::wait_recv_counts)
-      .def("dispatch", &Runtime::dispatch)
+      .def("dispatch_fresh", &Runtime::dispatch_fresh)
+      .def("dispatch_cached", &Runtime::dispatch_cached)
       .def("combine", &Runtime::combine)
       .def("read_mailbox", &Runtime::read_mailbox)
       .def_static("dispatch_slot_bytes", &Runtime::dispatch_slot_bytes)

@@ -229,7 +229,7 @@ PYBIND11_MODULE(_low_latency_C, m) {
     const volatile Mailbox* mb = reinterpret_cast<const volatile Mailbox*>(host);
     const int status = mb->status;
     return py::make_tuple(status, mb->rank, mb->peer, mb->what, static_cast<int64_t>(mb->detail),
-                          static_cast<int64_t>(mb->observed));
+                          static_cast<int64_t>(mb->observed), mb->channel);
   });
   m.def("mailbox_clear", [](uintptr_t host) {
     volatile Mailbox* mb = reinterpret_cast<volatile Mailbox*>(host);

@@ -218,12 +218,20 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(DispatchArgs
   uint64_t* own_entry = reinterpret_cast<uint64_t*>(  // [per_block][16] header entries, 8-byte aligned
       (reinterpret_cast<uintptr_t>(own_slot + per_block * kMaxTopk) + 7) & ~uintptr_t(7));
 
+  __shared__ unsigned long long s_first_bad;  // block 0: smallest flat index of an id outside [-1, E)
   for (int i = tid; i < 2 * E + 2 * R; i += kThreads) before_expert[i] = 0;
+  if (tid == 0) s_first_bad = ~0ull;
   __syncthreads();
 
   // 1. Counts: per expert and per destination rank, over all tokens and over the tokens before this block's.
+  // Block 0 also range-checks topk_idx (ids outside [-1, E) select nothing) and reports the first bad one.
   for (int t = tid; t < T; t += kThreads) {
     Route r;
+    if (blockIdx.x == 0)
+      for (int k = 0; k < K; ++k) {
+        const int64_t v = __ldg(a.topk_idx + static_cast<int64_t>(t) * K + k);
+        if (v < -1 || v >= E) atomicMin(&s_first_bad, static_cast<unsigned long long>(t) * K + k);
+      }
     route_token(a.topk_idx + static_cast<int64_t>(t) * K, K, E, el, r);
     const bool before = t < own_begin, own = t >= own_begin && t < own_end;
 #pragma unroll
@@ -249,6 +257,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(DispatchArgs
     }
   }
   __syncthreads();
+  if (blockIdx.x == 0 && tid == 0 && s_first_bad != ~0ull)
+    report_error(error_env(env), kMailboxBadInput, kWaitBadExpertId, static_cast<int>(s_first_bad / K),
+                 static_cast<int>(s_first_bad % K), a.topk_idx[s_first_bad], E);
 
   // 2. Rows and message slots of the own tokens, in token order (one token per step, one lane per slot).
   if (warp == 0) {

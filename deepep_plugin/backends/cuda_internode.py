@@ -278,6 +278,7 @@ class InternodeRuntime(SymmetricRuntime):
         node_slot = index_among_selected(in_node) if fresh else handle.send_rdma_head.contiguous()
         node_count = in_node.sum(0, dtype=torch.int32)
         counts_list: list[int] = []
+        bad_input: Optional[str] = None
         head_base: Optional[torch.Tensor] = None
         if fresh:
             num_experts = layout.num_tokens_per_expert.numel()
@@ -317,10 +318,22 @@ class InternodeRuntime(SymmetricRuntime):
             if W:
                 rows, head_rows = W, G * W
             else:
-                info = torch.cat([recv_gbl_rank_prefix[-1:], recv_rdma_rank_prefix[-1:], expert_recv]).cpu()
+                # The one host read: the counts, with the range check of topk_idx riding along (the first flat
+                # index of an id outside [-1, E), or T * K when none), raised once the dispatch is enqueued.
+                parts = [recv_gbl_rank_prefix[-1:], recv_rdma_rank_prefix[-1:], expert_recv]
+                if topk_idx is not None and topk_idx.numel() > 0:
+                    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+                    flat = torch.arange(topk_idx.numel(), device=dev, dtype=torch.int64)
+                    parts.append(torch.where(bad.flatten(), flat, topk_idx.numel()).min().view(1).to(torch.int32))
+                info = torch.cat(parts).cpu()
                 self.check_error()
                 rows, head_rows = int(info[0]), int(info[1])
-                counts_list = round_up_counts(info[2:].tolist(), expert_alignment)
+                counts_list = round_up_counts(info[2:2 + e_loc].tolist(), expert_alignment)
+                if len(parts) == 4 and int(info[-1]) < topk_idx.numel():
+                    first = int(info[-1])
+                    t, k = divmod(first, topk_idx.size(1))
+                    bad_input = (f"topk_idx entries must be in [-1, num_experts={num_experts}) (-1 = unused slot), "
+                                 f"got topk_idx[{t}, {k}] = {int(topk_idx[t, k])} on rank {r} (it selected nothing)")
         else:
             rdma_prefix = handle.rdma_channel_prefix_matrix
             recv_gbl_rank_prefix = handle.recv_gbl_rank_prefix_sum
@@ -372,6 +385,8 @@ class InternodeRuntime(SymmetricRuntime):
                and rdma_prefix.size(1) <= MAX_CHANNELS, "dispatch: handle.rdma_channel_prefix_matrix must be a "
                f"contiguous int32 [N, C <= {MAX_CHANNELS}] tensor")
         self._c.internode_dispatch(args)  # 2C blocks: C senders, C receivers
+        if bad_input is not None:  # after the launch, so that the peers' dispatch completes
+            raise DeepEPInputError(bad_input)
         if not fresh:
             return DispatchResult(recv_x, recv_scales, None, None, [], handle)
         new_handle = InternodeHandle(in_rank, rdma_prefix, gbl_prefix, recv_rdma_channel, recv_rdma_rank_prefix,
@@ -462,7 +477,7 @@ class InternodeRuntime(SymmetricRuntime):
         report = self._take_report()
         if report is None:
             return
-        status, rank, peer, what, expected, observed = report
+        status, rank, peer, what, expected, observed, _channel = report
         if status == _MAILBOX_TIMEOUT:
             self._broken = (
                 f"internode kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "

@@ -2,13 +2,16 @@
 
 ``IntranodeRuntime`` owns one rank's side of the NVLink buffers: at construction it allocates this rank's
 buffer with ``cudaMalloc``, exchanges CUDA IPC handles with ``dist.all_gather_object`` over ``group`` (gloo
-works) and opens every peer's buffer. The compiled module ``deepep_plugin._intranode_C`` launches the kernels
-(``csrc/intranode``); this module allocates the outputs, checks what the kernels need and turns the kernels'
-error mailbox into Python exceptions.
+works) and opens every peer's buffer. The compiled module ``deepep_plugin._intranode_C`` (``csrc/intranode``)
+does the per-call work; this module builds the handles and turns the kernels' error mailbox into Python
+exceptions.
 
-Every method enqueues work on the *current* CUDA stream. Only the non-cached dispatch without
+Every method is one call into the extension, which checks what the kernels need, allocates the outputs and enqueues
+the kernels on the *current* CUDA stream. Calls are ordered among themselves across streams (the extension makes a
+call's stream wait for the previous call's when they differ). Only the non-cached dispatch without
 ``num_worst_tokens`` waits on the host (for the receive count, with a timeout); everything else is free of host
-synchronisation and can be captured in a CUDA graph.
+synchronisation and can be captured in a CUDA graph. A bad expert id in ``get_dispatch_layout``'s ``topk_idx`` is
+reported by its kernel through the mailbox and raised at the next count read or call.
 
 Kernel protocol, buffer layout and tuning constants: ``csrc/intranode/buffer_layout.h`` and the comments at
 the top of ``notify.cu``, ``dispatch.cu`` and ``combine.cu``.
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import NUM_MAX_NVL_PEERS, Config
-from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
+from ..errors import DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
 from .base import CombineResult, DispatchLayout, DispatchResult, IntranodeHandle
 
 #: Channels the kernels support (``num_sms / 2``); the buffer's control block is sized for this many.
@@ -34,6 +37,7 @@ MAX_LOCAL_EXPERTS = 1024
 
 _MAILBOX_TIMEOUT = 1
 _MAILBOX_OVERFLOW = 2
+_MAILBOX_BAD_INPUT = 3
 
 
 def load_extension() -> Any:
@@ -114,7 +118,8 @@ class IntranodeRuntime:
             DeepEPTimeoutError: a wait timed out (names rank, peer, channel and the wait); the buffer is
                 unusable afterwards (its queues are in an unknown state): destroy it.
             DeepEPInputError: a ``num_worst_tokens`` dispatch received more rows than it had room for (the
-                extra rows were dropped, nothing was written out of bounds).
+                extra rows were dropped, nothing was written out of bounds), or ``get_dispatch_layout`` met an
+                expert id outside ``[-1, num_experts)`` (it selected nothing; the buffer stays usable).
         """
         if self._broken is not None:
             raise DeepEPTimeoutError(self._broken)
@@ -132,6 +137,10 @@ class IntranodeRuntime:
             raise DeepEPInputError(
                 f"dispatch: num_worst_tokens={observed} is smaller than the number of tokens rank {rank} "
                 f"received (at least {detail}); the extra rows were dropped")
+        if status == _MAILBOX_BAD_INPUT:
+            raise DeepEPInputError(
+                f"topk_idx entries must be in [-1, num_experts={observed}) (-1 = unused slot), got "
+                f"topk_idx[{peer}, {channel}] = {detail} on rank {rank} (get_dispatch_layout ignored it)")
 
     def destroy(self) -> None:
         """Release the buffers (idempotent). Waits for this device's work first."""
@@ -146,25 +155,25 @@ class IntranodeRuntime:
 
     # ------------------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
-        """``get_dispatch_layout`` on the GPU (spec 3.1).
+        """``get_dispatch_layout`` on the GPU (spec 3.1): one kernel, no host read.
 
         Args:
-            topk_idx: ``[T, K]`` int64 CUDA, global expert ids; entries outside ``[0, num_experts)`` are ignored.
+            topk_idx: ``[T, K]`` int64 CUDA, contiguous, global expert ids; ``-1`` = unused slot. Other entries
+                outside ``[0, num_experts)`` select nothing and are reported: the first one raises
+                ``DeepEPInputError`` (naming the token, the slot and the value) at the next dispatch's count read
+                or at the next call.
             num_experts: ``E``, a multiple of ``num_ranks``.
         Returns:
             ``DispatchLayout(num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
             is_token_in_rank [T, R] bool)``, all on ``topk_idx``'s device.
         """
-        self._check_alive()
-        expect(num_experts % self.num_ranks == 0,
-               f"num_experts ({num_experts}) must be a multiple of the number of ranks ({self.num_ranks})")
-        dev = topk_idx.device
-        num_tokens_per_rank = torch.zeros(self.num_ranks, dtype=torch.int32, device=dev)
-        num_tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=dev)
-        is_token_in_rank = torch.empty(topk_idx.size(0), self.num_ranks, dtype=torch.bool, device=dev)
-        self._rt.layout(topk_idx.contiguous(), num_experts, num_tokens_per_rank, num_tokens_per_expert,
-                        is_token_in_rank)
-        return DispatchLayout(num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank)
+        if self._broken is not None or self._destroyed:
+            self._check_alive()
+        try:
+            per_rank, per_expert, in_rank = self._rt.layout(topk_idx, num_experts)
+        except self._ext.MailboxPending:
+            self._raise_report()
+        return DispatchLayout(per_rank, None, per_expert, in_rank)
 
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[IntranodeHandle],
                  layout: Optional[DispatchLayout], topk_idx: Optional[torch.Tensor],
@@ -183,104 +192,64 @@ class IntranodeRuntime:
             config: ``num_sms`` (2 per channel) and ``num_max_nvl_chunked_recv_tokens`` (queue depth) are used.
         Returns:
             ``DispatchResult(recv_x [n, H], recv_x_scales [n, S] | None, recv_topk_idx [n, K] int64 | None,
-            recv_topk_weights [n, K] float32 | None, num_recv_tokens_per_expert_list, handle)``.
+            recv_topk_weights [n, K] float32 | None, num_recv_tokens_per_expert_list, handle)``. Only a fresh
+            dispatch without ``num_worst_tokens`` reads from the GPU (the receive counts, once).
         """
-        self._check_alive()
-        R = self.num_ranks
-        C = config.num_channels
+        if self._broken is not None or self._destroyed:
+            self._check_alive()
+        C = config.num_sms // 2 if config.num_sms >= 2 else 1
         Q = config.num_max_nvl_chunked_recv_tokens
-        expect(C <= MAX_CHANNELS, f"config.num_sms must be at most {2 * MAX_CHANNELS}, got {config.num_sms}")
-        T, H = x.shape
-        row_bytes = H * x.element_size()
-        expect(row_bytes % 16 == 0, f"x: hidden * element_size must be a multiple of 16 bytes, got {row_bytes}")
-        S = x_scales.size(1) if x_scales is not None else 0
-        K = topk_idx.size(1) if topk_idx is not None else 0
-        expect(K <= 32, f"topk_idx: at most 32 top-k slots, got {K}")
-        if x_scales is not None:
-            expect(x_scales.element_size() == 4, f"x_scales must be float32 or int32, got {x_scales.dtype}")
-        slot = int(self._ext.Runtime.dispatch_slot_bytes(row_bytes, S, K))
-        self._check_size("dispatch", C, Q, slot)
-        dev = x.device
-        if handle is None:
-            expect(layout is not None, "dispatch: layout (or a handle) is required")
-            assert layout is not None
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = layout
-            E = num_tokens_per_expert.numel()
-            expect(E % R == 0, f"num_experts ({E}) must be a multiple of the number of ranks ({R})")
-            E_loc = E // R
-            num_local_experts = E_loc
-            expect(E_loc <= MAX_LOCAL_EXPERTS, f"at most {MAX_LOCAL_EXPERTS} experts per rank, got {E_loc}")
-            worst = num_worst_tokens > 0
-            rank_prefix_matrix = torch.empty(R, R, dtype=torch.int32, device=dev)
-            channel_prefix_matrix = torch.empty(R, C, dtype=torch.int32, device=dev)
-            recv_channel_prefix_matrix = torch.empty(R, C, dtype=torch.int32, device=dev)
-            self._rt.notify(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, rank_prefix_matrix,
-                            channel_prefix_matrix, recv_channel_prefix_matrix, C, E_loc, max(expert_alignment, 1),
-                            not worst, self.timeout_s)
-            if worst:
-                rows, per_expert = num_worst_tokens, []
-            else:
-                rows, per_expert = self._wait_recv_counts(E_loc)
-            recv_src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
-            send_head = torch.empty(T, R, dtype=torch.int32, device=dev)
-            recv_topk_idx = torch.empty(rows, K, dtype=torch.int64, device=dev) if topk_idx is not None else None
-            recv_topk_weights = (torch.empty(rows, K, dtype=torch.float32, device=dev)
-                                 if topk_idx is not None else None)
-        else:
-            expect(topk_idx is None and topk_weights is None, "cached dispatch: topk_idx/topk_weights must be None")
-            expect(handle.channel_prefix_matrix.size(1) == C,
-                   f"cached dispatch: the handle was made with num_sms={2 * handle.channel_prefix_matrix.size(1)}, "
-                   f"config has num_sms={config.num_sms}")
-            rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix = handle[:3]
-            is_token_in_rank = handle.is_token_in_rank
-            expect(is_token_in_rank.size(0) == T,
-                   f"cached dispatch: x has {T} tokens, the handle was made for {is_token_in_rank.size(0)}")
+        try:
+            if handle is None:
+                if layout is None:
+                    raise DeepEPInputError("dispatch: layout (or a handle) is required")
+                out = self._rt.dispatch_fresh(x, x_scales, topk_idx, topk_weights, layout[0], layout[2], layout[3],
+                                              C, Q, expert_alignment if expert_alignment > 1 else 1,
+                                              num_worst_tokens, self.timeout_s)
+                status = out[10]
+                if status:
+                    self._after_fresh_dispatch(status)
+                handle = IntranodeHandle(out[5], out[6], out[7], out[8], layout[3], out[9])
+                return DispatchResult(out[0], out[1], out[2], out[3],
+                                      out[4] if num_worst_tokens <= 0 else [], handle)
+            if topk_idx is not None or topk_weights is not None:
+                raise DeepEPInputError("cached dispatch: topk_idx/topk_weights must be None")
             rows = num_worst_tokens if num_worst_tokens > 0 else handle.recv_src_idx.size(0)
-            worst = num_worst_tokens > 0
-            per_expert = []
-            num_local_experts = 1  # top-k ids are not sent in cached mode
-            recv_src_idx, send_head, recv_topk_idx, recv_topk_weights = None, None, None, None
-        recv_x = torch.empty(rows, H, dtype=x.dtype, device=dev)
-        recv_x_scales = torch.empty(rows, S, dtype=x_scales.dtype, device=dev) if x_scales is not None else None
-        self._rt.dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix_matrix,
-                          recv_channel_prefix_matrix, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                          recv_src_idx, send_head, C, Q, num_local_experts,
-                          worst, self.timeout_s)
-        if handle is None:
-            assert recv_src_idx is not None and send_head is not None
-            handle = IntranodeHandle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                     recv_src_idx, is_token_in_rank, send_head)
-        return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, handle)
+            recv_x, recv_scales = self._rt.dispatch_cached(
+                x, x_scales, handle.is_token_in_rank, handle.rank_prefix_matrix, handle.recv_channel_prefix_matrix,
+                rows, C, Q, num_worst_tokens > 0, self.timeout_s)
+            return DispatchResult(recv_x, recv_scales, None, None, [], handle)
+        except self._ext.MailboxPending:
+            self._raise_report()
 
     def combine(self, x: torch.Tensor, handle: IntranodeHandle, topk_weights: Optional[torch.Tensor],
                 bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config) -> CombineResult:
         """Sum each token's copies back on its source rank (FP32 accumulation, rounded to BF16).
 
         Args:
-            x: ``[n, H]`` BF16 CUDA, contiguous: one row per row ``dispatch`` returned, in that order.
+            x: ``[n, H]`` BF16 CUDA: one row per row ``dispatch`` returned, in that order.
             handle: the non-cached dispatch's handle (its channel count is used).
             topk_weights: ``[n, K]`` float32 or None.
             bias0, bias1: ``[T, H]`` BF16 or None.
             config: ``num_max_nvl_chunked_recv_tokens`` (queue depth) is used.
         Returns:
             ``CombineResult(combined_x [T, H] BF16, combined_topk_weights [T, K] float32 | None)`` with
-            ``combined_x[t] = bias0[t] + bias1[t] + sum of the copies of t``.
+            ``combined_x[t] = bias0[t] + bias1[t] + sum of the copies of t``. No host read.
         """
-        self._check_alive()
-        expect(x.dtype == torch.bfloat16, f"combine: x must be bfloat16, got {x.dtype}")
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, _, _, send_head = handle
-        C = channel_prefix_matrix.size(1)
-        Q = config.num_max_nvl_chunked_recv_tokens
-        T, H = send_head.size(0), x.size(1)
-        expect(H % 8 == 0, f"combine: hidden must be a multiple of 8, got {H}")
-        K = topk_weights.size(1) if topk_weights is not None else 0
-        slot = int(self._ext.Runtime.combine_slot_bytes(2 * H, K))
-        self._check_size("combine", C, Q, slot)
-        combined_x = torch.empty(T, H, dtype=x.dtype, device=x.device)
-        combined_w = (torch.empty(T, K, dtype=torch.float32, device=x.device) if topk_weights is not None else None)
-        self._rt.combine(x.contiguous(), topk_weights, bias0, bias1, rank_prefix_matrix, channel_prefix_matrix,
-                         recv_channel_prefix_matrix, send_head, combined_x, combined_w, C, Q, self.timeout_s)
+        if self._broken is not None or self._destroyed:
+            self._check_alive()
+        try:
+            combined_x, combined_w = self._rt.combine(
+                x, topk_weights, bias0, bias1, handle.rank_prefix_matrix, handle.channel_prefix_matrix,
+                handle.recv_channel_prefix_matrix, handle.send_head, config.num_max_nvl_chunked_recv_tokens,
+                self.timeout_s)
+        except self._ext.MailboxPending:
+            self._raise_report()
         return CombineResult(combined_x, combined_w)
+
+    def host_waits(self) -> int:
+        """How many times this runtime waited on the host for the GPU (the fresh dispatches' count reads)."""
+        return int(self._rt.host_waits())
 
     # ------------------------------------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -288,28 +257,21 @@ class IntranodeRuntime:
             raise DeepEPInputError("this intranode buffer was destroyed")
         self.check_error()
 
-    def _check_size(self, what: str, C: int, Q: int, slot_bytes: int) -> None:
-        # The buffer is split into one fixed region per source rank (csrc/intranode/buffer_layout.h); each
-        # holds C queues of Q messages.
-        region = self.num_nvl_bytes // self.num_ranks // 16 * 16
-        if C * Q * slot_bytes > region:
-            needed = self.num_ranks * (C * Q * slot_bytes + 15)
-            raise DeepEPBufferTooSmall(
-                f"{what}: the NVL buffer has {self.num_nvl_bytes} bytes but this call needs {needed} "
-                f"({self.num_ranks} ranks x {C} channels x {Q} queue slots x {slot_bytes} bytes per message); "
-                "size it with Config.get_nvl_buffer_size_hint or lower num_sms / num_max_nvl_chunked_recv_tokens")
+    def _raise_report(self) -> NoReturn:
+        """The mailbox held a report when a call started: raise it (the call enqueued nothing)."""
+        self.check_error()
+        raise DeepEPError(f"rank {self.rank}: the intranode kernels' mailbox held a report that vanished")
 
-    def _wait_recv_counts(self, num_local_experts: int) -> tuple[int, list[int]]:
-        # The kernel's own waits time out after timeout_s and report which peer; wait longer on the host so
-        # that report (the more precise one) arrives first.
-        host_timeout = 2.0 * self.timeout_s + 1.0
-        status, n_recv, per_expert = self._rt.wait_recv_counts(num_local_experts, host_timeout)
-        if status == 2:
+    def _after_fresh_dispatch(self, status: int) -> None:
+        """Raise for a fresh dispatch's ``status`` (csrc/intranode/runtime.cpp: dispatch_fresh)."""
+        if status == 3:  # enqueued; a report (a bad id in the layout's topk_idx, an overflow) waits in the mailbox
             self.check_error()
-        if status != 0:
-            self._broken = (
-                f"rank {self.rank}: timed out after {host_timeout:g} s waiting on the host for the dispatch "
-                "receive count (the notify kernel did not finish: a peer did not call dispatch, or the GPU is "
-                "blocked by other work); this buffer is unusable now (destroy it)")
-            raise DeepEPTimeoutError(self._broken)
-        return int(n_recv), [int(v) for v in per_expert]
+            return
+        if status == 2:  # a kernel of this rank timed out: nothing was dispatched
+            self.check_error()
+        host_timeout = 2.0 * self.timeout_s + 1.0
+        self._broken = (
+            f"rank {self.rank}: timed out after {host_timeout:g} s waiting on the host for the dispatch "
+            "receive count (the notify kernel did not finish: a peer did not call dispatch, or the GPU is "
+            "blocked by other work); this buffer is unusable now (destroy it)")
+        raise DeepEPTimeoutError(self._broken)

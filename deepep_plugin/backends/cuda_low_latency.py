@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DeepEPBufferTooSmall, DeepEPError, DeepEPTimeoutError, expect
+from ..errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
 from .base import LowLatencyDispatchResult, LowLatencyHandle
 
 #: Largest top-k the kernels handle (a message header holds up to 16 local experts).
@@ -51,6 +51,8 @@ MAX_TOKENS_PER_RANK = 65535
 #: Wait codes of the mailbox (csrc/low_latency/api.h).
 _WAITS = {64: "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)",
           65: "combine receive: the peer's expert outputs (did it call low_latency_combine?)"}
+#: Mailbox status of a bad input value (csrc/common/mailbox.h).
+_MAILBOX_BAD_INPUT = 3
 #: Set to 1 to send to every peer with NVSHMEM puts (the RDMA code path) even where P2P stores would work.
 FORCE_PUTS_ENV = "DEEPEP_PLUGIN_LL_NVSHMEM_PUTS"
 
@@ -153,9 +155,9 @@ class SymmetricRuntime:
         self._alive = True
         return list(c.peer_bases(self._ptr, self.num_ranks))
 
-    def _take_report(self) -> Optional[tuple[int, int, int, int, int, int]]:
-        """The mailbox's report ``(status, rank, peer, what, expected, observed)``, cleared; None when empty or
-        after :meth:`destroy`. Reads host memory only (no device synchronisation)."""
+    def _take_report(self) -> Optional[tuple[int, int, int, int, int, int, int]]:
+        """The mailbox's report ``(status, rank, peer, what, expected, observed, channel)``, cleared; None when
+        empty or after :meth:`destroy`. Reads host memory only (no device synchronisation)."""
         if not self._alive:
             return None
         report = self._c.mailbox_read(self._mailbox)
@@ -416,7 +418,8 @@ class LowLatencyRuntime(SymmetricRuntime):
         return self._buffer
 
     def check_error(self) -> None:
-        """Raise ``DeepEPTimeoutError`` if a kernel of this rank reported a timed-out wait (no device sync).
+        """Raise ``DeepEPTimeoutError`` if a kernel of this rank reported a timed-out wait, ``DeepEPInputError`` if
+        a dispatch met a bad expert id (no device sync).
 
         The report is cleared, so later calls can go on once the caller has recovered (after a timeout the
         signal words are in an unknown state: call ``clean_low_latency_buffer`` on every rank, or destroy).
@@ -424,7 +427,12 @@ class LowLatencyRuntime(SymmetricRuntime):
         report = self._take_report()
         if report is None:
             return
-        _, rank, peer, what, expected, observed = report
+        status, rank, peer, what, expected, observed, channel = report
+        if status == _MAILBOX_BAD_INPUT:  # the send kernel met an id outside [-1, E): it selected nothing
+            raise DeepEPInputError(
+                f"low_latency_dispatch: topk_idx entries must be in [-1, num_experts={observed}) (-1 = unused "
+                f"slot), got topk_idx[{peer}, {channel}] = {expected} on rank {rank} (reported by the send kernel "
+                "of an earlier call, which ignored it)")
         self._abort.zero_()
         raise DeepEPTimeoutError(
             f"low-latency kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
