@@ -36,6 +36,11 @@ if [[ " $STAGES " == *" recipe "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== benchmarks"
+  # deepep_plugin beside DeepEP V1 when `import deep_ep` works (tools/gpu_compare.sh builds it), else against the
+  # reference backend; the MPS daemon is started by the benchmark itself.
+  timeout ${BENCH_TIMEOUT:-200} python3 -m deepep_plugin.bench compare --ranks 2 --tokens 256,4096 --sms 24 \
+    --json "$OUT/intranode_vs_deepep.json" --plot "$OUT/intranode_vs_deepep.png" \
+    --results "$OUT/RESULTS_compare.md" 2>&1 | grep -E "^R=|compare:|rror" || rc=1
   STAGES=bench bash tools/gpu_intranode.sh || rc=1
   STAGES=bench bash tools/gpu_low_latency.sh || rc=1
   # Internode kernels on emulated nodes (2 nodes of 2 ranks; the ranks share the GPUs there are): correctness-level

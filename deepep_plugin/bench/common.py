@@ -32,6 +32,24 @@ def median_ms(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[C
     return statistics.median(times)
 
 
+def host_us(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Callable[[], Any]] = None) -> float:
+    """Median host microseconds spent inside one call of ``fn`` (the Python call's wall time; work it enqueues
+    on the GPU is not waited for), after ``warmup`` calls; ``before`` runs ahead of each call, untimed."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT)."""
     with socket.socket() as s:

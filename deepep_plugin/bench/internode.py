@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .common import init_rank, median_ms, spawn_ranks
+from .common import host_us, init_rank, median_ms, spawn_ranks
 
 MB = 1 << 20
 
@@ -88,6 +88,17 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             t_bf16 = median_ms(run_bf16, args.warmup, args.iters, before=dist.barrier)
             t_fp8 = median_ms(run_fp8, args.warmup, args.iters, before=dist.barrier)
             t_comb = median_ms(run_combine, args.warmup, args.iters, before=dist.barrier)
+
+            def run_fresh(x=x, cfg=cfg, idx=idx, w=w):
+                lay = buf.get_dispatch_layout(idx, E)
+                buf.dispatch(x, None, lay[0], lay[1], lay[3], lay[2], idx, w, config=cfg)
+
+            def synced() -> None:
+                torch.cuda.synchronize()
+                dist.barrier()
+
+            host = {name: host_us(fn, 1, args.iters, before=synced) for name, fn in
+                    (("fresh", run_fresh), ("cached", run_bf16), ("combine", run_combine))}
             buf.runtime.check_error()
             records = int(per_rdma.sum())
             n_recv = recv_x.size(0)
@@ -96,7 +107,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                          "rdma_bf16": records * H * 2 / t_bf16 / 1e6, "nvl_bf16": n_recv * H * 2 / t_bf16 / 1e6,
                          "rdma_fp8": records * fp8_row / t_fp8 / 1e6, "nvl_fp8": n_recv * fp8_row / t_fp8 / 1e6,
                          "rdma_comb": records * H * 2 / t_comb / 1e6, "nvl_comb": n_recv * H * 2 / t_comb / 1e6,
-                         "t_bf16_us": t_bf16 * 1e3, "t_fp8_us": t_fp8 * 1e3, "t_comb_us": t_comb * 1e3})
+                         "t_bf16_us": t_bf16 * 1e3, "t_fp8_us": t_fp8 * 1e3, "t_comb_us": t_comb * 1e3,
+                         "host_fresh_us": host["fresh"], "host_cached_us": host["cached"],
+                         "host_combine_us": host["combine"]})
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -114,7 +127,7 @@ def _summarise(gathered: list[list[dict]]) -> list[dict]:
         for key in row:
             if key.startswith(("rdma", "nvl")):
                 merged[key] = min(g[i][key] for g in gathered)
-            elif key.startswith("t_"):
+            elif key.startswith(("t_", "host_")):
                 merged[key] = max(g[i][key] for g in gathered)
         out.append(merged)
     return out
@@ -122,12 +135,14 @@ def _summarise(gathered: list[list[dict]]) -> list[dict]:
 
 def _table(rows: list[dict]) -> str:
     lines = ["| tokens | SMs | dispatch BF16 RDMA / NVL GB/s (us) | dispatch FP8 RDMA / NVL GB/s (us) | "
-             "combine RDMA / NVL GB/s (us) |", "|---|---|---|---|---|"]
+             "combine RDMA / NVL GB/s (us) | host us per call: layout + fresh dispatch / cached / combine |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['sms']} | "
                      f"{r['rdma_bf16']:.0f} / {r['nvl_bf16']:.0f} ({r['t_bf16_us']:.0f}) | "
                      f"{r['rdma_fp8']:.0f} / {r['nvl_fp8']:.0f} ({r['t_fp8_us']:.0f}) | "
-                     f"{r['rdma_comb']:.0f} / {r['nvl_comb']:.0f} ({r['t_comb_us']:.0f}) |")
+                     f"{r['rdma_comb']:.0f} / {r['nvl_comb']:.0f} ({r['t_comb_us']:.0f}) | "
+                     f"{r['host_fresh_us']:.0f} / {r['host_cached_us']:.0f} / {r['host_combine_us']:.0f} |")
     return "\n".join(lines)
 
 

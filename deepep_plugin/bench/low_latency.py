@@ -6,7 +6,9 @@ after warm-up, with all ranks aligned by a barrier before each sample:
 
 * ``dispatch`` (FP8 cast in the kernel), ``combine`` (BF16, weighted), ``dispatch+combine``;
 * the same split by the receive hook: ``send`` (dispatch or combine with ``return_recv_hook=True``) and ``recv``
-  (the hook, called once every rank's send has finished, so it measures the receive work, not the wait).
+  (the hook, called once every rank's send has finished, so it measures the receive work, not the wait);
+* ``host dispatch`` / ``host combine``: host microseconds inside one call (send and receive launched, nothing
+  waited for; the calls make no host read).
 
 Routing: top-``K`` of ``E`` experts uniformly at random (DeepSeek-V3 decoding shape by default: hidden 7168,
 top-8 of 288). Prints one table (microseconds; the slowest rank's median) and writes it as JSON with ``--json``.
@@ -27,11 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .common import free_port
+from .common import free_port, host_us
 
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 COLUMNS = ["dispatch", "combine", "dispatch+combine", "dispatch send", "dispatch recv", "combine send",
-           "combine recv"]
+           "combine recv", "host dispatch", "host combine"]
 
 
 def _median_us(fn: Callable[[], None], iters: int, warmup: int, after_start: Callable[[], None] | None = None,
@@ -105,6 +107,9 @@ def _measure(rt, t: int, args: argparse.Namespace, gen: torch.Generator) -> dict
         return statistics.median(times)
 
     row = {}
+    # Host microseconds inside one runtime call (send + receive launched, nothing waited for), ranks in step.
+    row["host dispatch"] = host_us(dispatch, 1, args.iters, before=peers_sent)
+    row["host combine"] = host_us(combine, 1, args.iters, before=peers_sent)
     if args.turns:
         row["dispatch send"] = in_turns(lambda: dispatch(True), lambda: state["d"].hook())
         row["dispatch recv"] = in_turns(lambda: state["d"].hook(), lambda: None,
