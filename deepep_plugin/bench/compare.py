@@ -18,7 +18,8 @@ CPU copies (bit for bit too, except combined rows: within BF16 rounding, as the 
 
 Several processes on one GPU run concurrently only under MPS: the tool starts the MPS daemon (and stops it) when
 ranks share a GPU and none is running. Results: ``--json`` (``{"rows": [...]}``, one row per library, configuration
-and timing), ``--plot`` (PNG) and a section appended to ``--results``.
+and timing; while running, each configuration's rows are appended to ``<json>.partial`` as they are measured),
+``--plot`` (PNG) and a section appended to ``--results``.
 """
 
 from __future__ import annotations
@@ -380,8 +381,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                         row["outputs_equal_by_op"] = equal_by_op
                         row["compared_with"] = oracle_name
                     rows.append(row)
+            # Every configuration's merged rows also go to a JSON-lines file at once, so a run cut short (a time
+            # limit) keeps what it measured: `<--json>.partial`, one {"rows": [...]} per configuration.
+            fresh_rows: list[Any] = [None] * world
+            dist.all_gather_object(fresh_rows, rows[-2 * len(libs):])
             if rank == 0:
                 print(_progress_line(world, tokens, sms, measured), flush=True)
+                with open(args.json + ".partial", "a") as f:
+                    f.write(json.dumps({"rows": _merge_ranks(fresh_rows)}) + "\n")
             torch.cuda.empty_cache()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
@@ -586,6 +593,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit("compare: needs CUDA GPUs (nvidia-smi lists none)")
     mps = _Mps()
     rows: list[dict] = []
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    if os.path.exists(args.json + ".partial"):
+        os.remove(args.json + ".partial")
     try:
         rank_list = [int(v) for v in args.ranks.split(",")]
         if any(r > gpus for r in rank_list):
@@ -595,9 +605,10 @@ def main(argv: list[str]) -> None:
     finally:
         mps.stop()
     command = args.command or "python -m deepep_plugin.bench compare " + " ".join(argv)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"command": command, "rows": rows}, f, indent=1)
+    if os.path.exists(args.json + ".partial"):
+        os.remove(args.json + ".partial")
     plot(rows, args.plot)
     section = markdown(rows, command)
     print(section)
