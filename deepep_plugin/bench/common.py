@@ -12,24 +12,34 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def median_ms(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Callable[[], Any]] = None) -> float:
-    """Median milliseconds of ``fn`` between two CUDA events on the current stream, after ``warmup`` calls.
-
-    ``before`` (e.g. a barrier) runs ahead of every timed call, outside the timed region.
-    """
+def _median_of(timed: Callable[[], float], fn: Callable[[], Any], warmup: int, iters: int,
+               before: Optional[Callable[[], Any]]) -> float:
+    """Median of ``timed()`` (one timed call of ``fn``) over ``iters`` samples after ``warmup`` plain calls;
+    ``before`` runs ahead of every sample, untimed."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         if before is not None:
             before()
+        times.append(timed())
+    return statistics.median(times)
+
+
+def median_ms(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Callable[[], Any]] = None) -> float:
+    """Median milliseconds of ``fn`` between two CUDA events on the current stream, after ``warmup`` calls.
+
+    ``before`` (e.g. a barrier) runs ahead of every timed call, outside the timed region.
+    """
+    def timed() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return start.elapsed_time(end)
+
+    return _median_of(timed, fn, warmup, iters, before)
 
 
 def host_us(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Callable[[], Any]] = None) -> float:
@@ -37,17 +47,14 @@ def host_us(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Cal
     on the GPU is not waited for), after ``warmup`` calls; ``before`` runs ahead of each call, untimed."""
     import time
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if before is not None:
-            before()
+    def timed() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        return (time.perf_counter() - t0) * 1e6
+
+    result = _median_of(timed, fn, warmup, iters, before)
     torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+    return result
 
 
 def free_port() -> int:
