@@ -197,7 +197,7 @@ class Buffer:
         # runtime orders its calls across streams itself, so calls without events run on the current stream.
         self._intranode: Any = getattr(self.runtime, "intranode", None)
         # Whether a CUDA topk_idx is range-checked on the host (only where no kernel checks it on the GPU).
-        self._host_checks_cuda_topk = (getattr(self.runtime, "intranode", None) is None
+        self._host_checks_cuda_topk = (self._intranode is None
                                        and getattr(self.runtime, "internode", None) is None)
         self._default_configs: dict[tuple[str, int], Config] = {}
 

@@ -355,11 +355,6 @@ class Runtime {
     return t;
   }
 
-  static int dispatch_slot_bytes(int row_bytes, int num_scales, int num_topk) {
-    return dispatch_slot(row_bytes, num_scales, num_topk).slot_bytes;
-  }
-  static int combine_slot_bytes(int row_bytes, int num_topk) { return combine_slot(row_bytes, num_topk).slot_bytes; }
-
  private:
   static py::object opt(const std::optional<at::Tensor>& t) {
     return t.has_value() ? py::cast(*t) : py::none();
@@ -568,7 +563,5 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("dispatch_fresh", &Runtime::dispatch_fresh)
       .def("dispatch_cached", &Runtime::dispatch_cached)
       .def("combine", &Runtime::combine)
-      .def("read_mailbox", &Runtime::read_mailbox)
-      .def_static("dispatch_slot_bytes", &Runtime::dispatch_slot_bytes)
-      .def_static("combine_slot_bytes", &Runtime::combine_slot_bytes);
+      .def("read_mailbox", &Runtime::read_mailbox);
 }

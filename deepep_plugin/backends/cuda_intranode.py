@@ -30,11 +30,6 @@ from ..config import NUM_MAX_NVL_PEERS, Config
 from ..errors import DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
 from .base import CombineResult, DispatchLayout, DispatchResult, IntranodeHandle
 
-#: Channels the kernels support (``num_sms / 2``); the buffer's control block is sized for this many.
-MAX_CHANNELS = 128
-#: Local experts per rank the notify step supports (DeepEP's ``NUM_MAX_LOCAL_EXPERTS``).
-MAX_LOCAL_EXPERTS = 1024
-
 _MAILBOX_TIMEOUT = 1
 _MAILBOX_OVERFLOW = 2
 _MAILBOX_BAD_INPUT = 3
@@ -197,7 +192,7 @@ class IntranodeRuntime:
         """
         if self._broken is not None or self._destroyed:
             self._check_alive()
-        C = config.num_sms // 2 if config.num_sms >= 2 else 1
+        C = config.num_channels
         Q = config.num_max_nvl_chunked_recv_tokens
         try:
             if handle is None:
