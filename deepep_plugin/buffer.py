@@ -30,18 +30,21 @@ from .backends.base import (
     handle_num_channels,
     handle_recv_count,
 )
-from .config import NUM_MAX_NVL_PEERS, TOPK_IDX_BYTES, Config, combine_config, dispatch_config, get_timeout_s
+from .config import Config, combine_config, dispatch_config, get_timeout_s
 from .errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, expect
 from .events import EventHandle, EventOverlap
+from .limits import (
+    MAX_LOCAL_EXPERTS,
+    MAX_NORMAL_RANKS,
+    MAX_NVL_PEERS,
+    MAX_TOPK_INTRANODE,
+    MAX_TOPK_LOW_LATENCY,
+    TOPK_IDX_BYTES,
+)
 
 #: dtype of top-k expert indices (DeepEP's default build).
 topk_idx_t = torch.int64
 
-#: Most top-k slots per token the normal / low-latency paths accept.
-MAX_TOPK_NORMAL = 32
-MAX_TOPK_LOW_LATENCY = 16
-#: Most experts per rank (DeepEP's ``NUM_MAX_LOCAL_EXPERTS``).
-MAX_LOCAL_EXPERTS = 1024
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
@@ -95,7 +98,7 @@ def _is_cuda_tensor(x: XType) -> bool:
 
 
 def _ranks_per_host(group: dist.ProcessGroup, rank: int, group_size: int) -> int:
-    """Ranks of ``group`` on this host (by host name), capped at ``NUM_MAX_NVL_PEERS``; collective over ``group``.
+    """Ranks of ``group`` on this host (by host name), capped at ``MAX_NVL_PEERS``; collective over ``group``.
 
     Raises when hosts hold different numbers of ranks (the node size must be uniform: pass num_ranks_per_node).
     """
@@ -106,7 +109,7 @@ def _ranks_per_host(group: dist.ProcessGroup, rank: int, group_size: int) -> int
     counts = {name: names.count(name) for name in names}
     expect(len(set(counts.values())) == 1,
            f"Buffer: the hosts hold different numbers of ranks of the group ({counts}); pass num_ranks_per_node")
-    return min(counts[names[rank]], NUM_MAX_NVL_PEERS)
+    return min(counts[names[rank]], MAX_NVL_PEERS)
 
 
 class Buffer:
@@ -166,14 +169,14 @@ class Buffer:
             num_ranks_per_node = int(os.environ["DEEPEP_PLUGIN_RANKS_PER_NODE"])
         if num_ranks_per_node is None:
             num_ranks_per_node = _ranks_per_host(group, self.rank, self.group_size)
-        expect(1 <= num_ranks_per_node <= NUM_MAX_NVL_PEERS,
-               f"Buffer: num_ranks_per_node must be in [1, {NUM_MAX_NVL_PEERS}], got {num_ranks_per_node}")
+        expect(1 <= num_ranks_per_node <= MAX_NVL_PEERS,
+               f"Buffer: num_ranks_per_node must be in [1, {MAX_NVL_PEERS}], got {num_ranks_per_node}")
         self.num_ranks_per_node = min(num_ranks_per_node, self.group_size)
         expect(self.group_size % self.num_ranks_per_node == 0,
                f"Buffer: the group size ({self.group_size}) must be at most num_ranks_per_node "
                f"({num_ranks_per_node}) or a multiple of it")
-        expect(low_latency_mode or self.group_size <= NUM_MAX_NVL_PEERS * 20,
-               f"Buffer: normal mode supports at most 160 ranks, got {self.group_size}")
+        expect(low_latency_mode or self.group_size <= MAX_NORMAL_RANKS,
+               f"Buffer: normal mode supports at most {MAX_NORMAL_RANKS} ranks, got {self.group_size}")
         expect(num_rdma_bytes == 0 or low_latency_mode or self.num_nodes > 1,
                "Buffer: num_rdma_bytes > 0 needs low_latency_mode=True or a group spanning several nodes")
         expect(not use_fabric, "Buffer: use_fabric=True is not supported by deepep_plugin (pass use_fabric=False)")
@@ -577,8 +580,8 @@ class Buffer:
             else:
                 _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, shape=[num_tokens, None], device=dev,
                               contiguous=True)
-                if not 1 <= num_topk <= MAX_TOPK_NORMAL:
-                    raise DeepEPInputError(f"dispatch: top-k must be in [1, {MAX_TOPK_NORMAL}], got {num_topk}")
+                if not 1 <= num_topk <= MAX_TOPK_INTRANODE:
+                    raise DeepEPInputError(f"dispatch: top-k must be in [1, {MAX_TOPK_INTRANODE}], got {num_topk}")
                 _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, shape=[num_tokens, num_topk],
                               device=dev, contiguous=True)
                 if num_worst_tokens == 0 and (not topk_idx.is_cuda or self._host_checks_cuda_topk):

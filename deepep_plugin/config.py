@@ -12,11 +12,9 @@ import os
 from dataclasses import dataclass
 
 from .errors import DeepEPInputError, expect
+from .limits import MAX_NVL_PEERS as NUM_MAX_NVL_PEERS
+from .limits import TOPK_IDX_BYTES
 
-#: Bytes of a top-k index (``topk_idx_t`` is ``torch.int64``).
-TOPK_IDX_BYTES = 8
-#: Maximum NVLink peers in one node (DeepEP's ``NUM_MAX_NVL_PEERS``); also the default node size.
-NUM_MAX_NVL_PEERS = 8
 #: The size hints assume at most this many top-k slots and 128-channel scale groups per token.
 HINT_MAX_TOPK = 128
 HINT_MAX_SCALES = 128

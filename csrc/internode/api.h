@@ -45,17 +45,7 @@
 namespace deepep {
 namespace internode {
 
-// Wait codes reported through the mailbox (>= kWaitLowLatencyBase + 16, see common/mailbox.h).
-enum InternodeWait : int32_t {
-  kWaitBarrier = 80,         // op barrier: the peer has not reached the same operation
-  kWaitNotify = 81,          // dispatch notify: the peer's counts
-  kWaitRingSpace = 82,       // dispatch send: ring slots of a forwarder's node (its readers' consumption)
-  kWaitForwarded = 83,       // dispatch receive: a forwarder's records from one source node (peer = forwarder)
-  kWaitPushed = 84,          // combine forward: a node peer's expert-output rows (its NVL ring tail)
-  kWaitPartials = 85,        // combine receive: partial sums from a node's forwarder
-  kWaitPartialSpace = 86,    // combine forward: ring slots at a source (its consumption of partial rows)
-  kWaitNvlSpace = 87,        // combine push: NVL ring slots at a node peer (its forwarder's consumption)
-};
+// Wait codes (kWaitBarrier ... kWaitNvlSpace) are in common/limits.h.
 
 // Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each; then, at `stream_off`, the
 // streams' words, each indexed by the peer node and the channel:
@@ -68,7 +58,6 @@ enum InternodeWait : int32_t {
 //   ncons    [G][kMaxChannels]     (combine, at the pusher, per forwarder node peer) epoch << 32 | rows read.
 enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1 };
 constexpr int kFlagKinds = 2;
-constexpr int kMaxChannels = 128;
 
 struct Env {
   int rank, num_ranks, ranks_per_node, num_nodes;

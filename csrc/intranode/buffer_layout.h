@@ -28,11 +28,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/limits.h"
+
 namespace deepep::intranode {
 
-constexpr int kMaxRanks = 8;            // NVLink peers in a node
-constexpr int kMaxChannels = 128;       // num_sms / 2 <= 128
-constexpr int kMaxLocalExperts = 1024;  // E / R (DeepEP's NUM_MAX_LOCAL_EXPERTS)
+constexpr int kMaxRanks = kMaxNvlPeers;  // NVLink peers in a node (kMaxChannels, kMaxLocalExperts: limits.h)
 constexpr int kMaxExperts = kMaxRanks * kMaxLocalExperts;
 
 // Notify payload a source writes into each destination: its num_tokens_per_rank row [R], its per-channel

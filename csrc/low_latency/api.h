@@ -11,11 +11,7 @@
 namespace deepep {
 namespace ll {
 
-// Wait codes reported through the mailbox (>= kWaitLowLatencyBase, see common/mailbox.h).
-enum LowLatencyWait : int32_t {
-  kWaitLLDispatchRecv = 64,  // dispatch receive: the peer's "all messages sent" signal
-  kWaitLLCombineRecv = 65,   // combine receive: all rows from the peer
-};
+// Wait codes (kWaitLL*) are in common/limits.h.
 
 // Geometry of one call, with the byte offsets of the parity it uses (from Layout, layout.h).
 struct Geometry {

@@ -29,12 +29,13 @@
 
 #include <cstdint>
 
+#include "common/limits.h"
+
 namespace deepep {
 namespace ll {
 
-constexpr int kMaxTopk = 16;
-constexpr int kMaxEntries = 16;  // entries of one message header: distinct local experts of one token
-constexpr int kFp8Group = 128;   // channels per FP8 scale
+constexpr int kMaxTopk = kMaxTopkLowLatency;
+constexpr int kMaxEntries = kMaxLowLatencyEntries;  // entries of one message header: distinct local experts of one token
 
 inline int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -26,13 +26,10 @@ from typing import Any, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import NUM_MAX_NVL_PEERS, Config
+from ..config import Config
 from ..errors import DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
+from ..limits import MAILBOX_BAD_INPUT, MAILBOX_OVERFLOW, MAILBOX_TIMEOUT, MAX_NVL_PEERS
 from .base import CombineResult, DispatchLayout, DispatchResult, IntranodeHandle
-
-_MAILBOX_TIMEOUT = 1
-_MAILBOX_OVERFLOW = 2
-_MAILBOX_BAD_INPUT = 3
 
 
 def load_extension() -> Any:
@@ -77,8 +74,8 @@ class IntranodeRuntime:
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_nvl_bytes: int,
                  device: torch.device, timeout_s: float) -> None:
-        expect(1 <= num_ranks <= NUM_MAX_NVL_PEERS,
-               f"intranode kernels need 1..{NUM_MAX_NVL_PEERS} ranks in one node, got num_ranks={num_ranks}")
+        expect(1 <= num_ranks <= MAX_NVL_PEERS,
+               f"intranode kernels need 1..{MAX_NVL_PEERS} ranks in one node, got num_ranks={num_ranks}")
         expect(0 <= rank < num_ranks, f"rank must be in [0, {num_ranks}), got {rank}")
         expect(num_nvl_bytes > 0, f"num_nvl_bytes must be positive, got {num_nvl_bytes}")
         ext = load_extension()
@@ -121,18 +118,18 @@ class IntranodeRuntime:
         if self._destroyed:
             return
         status, rank, peer, channel, _what, what_name, detail, observed = self._rt.read_mailbox()
-        if status == _MAILBOX_TIMEOUT:
+        if status == MAILBOX_TIMEOUT:
             where = f"channel {channel}, " if channel >= 0 else ""
             self._broken = (
                 f"rank {rank}: timed out after {self.timeout_s:g} s in {what_name} "
                 f"(waiting for rank {peer}, {where}counter expected {detail}, last seen {observed}). "
                 "A peer died, hung, or did not make the same call; this buffer is unusable now (destroy it)")
             raise DeepEPTimeoutError(self._broken)
-        if status == _MAILBOX_OVERFLOW:
+        if status == MAILBOX_OVERFLOW:
             raise DeepEPInputError(
                 f"dispatch: num_worst_tokens={observed} is smaller than the number of tokens rank {rank} "
                 f"received (at least {detail}); the extra rows were dropped")
-        if status == _MAILBOX_BAD_INPUT:
+        if status == MAILBOX_BAD_INPUT:
             raise DeepEPInputError(
                 f"topk_idx entries must be in [-1, num_experts={observed}) (-1 = unused slot), got "
                 f"topk_idx[{peer}, {channel}] = {detail} on rank {rank} (get_dispatch_layout ignored it)")
