@@ -1,8 +1,8 @@
 """Test-harness helpers that let megatron-core 0.16.1 MoE layers run on a CPU-only machine (gloo).
 
-Megatron's MoE path assumes CUDA in a few places that have nothing to do with token dispatch (see
-``/work/shared/spec/megatron_core_integration.md`` section 4). ``apply_cpu_shims()`` patches exactly those, inside
-the calling (worker) process only, so the tests can build real ``MoELayer``s and compare dispatchers:
+Megatron's MoE path assumes CUDA in a few places that have nothing to do with token dispatch.
+``apply_cpu_shims()`` patches exactly those, inside the calling (worker) process only, so the tests can build real
+``MoELayer``s and compare dispatchers:
 
 1. ``torch.cuda.current_device()`` returns ``"cpu"`` (the router moves its weights there on every forward; the
    tensor-parallel mappings allocate their outputs there);

@@ -1,51 +1,120 @@
 #!/usr/bin/env bash
-# One device call for everything GPU: build both extensions, run every GPU test (tests/gpu, plus the GPU-marked
-# tests elsewhere), the main job on the CUDA backend, and quick benchmarks. Logs land in $OUT when set.
-#   bash tools/gpu_check.sh                       # all stages
-#   STAGES="build test" bash tools/gpu_check.sh   # a subset
-# Works with one GPU (2-4 processes share it) and with several (one process per GPU).
+# Everything GPU in one device call, as named stages. Logs and results land in $OUT when set.
+#   bash tools/gpu_check.sh                                  # default: build tests recipe bench
+#   bash tools/gpu_check.sh build tests                      # only these stages (or STAGES="build tests")
+#   TESTS=tests/gpu/test_intranode.py bash tools/gpu_check.sh unpack tests
+#   MPS=1 INTRANODE_ARGS="--tokens 4096 --sms 24" bash tools/gpu_check.sh build intranode-bench
+# Stages (they run in this order, whatever order they are named in):
+#   build              build the extensions (DEEPEP_PLUGIN_EXTENSIONS=intranode or low_latency builds one), run
+#                      the doctor, and hand the built .so files back as $OUT/ext.tar.gz
+#   unpack             install the extensions of an earlier call instead: its ext.tar.gz put in .ext/ (ignored)
+#                      and named in the device tool's `carry`
+#   tests              the GPU tests: pytest -m gpu on $TESTS (default: tests) $TEST_ARGS   ("test" also works)
+#   recipe             the main job (examples.deepseek_v3.train --preset tiny) on the CUDA backend
+#   compare            deepep_plugin beside DeepEP V1 when `import deep_ep` works (tools/gpu_compare.sh builds it),
+#                      else beside the reference backend; the benchmark starts and stops the MPS daemon itself
+#   intranode-bench    the intranode kernels beside NCCL ($INTRANODE_ARGS); appends to benchmarks/RESULTS.md;
+#                      MPS=1 runs ranks that share a GPU concurrently under MPS (started and stopped here)
+#   low-latency-bench  the low-latency kernels ($LOW_LATENCY_ARGS; ranks time their kernels in turns on one GPU)
+#   internode-bench    the internode kernels on emulated nodes (2 of 2 ranks sharing the GPUs there are)
+#   bench              compare intranode-bench low-latency-bench internode-bench
+# Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
+# script at once; any other failing stage makes it exit 1 after the rest have run.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
+# Never use NVLink multicast on shared machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"build test recipe bench"}
+INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iters 5"}
+LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
+
+ALL="build unpack tests recipe compare intranode-bench low-latency-bench internode-bench"
+requested=${*:-${STAGES:-"build tests recipe bench"}}
+STAGES=" "
+for s in $requested; do
+  case $s in
+    test) STAGES+="tests " ;;
+    bench) STAGES+="compare intranode-bench low-latency-bench internode-bench " ;;
+    *) if [[ " $ALL " == *" $s "* ]]; then STAGES+="$s "; else
+         echo "gpu_check.sh: unknown stage '$s' (stages: $ALL, bench)" >&2; exit 2; fi ;;
+  esac
+done
+stage() { [[ "$STAGES" == *" $1 "* ]]; }
+echo "stages:$STAGES"
 rc=0
 nvidia-smi -L 2>&1 | tee "$OUT/device.txt"
-if [[ " $STAGES " == *" build "* ]]; then
+
+if stage build; then
   echo "== build"
+  start=$(date +%s)
   MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-    || { echo "BUILD FAILED"; grep -E "error" "$OUT/build.log" | head -40; exit 1; }
+    || { echo "BUILD FAILED"; grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+  grep -E "spill" "$OUT/build.log" | sort | uniq -c | head -20
+  echo "build ok in $(( $(date +%s) - start )) s"
   python3 -m deepep_plugin.cli doctor 2>&1 | tee "$OUT/doctor.txt"
-  # Hand the built extensions back (the device tool returns $OUT), so a later call can carry them: put them in
-  # .ext/ (ignored), name it in `carry`, and run with STAGES without "build" (the "unpack" stage installs them).
+  # Hand the built extensions back (the device tool returns $OUT), so a later call can carry them (stage unpack).
   tar czf "$OUT/ext.tar.gz" deepep_plugin/*.so && ls -la "$OUT/ext.tar.gz"
 fi
-if [[ " $STAGES " == *" unpack "* ]]; then
+
+if stage unpack; then
+  echo "== unpack"
   tar xzf .ext/ext.tar.gz && ls deepep_plugin/*.so && python3 -m deepep_plugin.cli doctor 2>&1 | tail -5
 fi
-if [[ " $STAGES " == *" test "* ]]; then
+
+if stage tests; then
   echo "== tests"
-  timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -rs -m gpu tests ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" \
-    | tail -40 || rc=1
+  # shellcheck disable=SC2086  # TESTS and TEST_ARGS are word lists
+  timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -rs -m gpu ${TESTS:-tests} ${TEST_ARGS:-} 2>&1 \
+    | tee "$OUT/tests.log" | tail -40 || rc=1
 fi
-if [[ " $STAGES " == *" recipe "* ]]; then
+
+if stage recipe; then
   echo "== main job on the CUDA backend"
   timeout 240 python3 -m examples.deepseek_v3.train --preset tiny --backend cuda --no-progress \
     --out-dir "$OUT/recipe" 2>&1 | tail -8 | tee "$OUT/recipe.log" || rc=1
 fi
-if [[ " $STAGES " == *" bench "* ]]; then
-  echo "== benchmarks"
-  # deepep_plugin beside DeepEP V1 when `import deep_ep` works (tools/gpu_compare.sh builds it), else against the
-  # reference backend; the MPS daemon is started by the benchmark itself.
-  timeout ${BENCH_TIMEOUT:-200} python3 -m deepep_plugin.bench compare --ranks 2 --tokens 256,4096 --sms 24 \
+
+if stage compare; then
+  echo "== benchmark: beside DeepEP V1 (or the reference backend)"
+  timeout "${BENCH_TIMEOUT:-200}" python3 -m deepep_plugin.bench compare --ranks 2 --tokens 256,4096 --sms 24 \
     --json "$OUT/intranode_vs_deepep.json" --plot "$OUT/intranode_vs_deepep.png" \
     --results "$OUT/RESULTS_compare.md" 2>&1 | grep -E "^R=|compare:|rror" || rc=1
-  STAGES=bench bash tools/gpu_intranode.sh || rc=1
-  STAGES=bench bash tools/gpu_low_latency.sh || rc=1
-  # Internode kernels on emulated nodes (2 nodes of 2 ranks; the ranks share the GPUs there are): correctness-level
-  # numbers, labelled EMULATED in RESULTS.md.
-  timeout ${BENCH_TIMEOUT:-200} python3 -m deepep_plugin.bench internode --tokens 512,4096 --sms 8,24 --iters 10 \
+fi
+
+if stage intranode-bench; then
+  echo "== benchmark: intranode kernels"
+  if [[ -n "${MPS:-}" ]]; then
+    # Processes sharing one GPU run concurrently under MPS instead of time-sliced.
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started"
+  fi
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-240}" python3 -m deepep_plugin.bench intranode $INTRANODE_ARGS \
+    --plot "$OUT/intranode.png" --results benchmarks/RESULTS.md 2>&1 | tee "$OUT/intranode_bench.log" || rc=1
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
+  if [[ -n "${MPS:-}" ]]; then
+    echo quit | nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
+
+if stage low-latency-bench; then
+  echo "== benchmark: low-latency kernels"
+  python3 -c "import importlib.metadata as m; print('nvshmem wheel', m.version('nvidia-nvshmem-cu13'))" || true
+  ll_args=$LOW_LATENCY_ARGS
+  # Ranks sharing one GPU are time-sliced between their processes: time each rank's kernels in turns instead.
+  if (( $(nvidia-smi -L | wc -l) < 2 )); then ll_args="$ll_args --turns"; fi
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-100}" python3 -m deepep_plugin.bench low-latency $ll_args \
+    --json "$OUT/low_latency.json" 2>&1 | tee "$OUT/low_latency_bench.log" || rc=1
+fi
+
+if stage internode-bench; then
+  echo "== benchmark: internode kernels on emulated nodes"
+  # 2 nodes of 2 ranks sharing the GPUs there are: correctness-level numbers, labelled EMULATED in RESULTS.md.
+  timeout "${BENCH_TIMEOUT:-200}" python3 -m deepep_plugin.bench internode --tokens 512,4096 --sms 8,24 --iters 10 \
     --results "$OUT/RESULTS_internode.md" 2>&1 | tail -8 || rc=1
 fi
 exit $rc

@@ -4,7 +4,10 @@
 #   bash tools/gpu_compare.sh                                    # everything, default sweep
 #   RANKS="2" BENCH_ARGS="--tokens 4096 --sms 24" bash tools/gpu_compare.sh
 # Reuse: put a previous $OUT/ext.tar.gz in .ext/ and $OUT/deepep.tar.gz in .anchors/ (both ignored) and carry them.
-# DeepEP's source: copy ../shared/anchors/* into .anchors/ (see ../shared/anchors/README.md).
+# .anchors/ holds the comparator, DeepEP V1 (deepseek-ai/DeepEP at commit 29d31c0, the last V1 release, MIT): its
+# source archive DeepEP-29d31c0.tar.gz and build_deepep.sh, which builds it and prints the folder for PYTHONPATH.
+# They are a build input of this benchmark only, not part of the repository: before the call, copy them in from the
+# project's anchors folder beside the checkout (cp ../shared/anchors/* .anchors/) and name .anchors in `carry`.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_compare_out}

@@ -1,15 +1,13 @@
-"""What the benchmarks share: CUDA-event timing, a free local port, and one spawned process per rank."""
+"""What the benchmarks share: CUDA-event timing and one spawned process per rank (:mod:`deepep_plugin.spawn`)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .. import spawn
 
 
 def _median_of(timed: Callable[[], float], fn: Callable[[], Any], warmup: int, iters: int,
@@ -57,34 +55,22 @@ def host_us(fn: Callable[[], Any], warmup: int, iters: int, before: Optional[Cal
     return result
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn_ranks(worker: Callable[..., Any], world: int, args: Any, name: str, timeout: Optional[float] = None) -> Any:
+    """Run ``worker(rank, world, args)`` on ``world`` spawned ranks (one gloo group, GPU ``rank % GPUs``: ranks may
+    share GPUs) and return what rank 0 returned.
 
-
-def spawn_ranks(worker: Callable[..., None], world: int, args: Any, name: str) -> Any:
-    """Run ``worker(rank, world, port, args, queue)`` in ``world`` spawned processes; return what rank 0 puts.
-
-    Raises ``SystemExit`` naming the benchmark when a process fails or rank 0 reports nothing.
+    Raises ``SystemExit`` naming the benchmark, with the failed rank's traceback, when a rank fails or does not
+    finish within ``timeout`` seconds, or when rank 0 returns nothing.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs) or queue.empty():
-        raise SystemExit(f"{name} benchmark: a worker failed (exit codes {[p.exitcode for p in procs]})")
-    return queue.get()
+    try:
+        results = spawn.run(worker, world, (args,), backend="gloo", gpus=True, start_method="spawn", timeout=timeout)
+    except spawn.RankError as e:
+        raise SystemExit(f"{name} benchmark: {e}") from None
+    if results[0] is None:
+        raise SystemExit(f"{name} benchmark: rank 0 returned no result")
+    return results[0]
 
 
-def init_rank(rank: int, world: int, port: int) -> torch.device:
-    """In a spawned rank: join the gloo group on 127.0.0.1:``port`` and take GPU ``rank % GPUs`` (ranks may share)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def rank_device() -> torch.device:
+    """In a rank started by :func:`spawn_ranks`: its GPU."""
     return torch.device("cuda", torch.cuda.current_device())

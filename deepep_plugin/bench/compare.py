@@ -301,15 +301,15 @@ def _reference_outputs(inp: _Inputs, world: int, args: argparse.Namespace, ref_b
             "fwd_step": list(comb[:2])}
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[dict]]:
     import torch
     import torch.distributed as dist
 
     import deepep_plugin
 
-    from .common import init_rank
+    from .common import rank_device
 
-    dev = init_rank(rank, world, port)
+    dev = rank_device()
     group = dist.group.WORLD
     os.environ["DEEPEP_PLUGIN_TIMEOUT_S"] = str(args.timeout)
     libs: list[tuple[str, Any]] = [("deepep_plugin", deepep_plugin)]
@@ -392,10 +392,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             torch.cuda.empty_cache()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        queue.put(_merge_ranks(gathered))
     barrier()
-    dist.destroy_process_group()
+    return _merge_ranks(gathered) if rank == 0 else None
 
 
 def _fits(num_sms: int, world: int) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .common import host_us, init_rank, median_ms, spawn_ranks
+from .common import host_us, median_ms, rank_device, spawn_ranks
 
 MB = 1 << 20
 
@@ -48,8 +48,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    dev = init_rank(rank, world, port)
+def _worker(rank: int, world: int, args: argparse.Namespace) -> Any:
+    dev = rank_device()
     ngpu = torch.cuda.device_count()
 
     import deepep_plugin as dp
@@ -112,11 +112,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                          "host_combine_us": host["combine"]})
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        queue.put((gathered, ngpu, torch.cuda.get_device_name(dev)))
     dist.barrier()
     buf.destroy()
-    dist.destroy_process_group()
+    return (gathered, ngpu, torch.cuda.get_device_name(dev)) if rank == 0 else None
 
 
 def _summarise(gathered: list[list[dict]]) -> list[dict]:

@@ -11,8 +11,8 @@ Metric: DeepEP's bottleneck bandwidth = bytes received by a rank (its own tokens
 per element plus 4 bytes per scale) / time; the table shows the minimum over ranks. Results go to stdout, a
 PNG plot and ``benchmarks/RESULTS.md`` (appended).
 
-Processes sharing one GPU run time-sliced unless MPS is running (tools/gpu_intranode.sh starts it with MPS=1):
-their numbers test the kernels' machinery, not NVLink.
+Processes sharing one GPU run time-sliced unless MPS is running (``MPS=1 bash tools/gpu_check.sh intranode-bench``
+starts it): their numbers test the kernels' machinery, not NVLink.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .common import init_rank, median_ms, spawn_ranks
+from .common import median_ms, rank_device, spawn_ranks
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -46,8 +46,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
-    dev = init_rank(rank, world, port)
+def _worker(rank: int, world: int, args: argparse.Namespace) -> Any:
+    dev = rank_device()
     ngpu = torch.cuda.device_count()
     own_gpu = ngpu >= world
     nccl = dist.new_group(backend="nccl") if own_gpu else None
@@ -73,11 +73,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
             rows.append(_measure_point(rt, args, T, sms, x, x_fp8, x_scales, topk_idx, topk_w, nccl, world))
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        queue.put((gathered, own_gpu, ngpu, torch.cuda.get_device_name(dev)))
     dist.barrier()
     rt.destroy()
-    dist.destroy_process_group()
+    return (gathered, own_gpu, ngpu, torch.cuda.get_device_name(dev)) if rank == 0 else None
 
 
 def _measure_point(rt: Any, args: argparse.Namespace, T: int, sms: int, x: torch.Tensor, x_fp8: torch.Tensor,

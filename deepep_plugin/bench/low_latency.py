@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .common import free_port, host_us
+from .. import spawn
+from .common import host_us, rank_device
 
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 COLUMNS = ["dispatch", "combine", "dispatch+combine", "dispatch send", "dispatch recv", "combine send",
@@ -137,25 +136,20 @@ def _measure(rt, t: int, args: argparse.Namespace, gen: torch.Generator) -> dict
     return row
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
+    """One rank (GPU and gloo group set up by the spawn helper): its medians, per token count."""
     from ..backends.cuda_low_latency import LowLatencyRuntime, required_rdma_bytes
 
     max_tokens = max(args.tokens)
     num_bytes = required_rdma_bytes(max_tokens, args.hidden, world, args.experts)
-    rt = LowLatencyRuntime(dist.group.WORLD, rank, world, num_bytes, torch.device("cuda", torch.cuda.current_device()),
-                           30.0, 24, True)
+    rt = LowLatencyRuntime(dist.group.WORLD, rank, world, num_bytes, rank_device(), 30.0, 24, True)
     table = {}
     gen = torch.Generator(device="cuda").manual_seed(rank)
     for t in args.tokens:
         table[t] = _measure(rt, t, args, gen)
         rt.check_error()
-    out_q.put((rank, table))
     rt.destroy()
-    dist.barrier()
-    dist.destroy_process_group()
+    return table
 
 
 def main(argv: list[str]) -> None:
@@ -179,15 +173,12 @@ def main(argv: list[str]) -> None:
     from ..backends.cuda_low_latency import _extension
 
     _extension()  # fail early if the kernels are not built
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, out_q)) for r in range(args.ranks)]
-    for proc in procs:
-        proc.start()
-    tables = dict(out_q.get(timeout=1800) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=120)
+    try:
+        results = spawn.run(_worker, args.ranks, (args,), backend="gloo", gpus=True, start_method="spawn",
+                            timeout=1800)
+    except spawn.RankError as e:
+        raise SystemExit(f"low-latency benchmark: {e}") from None
+    tables = dict(enumerate(results))
     shared = args.ranks > torch.cuda.device_count() and not args.turns
     mode = " [kernels timed in turns: dispatch = send + recv]" if args.turns else ""
     print(f"low-latency: {args.ranks} ranks on {torch.cuda.device_count()} GPU(s) ({torch.cuda.get_device_name()}), "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,6 +30,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from deepep_plugin import spawn  # noqa: E402
 from deepep_plugin.integrations import deepspeed as ep_ds  # noqa: E402
 from examples.deepseek_v3.configs import load_preset  # noqa: E402
 from examples.deepseek_v3.data import MarkovCorpus  # noqa: E402
@@ -107,17 +107,8 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return summary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-    torch.set_num_threads(1)
-    run(args)
+def _spawned(rank: int, world: int, args: argparse.Namespace) -> None:
+    run(args)  # the spawn helper set the torch.distributed environment; DeepSpeed joins the group
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -126,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run(args)
         return
     nprocs = args.nprocs or (torch.cuda.device_count() or 2)
-    torch.multiprocessing.spawn(_spawned, args=(nprocs, _free_port(), args), nprocs=nprocs, join=True)
+    spawn.run(_spawned, nprocs, (args,), backend=None, threads=1, start_method="spawn")
 
 
 if __name__ == "__main__":

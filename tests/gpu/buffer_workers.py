@@ -13,7 +13,7 @@ import deepep_plugin as dp
 from deepep_plugin.fp8 import per_token_cast_to_fp8
 
 
-def normal_worker(rank: int, world_size: int, kind: str, seed: int) -> None:
+def normal_worker(rank: int, world_size: int, *, kind: str, seed: int) -> None:
     dev = take_device(rank)
     case = make_case(kind, seed, rank, world_size, hidden=256, num_topk=6)
     hidden, num_experts = case.hidden, case.num_experts
@@ -69,7 +69,7 @@ def normal_worker(rank: int, world_size: int, kind: str, seed: int) -> None:
     torch.cuda.synchronize()
 
 
-def low_latency_worker(rank: int, world_size: int, seed: int) -> None:
+def low_latency_worker(rank: int, world_size: int, *, seed: int) -> None:
     dev = take_device(rank)
     n_ll = 64
     case = make_case("random", seed, rank, world_size, hidden=256, num_topk=4)

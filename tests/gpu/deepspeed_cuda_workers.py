@@ -1,6 +1,6 @@
 """Per-process bodies of the DeepSpeed GPU parity tests (``tests/gpu/test_deepspeed_cuda.py``).
 
-Each function runs as ``fn(rank, world_size, *args)`` inside ``dist_utils.run_distributed`` over one gloo group
+Each worker runs as ``fn(rank, world_size, **kwargs)`` inside ``dist_utils.run_distributed`` over one gloo group
 (both processes may share one GPU, which NCCL refuses). Every process builds DeepSpeed's ``MoE`` (EP = 2,
 8 experts, 4 per rank, hidden 64; every expert distinct, see ``deepspeed_harness.build_moe``) as the oracle and an
 identical copy whose ``MOELayer`` is swapped for the plugin's ``DeepEPMOELayer`` with ``"backend": "cuda"``, runs
@@ -176,24 +176,24 @@ def step(moe: torch.nn.Module, x: torch.Tensor, seed: int) -> StepResult:
 # ------------------------------------------------------------------------------------------------------------
 # Workers
 # ------------------------------------------------------------------------------------------------------------
-def float32_worker(rank: int, world: int, k: int, seed: int, device: str = "cuda", backend: str = "cuda",
+def float32_worker(rank: int, world: int, *, k: int, seed: int, device: str = "cuda", plugin_backend: str = "cuda",
                    oracle_device: Optional[str] = None, rel: float = 3e-5) -> None:
     """Float32, DeepSpeed's default capacity mode with a capacity no expert can overflow (factor = E), equal
     token counts. Every quantity agrees with DeepSpeed's within ``rel`` of its largest magnitude (the layers
     sum a token's expert outputs in different orders and run the experts on differently shaped batches)."""
     dev = setup(rank, device)
     oracle = torch.device(oracle_device) if oracle_device else dev
-    log = CallLog(backend)
+    log = CallLog(plugin_backend)
     kwargs = dict(capacity_factor=float(EXPERTS), drop_tokens=True, min_capacity=0, top2_2nd_expert_sampling=False)
     ref = build(rank, k, seed, oracle, None, **kwargs)
-    mine = build(rank, k, seed, dev, backend, **kwargs)
+    mine = build(rank, k, seed, dev, plugin_backend, **kwargs)
     x = tokens(rank, seed, EQUAL_SHAPES[rank])
 
     want = step(ref, x.to(oracle), seed)
     got = step(mine, x.to(dev), seed)
 
     assert got.device == dev and want.device == oracle, (got.device, want.device)
-    check_plugin_backend(log, backend, torch.float32)
+    check_plugin_backend(log, plugin_backend, torch.float32)
     assert got.out.dtype == torch.float32
     quantities = [("output", got.out, want.out), ("input gradient", got.x_grad, want.x_grad)]
     assert got.grads.keys() == want.grads.keys()
@@ -207,7 +207,7 @@ def float32_worker(rank: int, world: int, k: int, seed: int, device: str = "cuda
         f"rank {rank} exp_counts {got.exp_counts.tolist()} != {want.exp_counts.tolist()}"
 
 
-def bfloat16_worker(rank: int, world: int, k: int, seed: int, device: str = "cuda", backend: str = "cuda",
+def bfloat16_worker(rank: int, world: int, *, k: int, seed: int, device: str = "cuda", plugin_backend: str = "cuda",
                     oracle_device: Optional[str] = None) -> None:
     """BF16 model, DeepSpeed's dropless mode, unequal token counts. The two BF16 layers round at different
     points, so each is measured against DeepSpeed in float32 on the same BF16 tokens: the plugin's error must stay
@@ -215,11 +215,11 @@ def bfloat16_worker(rank: int, world: int, k: int, seed: int, device: str = "cud
     ``exp_counts`` equal DeepSpeed's BF16 layer's."""
     dev = setup(rank, device)
     oracle = torch.device(oracle_device) if oracle_device else dev
-    log = CallLog(backend)
+    log = CallLog(plugin_backend)
     kwargs = dict(drop_tokens=False, top2_2nd_expert_sampling=False)
     exact = build(rank, k, seed, oracle, None, **kwargs)
     ref = build(rank, k, seed, oracle, None, **kwargs).to(torch.bfloat16)
-    mine = build(rank, k, seed, dev, backend, **kwargs).to(torch.bfloat16)
+    mine = build(rank, k, seed, dev, plugin_backend, **kwargs).to(torch.bfloat16)
     x = tokens(rank, seed, UNEQUAL_SHAPES[rank]).bfloat16()
 
     want = step(exact, x.float().to(oracle), seed)
@@ -227,7 +227,7 @@ def bfloat16_worker(rank: int, world: int, k: int, seed: int, device: str = "cud
     got = step(mine, x.to(dev), seed)
 
     assert got.device == dev and ds.device == oracle, (got.device, ds.device)
-    check_plugin_backend(log, backend, torch.bfloat16)
+    check_plugin_backend(log, plugin_backend, torch.bfloat16)
     assert got.out.dtype == torch.bfloat16 and got.x_grad.dtype == torch.bfloat16
     assert torch.equal(got.exp_counts, ds.exp_counts), \
         f"rank {rank} exp_counts {got.exp_counts.tolist()} != {ds.exp_counts.tolist()}"

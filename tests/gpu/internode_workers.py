@@ -52,8 +52,8 @@ def _same_handle(got, want, rows: int | None = None) -> None:
         assert torch.equal(g, e.to(g.dtype)), f"handle.{name} differs from the reference's"
 
 
-def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, seed: int, hidden: int,
-                            num_topk: int, puts: bool, num_sms: int, rdma_chunk: int = 16,
+def dispatch_combine_worker(rank: int, world: int, *, per_node: int, kind: str, seed: int, hidden: int,
+                            num_topk: int, num_sms: int, puts: bool = False, rdma_chunk: int = 16,
                             ring_slots: int = 128, nvl_slots: int = 256) -> None:
     if puts:
         os.environ["DEEPEP_PLUGIN_INTERNODE_PUTS"] = "1"
@@ -124,7 +124,7 @@ def dispatch_combine_worker(rank: int, world: int, per_node: int, kind: str, see
     gpu.destroy()
 
 
-def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
+def graph_worker(rank: int, world: int, *, per_node: int, seed: int) -> None:
     """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new inputs each time."""
     dev = take_device(rank)
     hidden, num_topk = 256, 4
@@ -183,7 +183,7 @@ def graph_worker(rank: int, world: int, per_node: int, seed: int) -> None:
     gpu.destroy()
 
 
-def timeout_worker(rank: int, world: int, per_node: int) -> None:
+def timeout_worker(rank: int, world: int, *, per_node: int) -> None:
     """Rank 1 never dispatches: rank 0's notify wait runs out and names the rank and the wait."""
     os.environ["DEEPEP_PLUGIN_TIMEOUT_S"] = "2"
     dev = take_device(rank)

@@ -1,6 +1,6 @@
 """Per-process bodies of the intranode GPU tests (module level, so ``spawn`` can pickle them).
 
-Each function runs as ``fn(rank, world_size, *args)`` inside ``tests.dist_utils.run_distributed`` with gloo;
+Each function runs as ``fn(rank, world_size, **kwargs)`` inside ``tests.dist_utils.run_distributed`` with gloo;
 every process uses GPU ``rank % device_count`` (the tests run 2 and 4 processes on one GPU).
 """
 
@@ -36,7 +36,7 @@ def _check_handle(handle, exp, where: str) -> None:
         assert torch.equal(got, want.to(got.dtype)), f"{where}: handle.{name} differs:\n{got}\nvs\n{want}"
 
 
-def layout_worker(rank: int, R: int, seed: int, num_tokens: int, num_experts: int, topk: int) -> None:
+def layout_worker(rank: int, R: int, *, seed: int, num_tokens: int, num_experts: int, topk: int) -> None:
     cfg = _config(8, 64)
     rt = _runtime(rank, R, cfg, 256)
     inp = make_inputs(seed, rank, R, num_tokens, 8, num_experts, topk)
@@ -52,9 +52,9 @@ def layout_worker(rank: int, R: int, seed: int, num_tokens: int, num_experts: in
     rt.destroy()
 
 
-def dispatch_combine_worker(rank: int, R: int, seed: int, num_tokens: int, hidden: int, num_experts: int,
-                            topk: int, num_sms: int, queue_tokens: int, fp8: bool, alignment: int,
-                            repeats: int) -> None:
+def dispatch_combine_worker(rank: int, R: int, *, seed: int, num_tokens: int, hidden: int, num_experts: int,
+                            topk: int, num_sms: int, queue_tokens: int, fp8: bool = False, alignment: int = 1,
+                            repeats: int = 2) -> None:
     """Non-cached dispatch, cached dispatch and combine against the plain-torch expectation, `repeats` times
     on fresh inputs with one buffer (so the queues' counters carry over between calls)."""
     cfg = _config(num_sms, queue_tokens)
@@ -128,7 +128,7 @@ def dispatch_combine_worker(rank: int, R: int, seed: int, num_tokens: int, hidde
     rt.destroy()
 
 
-def worst_tokens_graph_worker(rank: int, R: int, seed: int, num_tokens: int, hidden: int, num_experts: int,
+def worst_tokens_graph_worker(rank: int, R: int, *, seed: int, num_tokens: int, hidden: int, num_experts: int,
                               topk: int, num_sms: int, queue_tokens: int, replays: int = 3) -> None:
     """Capture layout + num_worst_tokens dispatch + combine in one CUDA graph; replay it on new inputs."""
     cfg = _config(num_sms, queue_tokens)
@@ -190,7 +190,7 @@ def worst_tokens_graph_worker(rank: int, R: int, seed: int, num_tokens: int, hid
     rt.destroy()
 
 
-def timeout_worker(rank: int, R: int, timeout_s: float) -> None:
+def timeout_worker(rank: int, R: int, *, timeout_s: float) -> None:
     """Rank 0 dispatches alone; it must get DeepEPTimeoutError naming itself and the wait, within bounds."""
     cfg = _config(4, 32)
     rt = _runtime(rank, R, cfg, 256, timeout_s=timeout_s)
@@ -238,7 +238,7 @@ def buffer_too_small_worker(rank: int, R: int) -> None:
     rt.destroy()
 
 
-def reference_match_worker(rank: int, R: int, seed: int, num_tokens: int, hidden: int, num_experts: int,
+def reference_match_worker(rank: int, R: int, *, seed: int, num_tokens: int, hidden: int, num_experts: int,
                            topk: int, num_sms: int) -> None:
     """The CUDA runtime and the reference backend (CPU, gloo) agree element by element on the same inputs:
     layout, BF16 and FP8 dispatch with the full handle, cached dispatch, and combine (FP32 tolerance)."""

@@ -1,9 +1,9 @@
 """Per-rank bodies of the low-latency GPU tests (run by every worker of ``ll_pool``).
 
-Each ``case_*(rank, world_size, ...)`` checks one behaviour against the plain-PyTorch expectation of
-``ll_expected`` and raises ``AssertionError`` with a precise message on any difference. Runtimes: one shared
-runtime per worker for most cases (creating NVSHMEM buffers is collective and slow), fresh ones where the case is
-about creation, teardown, timeouts or the NVSHMEM-put path.
+Each ``case_*(rank, world_size, *, seed, ...)`` (keyword arguments after the first two) checks one behaviour
+against the plain-PyTorch expectation of ``ll_expected`` and raises ``AssertionError`` with a precise message on
+any difference. Runtimes: one shared runtime per worker for most cases (creating NVSHMEM buffers is collective and
+slow), fresh ones where the case is about creation, teardown, timeouts or the NVSHMEM-put path.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def check_dispatch(rank: int, res, inputs: list, num_experts: int, use_fp8: bool
 
 
 # ---------------------------------------------------------------------------------------------------------
-def case_dispatch(rank: int, world: int, seed: int, n_ll: int, hidden: int, e_loc: int, topk: int, use_fp8: bool,
-                  round_scale: bool, use_ue8m0: bool, pattern: str, hook: bool) -> None:
+def case_dispatch(rank: int, world: int, *, seed: int, n_ll: int, hidden: int, e_loc: int, topk: int,
+                  use_fp8: bool = False, round_scale: bool = False, use_ue8m0: bool = False, pattern: str = "random",
+                  hook: bool = False) -> None:
     num_experts = e_loc * world
     inputs = all_inputs(seed, world, n_ll, hidden, num_experts, topk, pattern)
     rt = runtime(rank, world)
@@ -126,8 +127,8 @@ def _expert_outputs(rank: int, want: ex.ExpectedDispatch, inputs: list, e_loc: i
             out[i, :len(rows)] = ex.expert_output(x_rows, e).cuda()
 
 
-def case_combine(rank: int, world: int, seed: int, n_ll: int, hidden: int, e_loc: int, topk: int, pattern: str,
-                 zero_copy: bool, use_out: bool, hook: bool) -> None:
+def case_combine(rank: int, world: int, *, seed: int, n_ll: int, hidden: int, e_loc: int, topk: int,
+                 pattern: str = "random", zero_copy: bool = False, use_out: bool = False, hook: bool = False) -> None:
     num_experts = e_loc * world
     inputs = all_inputs(seed, world, n_ll, hidden, num_experts, topk, pattern)
     rt = runtime(rank, world)
@@ -159,7 +160,7 @@ def case_combine(rank: int, world: int, seed: int, n_ll: int, hidden: int, e_loc
                       f"{(got.float() - expected.float()).abs().max().item():.3g})"
 
 
-def case_stats(rank: int, world: int, seed: int) -> None:
+def case_stats(rank: int, world: int, *, seed: int) -> None:
     n_ll, hidden, e_loc, topk = 32, 1024, 4, 4
     num_experts = e_loc * world
     rt = runtime(rank, world)
@@ -176,7 +177,7 @@ def case_stats(rank: int, world: int, seed: int) -> None:
     assert (wait.cpu() > 0).all(), f"dispatch_wait_recv_cost_stats must grow for every source, got {wait.tolist()}"
 
 
-def case_hook_send_does_not_wait(rank: int, world: int, seed: int) -> None:
+def case_hook_send_does_not_wait(rank: int, world: int, *, seed: int) -> None:
     """Rank 0's send kernel completes while the other ranks have not even launched theirs: nothing waits for a
     peer between send and hook, so the caller's compute owns every SM in between."""
     n_ll, hidden, e_loc, topk = 16, 2048, 4, 4
@@ -200,7 +201,7 @@ def case_hook_send_does_not_wait(rank: int, world: int, seed: int) -> None:
     rt.check_error()
 
 
-def case_hook_overlap_timing(rank: int, world: int, seed: int) -> None:
+def case_hook_overlap_timing(rank: int, world: int, *, seed: int) -> None:
     """Compute placed between send and hook costs no extra wall time: send + compute + hook takes about as long
     as the compute alone plus the two short launches, not compute plus a full dispatch."""
     n_ll, hidden, e_loc, topk = 128, 7168, 16, 8
@@ -243,7 +244,7 @@ def case_hook_overlap_timing(rank: int, world: int, seed: int) -> None:
           f"send+compute+hook {t_overlap * 1e6:.0f} us", flush=True)
 
 
-def case_cuda_graph(rank: int, world: int, seed: int) -> None:
+def case_cuda_graph(rank: int, world: int, *, seed: int) -> None:
     """Dispatch and combine captured in one CUDA graph; replays see fresh inputs copied into the static ones."""
     n_ll, hidden, e_loc, topk = 32, 2048, 4, 6
     num_experts = e_loc * world
@@ -295,7 +296,7 @@ def case_cuda_graph(rank: int, world: int, seed: int) -> None:
     rt.check_error()
 
 
-def case_timeout(rank: int, world: int, seed: int) -> None:
+def case_timeout(rank: int, world: int, *, seed: int) -> None:
     """A peer that never calls dispatch: rank 0's receive gives up after timeout_s, the error names both ranks,
     and after clean_low_latency_buffer the buffer works again."""
     n_ll, hidden, e_loc, topk = 16, 1024, 2, 2
@@ -331,7 +332,7 @@ def case_timeout(rank: int, world: int, seed: int) -> None:
         rt.destroy()
 
 
-def case_create_destroy(rank: int, world: int, seed: int) -> None:
+def case_create_destroy(rank: int, world: int, *, seed: int) -> None:
     """Create and destroy a low-latency runtime several times in one process; each works."""
     n_ll, hidden, e_loc, topk = 16, 2048, 3, 3
     num_experts = e_loc * world
@@ -344,7 +345,7 @@ def case_create_destroy(rank: int, world: int, seed: int) -> None:
         rt.destroy()  # idempotent
 
 
-def case_nvshmem_puts(rank: int, world: int, seed: int) -> None:
+def case_nvshmem_puts(rank: int, world: int, *, seed: int) -> None:
     """The code path for peers NVSHMEM cannot map (RDMA): NVSHMEM puts and atomics instead of stores."""
     n_ll, hidden, e_loc, topk = 24, 1536, 4, 5
     num_experts = e_loc * world

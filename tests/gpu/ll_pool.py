@@ -1,32 +1,30 @@
 """A pool of GPU worker processes that stay alive across tests (the low-latency GPU tests' harness).
 
-Starting a process, its CUDA context and its NVSHMEM world takes seconds; the pool starts ``world_size`` spawned
-workers once (each joins a gloo process group and shares GPU ``rank % device_count``), and each test then asks
-every worker to run one module-level function of ``ll_cases`` by name: ``pool.run("case_name", *args)``. A
-worker failure is re-raised in the test with its traceback; a worker that does not answer in time fails the test
-and the pool (its later tests fail at once instead of hanging).
+Starting a process, its CUDA context and its NVSHMEM world takes seconds; the pool starts ``world_size`` ranks
+once through :func:`deepep_plugin.spawn.start` (spawned, one gloo group, GPU ``rank % device_count``), and each
+test then asks every rank to run one module-level function of ``ll_cases`` by name:
+``pool.run("case_name", seed=1, ...)``, checked against the function's signature before it is sent. A worker
+failure is re-raised in the test with its traceback; a worker that does not answer in time, or dies, fails the
+test and the pool (its later tests fail at once instead of hanging).
 """
 
 from __future__ import annotations
 
-import os
+import inspect
 import queue
+import time
 import traceback
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_utils import free_port
+
+from deepep_plugin import spawn
 
 
-def _worker(rank: int, world_size: int, port: int, commands: Any, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _serve(rank: int, world_size: int, commands: Any, results: Any) -> None:
+    """One rank: import the cases, then run ``(name, args, kwargs)`` commands until ``None`` comes."""
     try:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
         import ll_cases
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, traceback.format_exc()))
@@ -36,9 +34,9 @@ def _worker(rank: int, world_size: int, port: int, commands: Any, results: Any) 
         item = commands.get()
         if item is None:
             break
-        name, args = item
+        name, args, kwargs = item
         try:
-            getattr(ll_cases, name)(rank, world_size, *args)
+            getattr(ll_cases, name)(rank, world_size, *args, **kwargs)
             results.put((rank, None))
         except BaseException:  # noqa: BLE001
             results.put((rank, traceback.format_exc()))
@@ -55,23 +53,30 @@ class WorkerPool:
         self.world_size = world_size
         self.commands = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
-        port = free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.commands[r], self.results))
-                      for r in range(world_size)]
-        for p in self.procs:
-            p.start()
         self.broken = ""
+        self.ranks = spawn.start(_serve, world_size, (self.commands, self.results), backend="gloo", gpus=True,
+                                 threads=1, start_method="spawn")
         self._collect("start", start_timeout)
+
+    def _fail(self, message: str) -> None:
+        self.broken = message
+        self.close(force=True)
+        raise AssertionError(message)
 
     def _collect(self, what: str, timeout: float) -> None:
         failures, answered = [], 0
+        deadline = time.monotonic() + timeout
         while answered < self.world_size:
             try:
-                rank, tb = self.results.get(timeout=timeout)
+                rank, tb = self.results.get(timeout=0.5)
             except queue.Empty:
-                self.broken = f"{what}: {self.world_size - answered} worker(s) did not answer within {timeout} s"
-                self.close(force=True)
-                raise AssertionError(self.broken) from None
+                try:
+                    self.ranks.check()  # a rank that died (or failed outside a case) will never answer
+                except spawn.RankError as e:
+                    self._fail(f"{what}: {e}")
+                if time.monotonic() > deadline:
+                    self._fail(f"{what}: {self.world_size - answered} worker(s) did not answer within {timeout} s")
+                continue
             answered += 1
             if tb is not None:
                 failures.append((rank, tb))
@@ -79,20 +84,23 @@ class WorkerPool:
             rank, tb = sorted(failures)[0]
             raise AssertionError(f"{what}: rank {rank} of {self.world_size} failed:\n{tb}")
 
-    def run(self, name: str, *args: Any, timeout: float = 120.0) -> None:
+    def run(self, name: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> None:
+        """Run ``ll_cases.<name>(rank, world_size, *args, **kwargs)`` on every rank; raise on any failure."""
         if self.broken:
             raise AssertionError(f"worker pool unusable since: {self.broken}")
+        import ll_cases
+
+        inspect.signature(getattr(ll_cases, name)).bind(0, self.world_size, *args, **kwargs)
         for q in self.commands:
-            q.put((name, args))
+            q.put((name, args, kwargs))
         self._collect(name, timeout)
 
     def close(self, force: bool = False) -> None:
         if not force:
             for q in self.commands:
                 q.put(None)
-            for p in self.procs:
-                p.join(timeout=30)
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+            try:
+                self.ranks.wait(timeout=30)
+            except spawn.RankError:
+                pass
+        self.ranks.kill()

@@ -1,8 +1,9 @@
 """Per-process bodies of ``test_megatron_cuda.py``: real megatron-core ``MoELayer``s served by deepep_plugin's
 CUDA backend, against Megatron's own ``alltoall`` dispatcher on the same device.
 
-Every worker is ``fn(rank, world_size, ..., device, backend, seed)``: ``device="cuda"`` with ``backend="cuda"`` is
-the GPU test; ``device="cpu"`` with ``backend="reference"`` runs the very same body on a CPU-only machine (with
+Every worker is ``fn(rank, world_size, *, ..., seed, device="cuda", plugin_backend="cuda")`` (keyword arguments;
+``backend`` would name ``run_distributed``'s process-group backend): the defaults are the GPU test; ``device="cpu"``
+with ``plugin_backend="reference"`` runs the very same body on a CPU-only machine (with
 ``megatron_shims.apply_cpu_shims``), which is how this file is checked without a GPU.
 
 The oracle runs on the GPU too: gloo carries CUDA tensors in every collective Megatron's alltoall path makes
@@ -247,12 +248,13 @@ def _assert_plugin_serves(layer: Any, mode: str) -> None:
 # Workers
 
 
-def parity_worker(rank: int, world_size: int, case: Case, device: str, backend: str, seed: int) -> None:
-    """A flex layer served by the plugin (``case.mode``, ``backend``) equals Megatron's alltoall layer."""
+def parity_worker(rank: int, world_size: int, *, case: Case, seed: int, device: str = "cuda",
+                  plugin_backend: str = "cuda") -> None:
+    """A flex layer served by the plugin (``case.mode``, ``plugin_backend``) equals Megatron's alltoall layer."""
     from deepep_plugin.integrations import megatron as dpm
 
     dev = setup_device(rank, device)
-    os.environ["DEEPEP_PLUGIN_BACKEND"] = backend  # what every Buffer the layer builds runs on
+    os.environ["DEEPEP_PLUGIN_BACKEND"] = plugin_backend  # what every Buffer the layer builds runs on
     shims.init_megatron_parallel(world_size)
     ref = build_layer(case, "alltoall", dev, seed=seed)
     if case.idle_rank:
@@ -271,7 +273,7 @@ def parity_worker(rank: int, world_size: int, case: Case, device: str, backend: 
             dpm.disable()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    traffic.check(backend, rank, combine_on_kernel=case.dtype == "bfloat16", dispatch_dtype=case.torch_dtype)
+    traffic.check(plugin_backend, rank, combine_on_kernel=case.dtype == "bfloat16", dispatch_dtype=case.torch_dtype)
     assert_steps_match(got, want, rank, case.dtype)
     if case.idle_rank:
         expert_grads = [g for n, g in got[2].items() if "local_experts" in n]
@@ -279,7 +281,7 @@ def parity_worker(rank: int, world_size: int, case: Case, device: str, backend: 
         assert received == [rank == 0] * len(expert_grads), f"rank {rank}: expert grads non-zero: {received}"
 
 
-def fp8_worker(rank: int, world_size: int, device: str, backend: str, seed: int) -> None:
+def fp8_worker(rank: int, world_size: int, *, seed: int, device: str = "cuda", plugin_backend: str = "cuda") -> None:
     """Dispatcher mode with ``fp8_dispatch``: the experts see exactly the per-token FP8 round trip of the rows the
     unquantised run gives them, and the layer stays within FP8 error of Megatron's alltoall layer."""
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -288,7 +290,7 @@ def fp8_worker(rank: int, world_size: int, device: str, backend: str, seed: int)
     from deepep_plugin.integrations import megatron as dpm
 
     dev = setup_device(rank, device)
-    os.environ["DEEPEP_PLUGIN_BACKEND"] = backend
+    os.environ["DEEPEP_PLUGIN_BACKEND"] = plugin_backend
     shims.init_megatron_parallel(world_size)
     case = Case(mode="dispatcher", hidden=256)
     ref = build_layer(case, "alltoall", dev, seed=seed)
@@ -313,7 +315,7 @@ def fp8_worker(rank: int, world_size: int, device: str, backend: str, seed: int)
                     runs.append(step(layer, x, seed))
                 finally:
                     dpm.disable()
-            traffic.check(backend, rank, combine_on_kernel=False,
+            traffic.check(plugin_backend, rank, combine_on_kernel=False,
                           dispatch_dtype=torch.float8_e4m3fn if use_fp8 else torch.float32)
     finally:
         SequentialMLP.forward = original

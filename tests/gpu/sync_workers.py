@@ -45,7 +45,7 @@ def _buffer(world_size: int, hidden: int) -> dp.Buffer:
     return buf
 
 
-def host_sync_worker(rank: int, world_size: int, seed: int) -> None:
+def host_sync_worker(rank: int, world_size: int, *, seed: int) -> None:
     dev = take_device(rank)
     case = make_case("imbalanced", seed, rank, world_size, hidden=256, num_topk=6)
     buf = _buffer(world_size, case.hidden)
@@ -87,7 +87,7 @@ def host_sync_worker(rank: int, world_size: int, seed: int) -> None:
     assert _blocks(fresh), f"rank {rank}: a fresh dispatch returned before its receive counts existed"
 
 
-def bad_expert_id_worker(rank: int, world_size: int, seed: int) -> None:
+def bad_expert_id_worker(rank: int, world_size: int, *, seed: int) -> None:
     """An id outside [-1, E) on one rank: that rank's fresh dispatch raises (naming the entry); the peers' complete,
     and the buffer serves the next correct calls on every rank."""
     dev = take_device(rank)
@@ -127,7 +127,7 @@ def _order(layout: tuple) -> tuple:
     return layout[0], layout[1], layout[3], layout[2]
 
 
-def stream_order_worker(rank: int, world_size: int, seed: int) -> None:
+def stream_order_worker(rank: int, world_size: int, *, seed: int) -> None:
     """Calls on different streams, with no user sync between them, are ordered by the library: cached dispatches
     on two streams (the first held back by a sleep), then a combine on a third, all equal to the same calls made
     on one stream."""

@@ -49,7 +49,8 @@ def test_float32_layer_on_cuda_matches_deepspeed(k: int) -> None:
     3e-5 of its largest magnitude; the CUDA kernels ran both dispatches."""
     import deepspeed_cuda_workers as w
 
-    run_distributed(w.float32_worker, 2, k, 100 + k, "cuda", "cuda", ORACLE_DEVICE, **SPAWN)
+    run_distributed(w.float32_worker, 2, k=k, seed=100 + k, device="cuda", plugin_backend="cuda",
+                    oracle_device=ORACLE_DEVICE, **SPAWN)
 
 
 @needs_gpu_and_deepspeed
@@ -59,4 +60,5 @@ def test_bfloat16_layer_on_cuda_is_as_accurate_as_deepspeed(k: int) -> None:
     float32 result; ``l_aux`` and ``exp_counts`` equal; the CUDA kernels ran every dispatch and combine."""
     import deepspeed_cuda_workers as w
 
-    run_distributed(w.bfloat16_worker, 2, k, 200 + k, "cuda", "cuda", ORACLE_DEVICE, **SPAWN)
+    run_distributed(w.bfloat16_worker, 2, k=k, seed=200 + k, device="cuda", plugin_backend="cuda",
+                    oracle_device=ORACLE_DEVICE, **SPAWN)

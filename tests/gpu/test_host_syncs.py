@@ -18,20 +18,20 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(bool(missing_kernels("_intranode_C")), reason=missing_kernels("_intranode_C") or "")]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4], ids="{}-ranks".format)
 def test_only_a_fresh_dispatch_reads_the_gpu(world_size: int) -> None:
     import sync_workers as w
 
-    run_distributed(w.host_sync_worker, world_size, 3, **SPAWN)
+    run_distributed(w.host_sync_worker, world_size, seed=3, **SPAWN)
 
 
 def test_a_bad_expert_id_is_reported_from_the_gpu() -> None:
     import sync_workers as w
 
-    run_distributed(w.bad_expert_id_worker, 2, 4, **SPAWN)
+    run_distributed(w.bad_expert_id_worker, 2, seed=4, **SPAWN)
 
 
 def test_calls_on_different_streams_are_ordered() -> None:
     import sync_workers as w
 
-    run_distributed(w.stream_order_worker, 2, 5, **SPAWN)
+    run_distributed(w.stream_order_worker, 2, seed=5, **SPAWN)

@@ -27,44 +27,50 @@ if missing_kernels("_intranode_C"):
 import intranode_workers as w  # noqa: E402
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4], ids="{}-ranks".format)
 def test_layout_matches_plain_torch(world_size: int) -> None:
-    run_distributed(w.layout_worker, world_size, 11, 300, 64, 8, **SPAWN)
+    run_distributed(w.layout_worker, world_size, seed=11, num_tokens=300, num_experts=64, topk=8, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, 8], ids="{}-ranks".format)
 def test_bf16_dispatch_and_combine(world_size: int) -> None:
     # hidden 7168 (DeepSeek-V3), top-8 of 64 experts, 4 channels, alignment 4, three rounds on one buffer.
-    run_distributed(w.dispatch_combine_worker, world_size, 21, 200, 7168, 64, 8, 8, 256, False, 4, 3, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, world_size, seed=21, num_tokens=200, hidden=7168, num_experts=64,
+                    topk=8, num_sms=8, queue_tokens=256, alignment=4, repeats=3, **SPAWN)
 
 
 def test_odd_hidden_topk16_shallow_queue() -> None:
     # hidden 264 (a multiple of 8, not of 128), top-16, a 4-slot queue: the ring wraps many times.
-    run_distributed(w.dispatch_combine_worker, 2, 22, 150, 264, 32, 16, 6, 4, False, 1, 2, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, 2, seed=22, num_tokens=150, hidden=264, num_experts=32, topk=16,
+                    num_sms=6, queue_tokens=4, **SPAWN)
 
 
 def test_one_channel_four_ranks_shallow_queue() -> None:
-    run_distributed(w.dispatch_combine_worker, 4, 23, 90, 520, 16, 4, 2, 7, False, 3, 2, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, 4, seed=23, num_tokens=90, hidden=520, num_experts=16, topk=4,
+                    num_sms=2, queue_tokens=7, alignment=3, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4], ids="{}-ranks".format)
 def test_fp8_dispatch_with_strided_scales(world_size: int) -> None:
-    run_distributed(w.dispatch_combine_worker, world_size, 31, 160, 1024, 32, 6, 8, 64, True, 1, 2, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, world_size, seed=31, num_tokens=160, hidden=1024, num_experts=32,
+                    topk=6, num_sms=8, queue_tokens=64, fp8=True, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4], ids="{}-ranks".format)
 def test_worst_tokens_dispatch_combine_in_cuda_graph(world_size: int) -> None:
-    run_distributed(w.worst_tokens_graph_worker, world_size, 41, 120, 2048, 32, 4, 8, 64, 6, **SPAWN)
+    run_distributed(w.worst_tokens_graph_worker, world_size, seed=41, num_tokens=120, hidden=2048, num_experts=32,
+                    topk=4, num_sms=8, queue_tokens=64, replays=6, **SPAWN)
 
 
 def test_timeout_names_rank_and_wait() -> None:
-    run_distributed(w.timeout_worker, 2, 2.0, **SPAWN)
+    run_distributed(w.timeout_worker, 2, timeout_s=2.0, **SPAWN)
 
 
 def test_buffer_too_small_is_reported() -> None:
     run_distributed(w.buffer_too_small_worker, 2, **SPAWN)
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, 8], ids="{}-ranks".format)
 def test_matches_reference_backend(world_size: int) -> None:
-    run_distributed(w.reference_match_worker, world_size, 51, 140, 1024, 32, 6, 6, **SPAWN)
+    run_distributed(w.reference_match_worker, world_size, seed=51, num_tokens=140, hidden=1024, num_experts=32,
+                    topk=6, num_sms=6, **SPAWN)

@@ -40,12 +40,14 @@ MODES = ["compat", "dispatcher"]
 @pytest.mark.parametrize("style", sorted(w.TOPK))
 @pytest.mark.parametrize("mode", MODES)
 def test_fp32_layer_on_cuda_backend_matches_megatron_alltoall(mode: str, style: str) -> None:
-    run_distributed(w.parity_worker, w.WORLD, w.Case(mode=mode, style=style), "cuda", "cuda", 21, **SPAWN)
+    run_distributed(w.parity_worker, w.WORLD, case=w.Case(mode=mode, style=style), seed=21, device="cuda",
+                    plugin_backend="cuda", **SPAWN)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_layer_combines_on_the_kernel_and_matches_megatron_alltoall(mode: str) -> None:
-    run_distributed(w.parity_worker, w.WORLD, w.Case(mode=mode, dtype="bfloat16"), "cuda", "cuda", 22, **SPAWN)
+    run_distributed(w.parity_worker, w.WORLD, case=w.Case(mode=mode, dtype="bfloat16"), seed=22, device="cuda",
+                    plugin_backend="cuda", **SPAWN)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -53,8 +55,8 @@ def test_rank_whose_experts_receive_no_tokens_on_cuda_backend(mode: str) -> None
     """Rank 1 receives no row, yet combines its own tokens' rows (and, backwards, their weights) from rank 0:
     BF16, so the combine kernel runs with an empty receiver."""
     case = w.Case(mode=mode, style="deepseek_v3", dtype="bfloat16", idle_rank=True)
-    run_distributed(w.parity_worker, w.WORLD, case, "cuda", "cuda", 23, **SPAWN)
+    run_distributed(w.parity_worker, w.WORLD, case=case, seed=23, device="cuda", plugin_backend="cuda", **SPAWN)
 
 
 def test_fp8_dispatch_on_cuda_backend_quantises_once_and_matches_megatron_alltoall() -> None:
-    run_distributed(w.fp8_worker, w.WORLD, "cuda", "cuda", 24, **SPAWN)
+    run_distributed(w.fp8_worker, w.WORLD, seed=24, device="cuda", plugin_backend="cuda", **SPAWN)
