@@ -5,12 +5,13 @@ Where a CUDA build of PyTorch and nvcc are present (build with ``--no-build-isol
 torch), also the kernels:
 
 * ``deepep_plugin._intranode_C`` from ``csrc/intranode`` (normal kernels, CUDA IPC; no NVSHMEM);
-* ``deepep_plugin._low_latency_C`` from ``csrc/low_latency`` (NVSHMEM from the ``nvidia-nvshmem-cu13``/``-cu12``
-  wheel, relocatable device code).
+* ``deepep_plugin._nvshmem_C`` from ``csrc/nvshmem`` (the NVSHMEM layer and the module), ``csrc/internode`` (normal
+  kernels across nodes) and ``csrc/low_latency`` (low-latency kernels): NVSHMEM from the
+  ``nvidia-nvshmem-cu13``/``-cu12`` wheel, relocatable device code.
 
-Environment: ``DEEPEP_PLUGIN_NO_EXT=1`` skips the kernels; ``DEEPEP_PLUGIN_EXTENSIONS=intranode,low_latency``
-builds only the named ones; ``TORCH_CUDA_ARCH_LIST`` (default ``9.0``);
-``NVSHMEM_DIR`` overrides the wheel's location.
+Environment: ``DEEPEP_PLUGIN_NO_EXT=1`` skips the kernels; ``DEEPEP_PLUGIN_EXTENSIONS=intranode,nvshmem``
+builds only the named ones (``low_latency`` and ``internode`` also name ``nvshmem``); ``TORCH_CUDA_ARCH_LIST``
+(default ``9.0``); ``NVSHMEM_DIR`` overrides the wheel's location.
 """
 
 from __future__ import annotations
@@ -64,22 +65,22 @@ def _extensions() -> tuple[list, dict]:
     include_dirs = [os.path.join(HERE, "csrc"), cccl]
     cxx = ["-O3", "-std=c++17", "-Wno-deprecated-declarations"]
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v,-warn-spills"]
-    wanted = set(os.environ.get("DEEPEP_PLUGIN_EXTENSIONS", "intranode,low_latency").split(","))
+    wanted = set(os.environ.get("DEEPEP_PLUGIN_EXTENSIONS", "intranode,nvshmem").split(","))
     exts = []
     if "intranode" in wanted and _sources("intranode"):
         exts.append(CUDAExtension(
             "deepep_plugin._intranode_C",
-            _sources("intranode") + glob.glob("csrc/common/*.cu"),
+            _sources("intranode"),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             libraries=["cuda"],
         ))
     nv = _nvshmem_dir()
-    if "low_latency" in wanted and _sources("low_latency") and nv is not None:
+    if wanted & {"nvshmem", "low_latency", "internode"} and _sources("nvshmem") and nv is not None:
         lib = os.path.join(nv, "lib")
         exts.append(CUDAExtension(
-            "deepep_plugin._low_latency_C",
-            _sources("low_latency") + _sources("internode"),
+            "deepep_plugin._nvshmem_C",
+            _sources("nvshmem") + _sources("internode") + _sources("low_latency"),
             include_dirs=include_dirs + [os.path.join(nv, "include")],
             library_dirs=[lib],
             # torch's device-link step gets no arch flags of its own and would link for nvcc's default arch,

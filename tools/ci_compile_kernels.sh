@@ -3,8 +3,9 @@
 # CI runs this so that kernel code that does not compile cannot land. Exit status: non-zero on any failure.
 #
 # Include paths: csrc/ (our headers), $CUDA_HOME/include/cccl (CUB/libcu++ of CUDA 13), and NVSHMEM's
-# headers from the nvidia-nvshmem-cu13 wheel (or $NVSHMEM_DIR). Files under csrc/low_latency use NVSHMEM
-# device calls (and csrc/internode) and are compiled as relocatable device code (-rdc=true), as setup.py builds them.
+# headers from the nvidia-nvshmem-cu13 wheel (or $NVSHMEM_DIR). The files of the NVSHMEM extension (csrc/nvshmem,
+# csrc/internode, csrc/low_latency) use NVSHMEM and are compiled as relocatable device code (-rdc=true), as setup.py
+# builds them. The torch glue (.cpp) is not compiled here: it needs a CUDA build of torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ pids=()
 names=()
 for f in "${files[@]}"; do
   extra=()
-  [[ "$f" == csrc/low_latency/* || "$f" == csrc/internode/* ]] && extra=(-rdc=true)
+  [[ "$f" == csrc/nvshmem/* || "$f" == csrc/low_latency/* || "$f" == csrc/internode/* ]] && extra=(-rdc=true)
   obj="$out/$(echo "$f" | tr '/' '_').o"
   ( "$NVCC" "${flags[@]}" "${extra[@]}" "${includes[@]}" -c "$f" -o "$obj" > "$obj.log" 2>&1 ) &
   pids+=($!)

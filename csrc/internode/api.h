@@ -1,14 +1,14 @@
 // Internode normal dispatch/combine (EP groups spanning several nodes): kernel parameters and host entry points.
-// Plain C++ (no CUDA, no torch headers); the bindings live in csrc/low_latency/bindings.cpp, because these
-// kernels share that extension's NVSHMEM world (NVSHMEM registers the device state of one module).
+// Plain C++ (no CUDA, no torch headers). The torch glue is bindings.cpp, registered into the NVSHMEM layer's
+// extension deepep_plugin._nvshmem_C (csrc/nvshmem), whose world these kernels share with the low-latency ones.
 //
 // The design (deepep_plugin/backends/cuda_internode.py has the host side and the user-facing description):
-//   R ranks = N nodes x G local ranks; rank r is node r / G, local index r % G. One NVSHMEM symmetric buffer per
-//   rank: [flags | stream words | notify rows (recv) | notify rows (put staging) | data region | NVL region].
-//   The data region holds fixed rings: one per (peer node, channel) stream, `slots` items each
-//   (Config.num_max_rdma_chunked_recv_tokens), followed by as many put-staging slots when some peer is reached
-//   with puts. Item i of a stream lives in slot i % slots; producers wait for the consumers' published
-//   consumption before reusing a slot, so any batch size runs in the same fixed buffer.
+//   R ranks = N nodes x G local ranks (G <= kMaxNvlPeers, N <= kMaxNodes); rank r is node r / G, local index
+//   r % G. One NVSHMEM symmetric buffer per rank, laid out as layout.h says. The data region holds fixed rings:
+//   one per (peer node, channel) stream, `slots` items each (Config.num_max_rdma_chunked_recv_tokens), followed
+//   by as many put-staging slots when some peer is reached with puts. Item i of a stream lives in slot i % slots;
+//   producers wait for the consumers' published consumption before reusing a slot, so any batch size runs in the
+//   same fixed buffer.
 //   dispatch: (notify: every rank sends every rank one row of counts; doubles as the op's barrier)
 //             one kernel, two roles, C = num_sms / 2 blocks each (the overlap of the two hops):
 //             senders:   block c takes channel c (a contiguous token range); each token goes ONCE per destination
@@ -41,23 +41,13 @@
 #include <cstdint>
 
 #include "common/mailbox.h"
+#include "internode/layout.h"
 
 namespace deepep {
 namespace internode {
 
-// Wait codes (kWaitBarrier ... kWaitNvlSpace) are in common/limits.h.
-
-// Flag words (uint64) at the start of the buffer: kFlagKinds arrays of R words each; then, at `stream_off`, the
-// streams' words, each indexed by the peer node and the channel:
-//   extent   [N][kMaxChannels]     (dispatch, at the forwarder) stream base << 32 | records;
-//   progress [N][kMaxChannels]     (dispatch: at the forwarder, per source node; combine: at the source, per
-//                                  forwarder node) epoch << 32 | items written;
-//   dcons    [N][kMaxChannels][G]  (dispatch, at the sender, per destination node and reader) epoch << 32 | read;
-//   ccons    [N][kMaxChannels]     (combine, at the forwarder, per source node) epoch << 32 | partial rows read;
-//   ntail    [G][kMaxChannels]     (combine, at the forwarder, per pushing node peer) epoch << 32 | rows pushed;
-//   ncons    [G][kMaxChannels]     (combine, at the pusher, per forwarder node peer) epoch << 32 | rows read.
-enum FlagKind : int { kFlagBarrier = 0, kFlagNotify = 1 };
-constexpr int kFlagKinds = 2;
+// Wait codes (kWaitBarrier ... kWaitNvlSpace) are in common/limits.h; the buffer layout and record formats in
+// layout.h.
 
 struct Env {
   int rank, num_ranks, ranks_per_node, num_nodes;
@@ -68,8 +58,8 @@ struct Env {
   int* abort_flag;              // device int32: set once any wait of this rank timed out
   Mailbox* mailbox;             // device alias of the host-mapped mailbox
   uint64_t timeout_ns;
-  // Buffer geometry (the same on every rank; computed by the host, see cuda_internode.py `_Layout`).
-  int64_t stream_off;                     // dispatch stream words (see FlagKind)
+  // Buffer geometry (the same on every rank; from Layout, layout.h).
+  int64_t stream_off;                     // stream words
   int64_t notify_off, notify_stage_off, notify_row_ints;
   int64_t data_off, stage_off;            // rings [N][C][slots] items at data_off; put staging alike at stage_off
   int slots;                              // ring slots per stream (items of the current op's size)
@@ -84,9 +74,7 @@ struct NotifyArgs {
 
 struct DispatchArgs {
   Env env;
-  // Record format (bytes, each part a multiple of 16): data | scales | meta int32 [2 + G + 2K]
-  //   meta: source token, unused, pos[G] (row offset among this source's tokens to each node peer, or -1),
-  //         topk_idx[K] (global expert ids), topk_weights[K] (float bits).
+  // Record format: layout.h (record_bytes).
   int64_t rec_bytes, data_bytes, scale_bytes;
   int num_tokens, num_topk, num_scales, scale_stride_token, scale_stride_col;
   const uint8_t* x;             // [T, data_bytes]

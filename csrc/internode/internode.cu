@@ -1,4 +1,5 @@
-// Internode normal dispatch and combine over one NVSHMEM symmetric buffer per rank (design: internode/api.h).
+// Internode normal dispatch and combine over one NVSHMEM symmetric buffer per rank (design: internode/api.h;
+// buffer layout and record format: internode/layout.h).
 //
 // Two hops per token and destination node: the network hop (source -> the forwarder of the destination node,
 // the rank with the source's local index) carries each token ONCE per node; the NVLink hop is a pull by every
@@ -14,7 +15,7 @@
 //
 // Every wait is bounded (common/wait.cuh): on timeout the mailbox gets {rank, peer, what}.
 
-#include "low_latency/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
+#include "nvshmem/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -38,8 +39,9 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxNodes = 32;    // N (the host checks; a node index is one lane)
-constexpr int kMaxLocal = 32;    // G (the host checks; a node peer index is one lane)
+// Group shape (the glue checks): N <= kMaxNodes nodes (a node index is one lane) of G <= kMaxNvlPeers ranks (a node
+// peer index is one lane; combine gives each node peer at least one pusher warp), both from common/limits.h.
+static_assert(kMaxNodes <= 32 && kMaxNvlPeers <= 32, "node and node peer indices are lanes of a warp");
 
 #define IN_CUDA_CHECK(expr)                                                                             \
   do {                                                                                                  \
@@ -140,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(NotifyArgs a) {
 // ---------------------------------------------------------------------------------------------------------
 // Streams and rings.
 
-// Stream words (api.h, FlagKind) in the buffer at `base` (this rank's or a peer's mapping).
+// Stream words (layout.h) in the buffer at `base` (this rank's or a peer's mapping).
 __device__ __forceinline__ uint64_t* stream_words(uint8_t* base, const Env& env) {
   return reinterpret_cast<uint64_t*>(base + env.stream_off);
 }
@@ -307,13 +309,12 @@ __device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s
         }
         int* meta = reinterpret_cast<int*>(dst + meta_off);
         if (lane == 0) {
-          meta[0] = t;
-          meta[1] = 0;
+          meta[kMetaToken] = t;
         }
-        if (lane < G) meta[2 + lane] = a.pos[static_cast<int64_t>(t) * R + nn * G + lane];
+        if (lane < G) meta[kMetaPos + lane] = a.pos[static_cast<int64_t>(t) * R + nn * G + lane];
         if (a.topk_idx != nullptr && lane < K) {
-          meta[2 + G + lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
-          meta[2 + G + K + lane] =
+          meta[kMetaPos + G + lane] = static_cast<int>(a.topk_idx[static_cast<int64_t>(t) * K + lane]);
+          meta[kMetaPos + G + K + lane] =
               __float_as_int(a.topk_weights != nullptr ? a.topk_weights[static_cast<int64_t>(t) * K + lane] : 0.0f);
         }
         if (lane == 0) atomicAdd(&s_done[nn], 1);
@@ -358,7 +359,8 @@ __device__ void dispatch_sender(const DispatchArgs& a, int c, uint64_t e, int* s
 // the stream's sender, whose ring slots become free. Round-robin keeps a group from blocking on one stream while
 // another's sender waits for room. Reading its own forwarder's streams (g == my local index), a rank also writes
 // send_nvl_head for each record: the record's row in every node peer's output.
-constexpr int kMaxOwned = 64;  // streams per group: ceil(G * N / kWarps) <= 64 for G, N <= 32
+// Streams per group: at most ceil(G * N / kWarps) (one warp per group when there are many streams).
+constexpr int kMaxOwned = (kMaxNvlPeers * kMaxNodes + kWarps - 1) / kWarps;
 
 struct ReceiverState {
   int next[kWarps][kMaxOwned];   // records read (by the group whose first warp is the index)
@@ -366,7 +368,7 @@ struct ReceiverState {
   int base[kWarps][kMaxOwned];   // the stream's first index among its source's records to this node
   int told[kWarps][kMaxOwned];   // consumption published to the sender
   int cmd[kWarps][4];            // the leader's decision: stream, first, end (or -1 done / -2 failed)
-  int head_base[kMaxLocal * kMaxNodes];  // [g][n]
+  int head_base[kMaxNvlPeers * kMaxNodes];  // [g][n]
   int first_record[kMaxNodes];
 };
 
@@ -478,7 +480,7 @@ __device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e, Rec
       const int* meta = reinterpret_cast<const int*>(rec + meta_off);
       if (head && g == my_local && lane < G) {
         const int64_t hrow = st.first_record[n] + base + i;
-        const int p = ld_cg(meta + 2 + lane);
+        const int p = ld_cg(meta + kMetaPos + lane);
         if (hrow < a.head_rows)
           a.send_nvl_head[hrow * G + lane] = p >= 0 ? st.head_base[lane * N + n] + p : -1;
         else if (lane == 0)
@@ -486,8 +488,8 @@ __device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e, Rec
       }
       int pos = 0, token = 0;
       if (lane == 0) {
-        pos = ld_cg(meta + 2 + my_local);
-        token = ld_cg(meta);
+        pos = ld_cg(meta + kMetaPos + my_local);
+        token = ld_cg(meta + kMetaToken);
       }
       pos = __shfl_sync(0xffffffffu, pos, 0);
       token = __shfl_sync(0xffffffffu, token, 0);
@@ -509,12 +511,12 @@ __device__ void dispatch_receiver(const DispatchArgs& a, int rb, uint64_t e, Rec
         a.recv_src_meta[row * 2 + 1] = s;
       }
       if (a.recv_topk_idx != nullptr && lane < K) {
-        const int expert = ld_cg(meta + 2 + G + lane);
+        const int expert = ld_cg(meta + kMetaPos + G + lane);
         const int local = expert - first_expert;
         const bool mine = expert >= 0 && local >= 0 && local < el;
         a.recv_topk_idx[row * K + lane] = mine ? local : -1;
         if (a.recv_topk_weights != nullptr)
-          a.recv_topk_weights[row * K + lane] = mine ? __int_as_float(ld_cg(meta + 2 + G + K + lane)) : 0.0f;
+          a.recv_topk_weights[row * K + lane] = mine ? __int_as_float(ld_cg(meta + kMetaPos + G + K + lane)) : 0.0f;
       }
     }
     group_sync(group, gid);  // every member's reads of these slots are done
@@ -547,7 +549,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(DispatchArgs a) {
 // ---------------------------------------------------------------------------------------------------------
 // Combine.
 
-// NVL ring words (combine, api.h): tail of pusher g's ring at this forwarder; consumption of forwarder l.
+// NVL ring words (combine, layout.h): tail of pusher g's ring at this forwarder; consumption of forwarder l.
 __device__ __forceinline__ uint64_t* ntail_at(uint8_t* base, const Env& env, int peer, int channel) {
   return stream_words(base, env) + (3 + env.ranks_per_node) * env.num_nodes * kMaxChannels + peer * kMaxChannels +
          channel;
@@ -560,6 +562,7 @@ __device__ __forceinline__ uint64_t* ncons_at(uint8_t* base, const Env& env, int
 constexpr int kPushWarps = 8;
 constexpr int kFwdWarps = kWarps - kPushWarps;
 constexpr int kFwdBarrier = 1;  // named barrier of the forwarder warps
+static_assert(kPushWarps >= kMaxNvlPeers, "every node peer gets a pusher warp");
 
 // Pushers of channel c: kPushWarps / G warps per node peer l (the group of l). They push this rank's rows that
 // came from sources (n, l) in channel c, source node by source node, in row order (the order forwarder l reads its
@@ -640,8 +643,8 @@ __device__ void combine_pusher(const CombineArgs& a, int c, int w, uint64_t e) {
 // position in each peer's NVL ring (peers' rows arrive in record order; a record takes one from each peer that got
 // it); after it, it tells the pushers how far their rings were read.
 struct ForwarderState {
-  int pos[kFwdWarps][kMaxLocal];  // the batch's NVL ring positions (count since the op began), or -1
-  int read[kMaxLocal];            // NVL rows read from each peer's ring
+  int pos[kFwdWarps][kMaxNvlPeers];  // the batch's NVL ring positions (count since the op began), or -1
+  int read[kMaxNvlPeers];            // NVL rows read from each peer's ring
 };
 
 __device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e, ForwarderState& st) {
@@ -710,7 +713,7 @@ __device__ void combine_forwarder(const CombineArgs& a, int c, uint64_t e, Forwa
         if (!__any_sync(0xffffffffu, !ok)) {
           uint8_t* dst = env.peers[s] != nullptr ? env.peers[s] + env.data_off + (dst_first + jj % S) * a.row_bytes
                                                  : env.buffer + env.stage_off + (stage_first + jj % S) * a.row_bytes;
-          const uint8_t* src[kMaxLocal];
+          const uint8_t* src[kMaxNvlPeers];
           int num_src = 0;
           for (int g = 0; g < G; ++g) {
             const int q = __shfl_sync(0xffffffffu, p, g);

@@ -1,10 +1,9 @@
-// The low-latency extension's C++ interface: kernel parameters (plain structs the bindings fill from Python)
-// and the host functions implemented in runtime.cu and low_latency.cu. Plain C++ (no CUDA, no torch headers).
+// The low-latency kernels' C++ interface: kernel parameters (plain structs the torch glue, bindings.cpp, fills
+// from tensors) and the launchers of low_latency.cu. Plain C++ (no CUDA, no torch headers). NVSHMEM start-up,
+// the symmetric buffer and the mailbox are the NVSHMEM layer's (csrc/nvshmem).
 #pragma once
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "common/mailbox.h"
 
@@ -12,6 +11,9 @@ namespace deepep {
 namespace ll {
 
 // Wait codes (kWaitLL*) are in common/limits.h.
+
+// int32 words of the workspace (grid-completion counters, low_latency.cu's kWs*), zero between launches.
+constexpr int kWorkspaceInts = 8;
 
 // Geometry of one call, with the byte offsets of the parity it uses (from Layout, layout.h).
 struct Geometry {
@@ -26,7 +28,7 @@ struct Env {
   int has_rdma_peers;        // some peer is not mapped (no P2P): the kernels use NVSHMEM puts for it
   uint8_t* buffer;           // this rank's symmetric buffer
   uint8_t* const* peers;     // device array [R]: each rank's buffer mapped here (P2P), or null (RDMA)
-  int* workspace;            // device int32 [8]: grid-completion counters, zero between launches
+  int* workspace;            // device int32 [kWorkspaceInts]: grid-completion counters, zero between launches
   int* abort_flag;           // device int32: set once any wait of this rank timed out
   Mailbox* mailbox;          // device alias of the host-mapped mailbox
   uint64_t timeout_ns;
@@ -69,22 +71,6 @@ void dispatch_recv(const DispatchArgs& a, int num_sms, void* stream);
 void combine_send(const CombineArgs& a, int num_sms, void* stream);
 void combine_recv(const CombineArgs& a, int num_sms, void* stream);
 int64_t max_dispatch_smem_experts();  // largest E the kernels' shared memory holds
-
-// runtime.cu
-std::string get_unique_id();
-void init_world(int rank, int num_ranks, const std::string& unique_id, int device);
-bool world_initialized();
-int world_rank();
-int world_size();
-uintptr_t symmetric_alloc(int64_t bytes);
-void symmetric_free(uintptr_t ptr);
-std::vector<uintptr_t> peer_bases(uintptr_t base, int num_ranks);
-void barrier_all();
-void barrier_on_stream(void* stream);
-void finalize_world();
-uintptr_t mailbox_alloc();                      // returns the host pointer
-uintptr_t mailbox_device_ptr(uintptr_t host);
-void mailbox_free(uintptr_t host);
 
 }  // namespace ll
 }  // namespace deepep

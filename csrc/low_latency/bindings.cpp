@@ -1,49 +1,80 @@
-// pybind11 module deepep_plugin._low_latency_C: the NVSHMEM world, the symmetric buffer, the mailbox and the
-// four kernel launches. Tensors cross as raw device addresses (ints) filled in by
-// deepep_plugin/backends/cuda_low_latency.py, which owns the shapes, dtypes and lifetimes; no torch headers.
+// Torch glue of the low-latency kernels (registered into deepep_plugin._nvshmem_C): the buffer Layout, and the four
+// launches, which take tensors, check them against the layout (dtype, shape, device, contiguity) and fill the
+// kernels' plain parameter structs (api.h). deepep_plugin/backends/cuda_low_latency.py allocates the outputs and
+// owns the call order (parity, hooks).
 
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/extension.h>
 
-#include <cstdint>
+#include <optional>
 #include <string>
 
-#include "internode/api.h"
 #include "low_latency/api.h"
 #include "low_latency/layout.h"
+#include "nvshmem/bindings.h"
 
 namespace py = pybind11;
-using namespace deepep;
-using namespace deepep::ll;
 
+namespace deepep {
+namespace ll {
 namespace {
 
-template <typename T>
-T* ptr(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw std::runtime_error(std::string("_low_latency_C: missing argument ") + key);
-  py::object v = d[key];
-  if (v.is_none()) return nullptr;
-  return reinterpret_cast<T*>(v.cast<uintptr_t>());
+using nvshmem::BufferTooSmall;
+using nvshmem::data;
+using nvshmem::data_or_null;
+using nvshmem::InputError;
+using nvshmem::SymmetricBuffer;
+using nvshmem::TensorCheck;
+using OptTensor = std::optional<at::Tensor>;
+
+// Bound as LowLatencyLayout: a glue-local type, so that the bound class is not more visible than pybind11.
+struct BoundLayout : Layout {
+  explicit BoundLayout(const Layout& l) : Layout(l) {}
+};
+
+BoundLayout make_layout(int num_ranks, int num_experts, int hidden, int num_max_tokens) {
+  if (num_ranks < 1 || num_experts < 0 || hidden < 0 || num_max_tokens < 0)
+    throw InputError("LowLatencyLayout: num_ranks must be positive and num_experts, hidden, num_max_tokens "
+                     "non-negative, got " + std::to_string(num_ranks) + ", " + std::to_string(num_experts) + ", " +
+                     std::to_string(hidden) + ", " + std::to_string(num_max_tokens));
+  return BoundLayout(Layout(num_ranks, num_experts, hidden, num_max_tokens));
 }
 
-int64_t num(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw std::runtime_error(std::string("_low_latency_C: missing argument ") + key);
-  return d[key].cast<int64_t>();
-}
-
-Env make_env(const py::dict& d) {
-  const Layout l(static_cast<int>(num(d, "num_ranks")), static_cast<int>(num(d, "num_experts")),
-                 static_cast<int>(num(d, "hidden")), static_cast<int>(num(d, "num_max_tokens")));
-  const int parity = static_cast<int>(num(d, "parity"));
+// The part of every call's parameters that comes from the buffer and the layout; checks that the layout is one the
+// kernels run and that the buffer holds it.
+Env make_env(const char* op, const SymmetricBuffer& buf, const at::Tensor& workspace, const Layout& l, int parity) {
+  buf.check(op);
+  const std::string where = std::string(op) + ": ";
+  if (l.num_ranks != buf.num_ranks())
+    throw InputError(where + "the layout is for " + std::to_string(l.num_ranks) + " ranks, the buffer's group has " +
+                     std::to_string(buf.num_ranks()));
+  if (l.num_experts < l.num_ranks || l.num_experts % l.num_ranks != 0 || l.num_experts > max_dispatch_smem_experts())
+    throw InputError(where + "num_experts must be a positive multiple of the group size " +
+                     std::to_string(l.num_ranks) + " and at most " + std::to_string(max_dispatch_smem_experts()) +
+                     ", got " + std::to_string(l.num_experts));
+  if (l.hidden <= 0 || l.hidden % kFp8Group != 0)
+    throw InputError(where + "hidden must be a positive multiple of " + std::to_string(kFp8Group) + ", got " +
+                     std::to_string(l.hidden));
+  if (l.num_max_tokens < 1 || l.num_max_tokens > kMaxLowLatencyTokensPerRank)
+    throw InputError(where + "num_max_dispatch_tokens_per_rank must be in [1, " +
+                     std::to_string(kMaxLowLatencyTokensPerRank) + "], got " + std::to_string(l.num_max_tokens));
+  if (l.total_bytes() > buf.num_bytes())
+    throw BufferTooSmall(where + "the layout needs " + std::to_string(l.total_bytes()) + " bytes, the buffer has " +
+                         std::to_string(buf.num_bytes()));
+  if (parity != 0 && parity != 1) throw InputError(where + "parity must be 0 or 1, got " + std::to_string(parity));
+  TensorCheck(workspace, op, "workspace", buf.device()).dtype(at::kInt).shape({kWorkspaceInts}).contiguous();
   Env env{};
-  env.rank = static_cast<int>(num(d, "rank"));
-  env.has_rdma_peers = static_cast<int>(num(d, "has_rdma_peers"));
-  env.buffer = ptr<uint8_t>(d, "buffer");
-  env.peers = ptr<uint8_t* const>(d, "peers");
-  env.workspace = ptr<int>(d, "workspace");
-  env.abort_flag = ptr<int>(d, "abort_flag");
-  env.mailbox = ptr<Mailbox>(d, "mailbox");
-  env.timeout_ns = static_cast<uint64_t>(num(d, "timeout_ns"));
+  env.rank = buf.rank();
+  env.has_rdma_peers = buf.has_rdma_peers() ? 1 : 0;
+  env.buffer = buf.base();
+  env.peers = buf.peer_table();
+  env.workspace = data<int>(workspace);
+  env.abort_flag = buf.abort_flag();
+  env.mailbox = buf.mailbox();
+  env.timeout_ns = buf.timeout_ns();
   Geometry& g = env.geo;
   g.num_ranks = l.num_ranks;
   g.num_experts = l.num_experts;
@@ -61,199 +92,209 @@ Env make_env(const py::dict& d) {
   return env;
 }
 
-DispatchArgs make_dispatch(const py::dict& d) {
+// topk_idx [T, K] int64 with T <= N and K <= the kernels' top-k; returns K.
+int check_topk_idx(const char* op, const at::Tensor& topk_idx, int64_t num_tokens, const Layout& l, int device) {
+  TensorCheck(topk_idx, op, "topk_idx", device).dtype(at::kLong).shape({num_tokens, -1}).contiguous();
+  const int64_t K = topk_idx.size(1);
+  if (K > kMaxTopk)
+    throw InputError(std::string(op) + ": top-k must be <= " + std::to_string(kMaxTopk) + ", got " + std::to_string(K));
+  if (num_tokens > l.num_max_tokens)
+    throw InputError(std::string(op) + ": " + std::to_string(num_tokens) +
+                     " tokens, more than num_max_dispatch_tokens_per_rank=" + std::to_string(l.num_max_tokens));
+  return static_cast<int>(K);
+}
+
+// recv_info: int32 [2, E_loc, R*N]: row 0 the source token of each received row, row 1 its combine slot.
+void check_recv_info(const char* op, const at::Tensor& recv_info, const at::Tensor& layout_range, const Layout& l,
+                     int device) {
+  const int64_t rn = static_cast<int64_t>(l.num_ranks) * l.num_max_tokens;
+  TensorCheck(recv_info, op, "recv_info", device).dtype(at::kInt).shape({2, l.num_local_experts, rn}).contiguous();
+  TensorCheck(layout_range, op, "layout_range", device)
+      .dtype(at::kLong)
+      .shape({l.num_local_experts, l.num_ranks})
+      .contiguous();
+}
+
+DispatchArgs make_dispatch(const char* op, const SymmetricBuffer& buf, const at::Tensor& workspace, const Layout& l,
+                           int parity, const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& recv_x,
+                           const OptTensor& recv_scales, const at::Tensor& recv_count, const at::Tensor& recv_info,
+                           const at::Tensor& layout_range, const OptTensor& cumulative_stats,
+                           const OptTensor& wait_stats, bool use_fp8, bool round_scale, bool use_ue8m0) {
   DispatchArgs a{};
-  a.env = make_env(d);
-  a.x = ptr<const void>(d, "x");
-  a.topk_idx = ptr<const int64_t>(d, "topk_idx");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
-  a.num_topk = static_cast<int>(num(d, "num_topk"));
-  a.use_fp8 = static_cast<int>(num(d, "use_fp8"));
-  a.round_scale = static_cast<int>(num(d, "round_scale"));
-  a.use_ue8m0 = static_cast<int>(num(d, "use_ue8m0"));
-  a.recv_x = ptr<void>(d, "recv_x");
-  a.recv_scales = ptr<void>(d, "recv_scales");
-  a.recv_count = ptr<int>(d, "recv_count");
-  a.src_info = ptr<int>(d, "src_info");
-  a.slot_info = ptr<int>(d, "slot_info");
-  a.layout_range = ptr<int64_t>(d, "layout_range");
-  a.cumulative_stats = ptr<int>(d, "cumulative_stats");
-  a.wait_stats = ptr<int64_t>(d, "wait_stats");
+  a.env = make_env(op, buf, workspace, l, parity);
+  const int dev = buf.device();
+  const int64_t el = l.num_local_experts, rn = static_cast<int64_t>(l.num_ranks) * l.num_max_tokens;
+  TensorCheck(x, op, "x", dev).dtype(at::kBFloat16).shape({-1, l.hidden}).contiguous();
+  const int64_t T = x.size(0);
+  a.num_topk = check_topk_idx(op, topk_idx, T, l, dev);
+  TensorCheck(recv_x, op, "recv_x", dev)
+      .dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16)
+      .shape({el, rn, l.hidden})
+      .contiguous();
+  if (use_fp8) {
+    if (!recv_scales.has_value()) throw InputError(std::string(op) + ": recv_scales is required with use_fp8");
+    const int64_t groups = l.hidden / kFp8Group;
+    if (use_ue8m0)
+      TensorCheck(*recv_scales, op, "recv_scales", dev).dtype(at::kInt).shape({el, (groups + 3) / 4, rn}).contiguous();
+    else
+      TensorCheck(*recv_scales, op, "recv_scales", dev).dtype(at::kFloat).shape({el, groups, rn}).contiguous();
+  } else if (recv_scales.has_value()) {
+    throw InputError(std::string(op) + ": recv_scales must be None without use_fp8");
+  }
+  TensorCheck(recv_count, op, "recv_count", dev).dtype(at::kInt).shape({el}).contiguous();
+  check_recv_info(op, recv_info, layout_range, l, dev);
+  if (cumulative_stats.has_value())
+    TensorCheck(*cumulative_stats, op, "cumulative_stats", dev).dtype(at::kInt).shape({el}).contiguous();
+  if (wait_stats.has_value())
+    TensorCheck(*wait_stats, op, "wait_stats", dev).dtype(at::kLong).shape({l.num_ranks}).contiguous();
+  a.x = x.data_ptr();
+  a.topk_idx = data<const int64_t>(topk_idx);
+  a.num_tokens = static_cast<int>(T);
+  a.use_fp8 = use_fp8 ? 1 : 0;
+  a.round_scale = round_scale ? 1 : 0;
+  a.use_ue8m0 = use_ue8m0 ? 1 : 0;
+  a.recv_x = recv_x.data_ptr();
+  a.recv_scales = use_fp8 ? recv_scales->data_ptr() : nullptr;
+  a.recv_count = data<int>(recv_count);
+  a.src_info = data<int>(recv_info);
+  a.slot_info = data<int>(recv_info) + el * rn;
+  a.layout_range = data<int64_t>(layout_range);
+  a.cumulative_stats = data_or_null<int>(cumulative_stats);
+  a.wait_stats = data_or_null<int64_t>(wait_stats);
   return a;
 }
 
-CombineArgs make_combine(const py::dict& d) {
+CombineArgs make_combine(const char* op, const SymmetricBuffer& buf, const at::Tensor& workspace, const Layout& l,
+                         int parity, const at::Tensor& x, const at::Tensor& recv_info, const at::Tensor& layout_range,
+                         const at::Tensor& topk_idx, const at::Tensor& topk_weights, bool zero_copy,
+                         const at::Tensor& out, const OptTensor& wait_stats) {
   CombineArgs a{};
-  a.env = make_env(d);
-  a.x = ptr<const void>(d, "x");
-  a.src_info = ptr<const int>(d, "src_info");
-  a.slot_info = ptr<const int>(d, "slot_info");
-  a.layout_range = ptr<const int64_t>(d, "layout_range");
-  a.topk_idx = ptr<const int64_t>(d, "topk_idx");
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
-  a.num_topk = static_cast<int>(num(d, "num_topk"));
-  a.zero_copy = static_cast<int>(num(d, "zero_copy"));
-  a.out = ptr<void>(d, "out");
-  a.wait_stats = ptr<int64_t>(d, "wait_stats");
+  a.env = make_env(op, buf, workspace, l, parity);
+  const int dev = buf.device();
+  const int64_t el = l.num_local_experts, rn = static_cast<int64_t>(l.num_ranks) * l.num_max_tokens;
+  TensorCheck(x, op, "x", dev).dtype(at::kBFloat16).shape({el, rn, l.hidden}).contiguous();
+  check_recv_info(op, recv_info, layout_range, l, dev);
+  const int64_t T = topk_idx.size(0);
+  a.num_topk = check_topk_idx(op, topk_idx, T, l, dev);
+  TensorCheck(topk_weights, op, "topk_weights", dev).dtype(at::kFloat).shape({T, a.num_topk}).contiguous();
+  TensorCheck(out, op, "out", dev).dtype(at::kBFloat16).shape({T, l.hidden}).contiguous();
+  if (wait_stats.has_value())
+    TensorCheck(*wait_stats, op, "wait_stats", dev).dtype(at::kLong).shape({l.num_ranks}).contiguous();
+  a.x = x.data_ptr();
+  a.src_info = data<const int>(recv_info);
+  a.slot_info = data<const int>(recv_info) + el * rn;
+  a.layout_range = data<const int64_t>(layout_range);
+  a.topk_idx = data<const int64_t>(topk_idx);
+  a.topk_weights = data<const float>(topk_weights);
+  a.num_tokens = static_cast<int>(T);
+  a.zero_copy = zero_copy ? 1 : 0;
+  a.out = out.data_ptr();
+  a.wait_stats = data_or_null<int64_t>(wait_stats);
   return a;
 }
 
-internode::Env make_internode_env(const py::dict& d) {
-  internode::Env env{};
-  env.rank = static_cast<int>(num(d, "rank"));
-  env.num_ranks = static_cast<int>(num(d, "num_ranks"));
-  env.ranks_per_node = static_cast<int>(num(d, "ranks_per_node"));
-  env.num_nodes = static_cast<int>(num(d, "num_nodes"));
-  env.has_rdma_peers = static_cast<int>(num(d, "has_rdma_peers"));
-  env.buffer = ptr<uint8_t>(d, "buffer");
-  env.peers = ptr<uint8_t* const>(d, "peers");
-  env.epoch = ptr<int64_t>(d, "epoch");
-  env.abort_flag = ptr<int>(d, "abort_flag");
-  env.mailbox = ptr<Mailbox>(d, "mailbox");
-  env.timeout_ns = static_cast<uint64_t>(num(d, "timeout_ns"));
-  env.stream_off = num(d, "stream_off");
-  env.notify_off = num(d, "notify_off");
-  env.notify_stage_off = num(d, "notify_stage_off");
-  env.notify_row_ints = num(d, "notify_row_ints");
-  env.data_off = num(d, "data_off");
-  env.stage_off = num(d, "stage_off");
-  env.slots = static_cast<int>(num(d, "slots"));
-  env.nvl_off = num(d, "nvl_off");
-  return env;
+void check_num_sms(const char* op, int num_sms) {
+  if (num_sms < 1) throw InputError(std::string(op) + ": num_sms must be positive, got " + std::to_string(num_sms));
 }
 
-internode::DispatchArgs make_internode_dispatch(const py::dict& d) {
-  internode::DispatchArgs a{};
-  a.env = make_internode_env(d);
-  a.rec_bytes = num(d, "rec_bytes");
-  a.data_bytes = num(d, "data_bytes");
-  a.scale_bytes = num(d, "scale_bytes");
-  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
-  a.num_topk = static_cast<int>(num(d, "num_topk"));
-  a.num_scales = static_cast<int>(num(d, "num_scales"));
-  a.scale_stride_token = static_cast<int>(num(d, "scale_stride_token"));
-  a.scale_stride_col = static_cast<int>(num(d, "scale_stride_col"));
-  a.x = ptr<const uint8_t>(d, "x");
-  a.x_scales = ptr<const uint8_t>(d, "x_scales");
-  a.topk_idx = ptr<const int64_t>(d, "topk_idx");
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.pos = ptr<const int>(d, "pos");
-  a.node_slot = ptr<const int>(d, "node_slot");
-  a.rdma_channel_prefix = ptr<const int>(d, "rdma_channel_prefix");
-  a.num_channels = static_cast<int>(num(d, "num_channels"));
-  a.chunk = static_cast<int>(num(d, "chunk"));
-  a.head_base = ptr<const int>(d, "head_base");
-  a.recv_rdma_rank_prefix = ptr<const int>(d, "recv_rdma_rank_prefix");
-  a.send_nvl_head = ptr<int>(d, "send_nvl_head");
-  a.head_rows = num(d, "head_rows");
-  a.recv_base = ptr<const int>(d, "recv_base");
-  a.out_rows = num(d, "out_rows");
-  a.num_local_experts = static_cast<int>(num(d, "num_local_experts"));
-  a.recv_x = ptr<uint8_t>(d, "recv_x");
-  a.recv_scales = ptr<uint8_t>(d, "recv_scales");
-  a.recv_topk_idx = ptr<int64_t>(d, "recv_topk_idx");
-  a.recv_topk_weights = ptr<float>(d, "recv_topk_weights");
-  a.recv_src_meta = ptr<int>(d, "recv_src_meta");
-  return a;
+using DispatchLaunch = void (*)(const DispatchArgs&, int, void*);
+using CombineLaunch = void (*)(const CombineArgs&, int, void*);
+
+// One bound function per launch; the send and receive halves of an operation take the same arguments.
+template <DispatchLaunch kLaunch>
+void run_dispatch(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
+                  int parity, const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& recv_x,
+                  const OptTensor& recv_scales, const at::Tensor& recv_count, const at::Tensor& recv_info,
+                  const at::Tensor& layout_range, const OptTensor& cumulative_stats, const OptTensor& wait_stats,
+                  bool use_fp8, bool round_scale, bool use_ue8m0, int num_sms) {
+  check_num_sms(op, num_sms);
+  const DispatchArgs a = make_dispatch(op, buffer, workspace, layout, parity, x, topk_idx, recv_x, recv_scales,
+                                       recv_count, recv_info, layout_range, cumulative_stats, wait_stats, use_fp8,
+                                       round_scale, use_ue8m0);
+  c10::cuda::CUDAGuard guard(buffer.device());
+  kLaunch(a, num_sms, buffer.stream());
 }
 
-internode::CombineArgs make_internode_combine(const py::dict& d) {
-  internode::CombineArgs a{};
-  a.env = make_internode_env(d);
-  a.row_bytes = num(d, "row_bytes");
-  a.hidden = static_cast<int>(num(d, "hidden"));
-  a.num_topk = static_cast<int>(num(d, "num_topk"));
-  a.num_tokens = static_cast<int>(num(d, "num_tokens"));
-  a.x = ptr<const uint16_t>(d, "x");
-  a.topk_weights = ptr<const float>(d, "topk_weights");
-  a.num_channels = static_cast<int>(num(d, "num_channels"));
-  a.chunk = static_cast<int>(num(d, "chunk"));
-  a.nvl_slots = static_cast<int>(num(d, "nvl_slots"));
-  a.nvl_chunk = static_cast<int>(num(d, "nvl_chunk"));
-  a.recv_gbl_channel_prefix = ptr<const int>(d, "recv_gbl_channel_prefix");
-  a.recv_gbl_rank_prefix_sum = ptr<const int>(d, "recv_gbl_rank_prefix_sum");
-  a.send_nvl_head = ptr<const int>(d, "send_nvl_head");
-  a.recv_rdma_rank_prefix_sum = ptr<const int>(d, "recv_rdma_rank_prefix_sum");
-  a.recv_rdma_channel_prefix = ptr<const int>(d, "recv_rdma_channel_prefix");
-  a.send_rdma_head = ptr<const int>(d, "send_rdma_head");
-  a.rdma_channel_prefix = ptr<const int>(d, "rdma_channel_prefix");
-  a.bias0 = ptr<const uint16_t>(d, "bias0");
-  a.bias1 = ptr<const uint16_t>(d, "bias1");
-  a.combined_x = ptr<uint16_t>(d, "combined_x");
-  a.combined_topk_weights = ptr<float>(d, "combined_topk_weights");
-  return a;
+template <CombineLaunch kLaunch>
+void run_combine(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
+                 int parity, const at::Tensor& x, const at::Tensor& recv_info, const at::Tensor& layout_range,
+                 const at::Tensor& topk_idx, const at::Tensor& topk_weights, bool zero_copy, const at::Tensor& out,
+                 const OptTensor& wait_stats, int num_sms) {
+  check_num_sms(op, num_sms);
+  const CombineArgs a = make_combine(op, buffer, workspace, layout, parity, x, recv_info, layout_range, topk_idx,
+                                     topk_weights, zero_copy, out, wait_stats);
+  c10::cuda::CUDAGuard guard(buffer.device());
+  kLaunch(a, num_sms, buffer.stream());
 }
 
-void* stream_of(const py::dict& d) { return reinterpret_cast<void*>(static_cast<uintptr_t>(num(d, "stream"))); }
+template <DispatchLaunch kLaunch>
+void def_dispatch(py::module_& m, const char* name) {
+  m.def(
+      name,
+      [name](const SymmetricBuffer& buffer, const at::Tensor& workspace, const BoundLayout& layout, int parity,
+             const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& recv_x, const OptTensor& recv_scales,
+             const at::Tensor& recv_count, const at::Tensor& recv_info, const at::Tensor& layout_range,
+             const OptTensor& cumulative_stats, const OptTensor& wait_stats, bool use_fp8, bool round_scale,
+             bool use_ue8m0, int num_sms) {
+        run_dispatch<kLaunch>(name, buffer, workspace, layout, parity, x, topk_idx, recv_x, recv_scales, recv_count,
+                              recv_info, layout_range, cumulative_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
+                              num_sms);
+      },
+      py::kw_only(), py::arg("buffer"), py::arg("workspace"), py::arg("layout"), py::arg("parity"), py::arg("x"),
+      py::arg("topk_idx"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_count"), py::arg("recv_info"),
+      py::arg("layout_range"), py::arg("cumulative_stats"), py::arg("wait_stats"), py::arg("use_fp8"),
+      py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("num_sms"));
+}
+
+template <CombineLaunch kLaunch>
+void def_combine(py::module_& m, const char* name) {
+  m.def(
+      name,
+      [name](const SymmetricBuffer& buffer, const at::Tensor& workspace, const BoundLayout& layout, int parity,
+             const at::Tensor& x, const at::Tensor& recv_info, const at::Tensor& layout_range,
+             const at::Tensor& topk_idx, const at::Tensor& topk_weights, bool zero_copy, const at::Tensor& out,
+             const OptTensor& wait_stats, int num_sms) {
+        run_combine<kLaunch>(name, buffer, workspace, layout, parity, x, recv_info, layout_range, topk_idx,
+                             topk_weights, zero_copy, out, wait_stats, num_sms);
+      },
+      py::kw_only(), py::arg("buffer"), py::arg("workspace"), py::arg("layout"), py::arg("parity"), py::arg("x"),
+      py::arg("recv_info"), py::arg("layout_range"), py::arg("topk_idx"), py::arg("topk_weights"),
+      py::arg("zero_copy"), py::arg("out"), py::arg("wait_stats"), py::arg("num_sms"));
+}
 
 }  // namespace
+}  // namespace ll
 
-PYBIND11_MODULE(_low_latency_C, m) {
-  m.doc() = "deepep_plugin low-latency kernels over NVSHMEM (use deepep_plugin.Buffer)";
-
-  m.def("layout_bytes", [](int num_ranks, int num_experts, int hidden, int num_max_tokens) {
-    const Layout l(num_ranks, num_experts, hidden, num_max_tokens);
-    py::dict d;
-    d["total"] = l.total_bytes();
-    d["signal"] = l.signal_bytes;
-    d["send"] = l.send_bytes;
-    d["recv"] = l.recv_bytes;
-    d["msg"] = l.msg_bytes;
-    d["combine_send_row"] = l.combine_send_row_bytes;
-    d["send_offset_0"] = l.send_offset(0);
-    d["send_offset_1"] = l.send_offset(1);
-    d["combine_slots_per_token"] = l.combine_slots_per_token;
-    return d;
-  });
-  m.def("max_experts", &max_dispatch_smem_experts);
-
-  m.def("get_unique_id", []() { return py::bytes(get_unique_id()); });
-  m.def("init_world", [](int rank, int num_ranks, py::bytes uid, int device) {
-    init_world(rank, num_ranks, std::string(uid), device);
-  });
-  m.def("world_initialized", &world_initialized);
-  m.def("world_rank", &world_rank);
-  m.def("world_size", &world_size);
-  m.def("symmetric_alloc", &symmetric_alloc, py::call_guard<py::gil_scoped_release>());
-  m.def("symmetric_free", &symmetric_free, py::call_guard<py::gil_scoped_release>());
-  m.def("peer_bases", &peer_bases);
-  m.def("barrier_all", &barrier_all, py::call_guard<py::gil_scoped_release>());
-  m.def("barrier_on_stream", [](uintptr_t stream) { barrier_on_stream(reinterpret_cast<void*>(stream)); });
-  m.def("finalize_world", &finalize_world, py::call_guard<py::gil_scoped_release>());
-
-  m.def("mailbox_alloc", &mailbox_alloc);
-  m.def("mailbox_device_ptr", &mailbox_device_ptr);
-  m.def("mailbox_free", &mailbox_free);
-  m.def("mailbox_read", [](uintptr_t host) {
-    const volatile Mailbox* mb = reinterpret_cast<const volatile Mailbox*>(host);
-    const int status = mb->status;
-    return py::make_tuple(status, mb->rank, mb->peer, mb->what, static_cast<int64_t>(mb->detail),
-                          static_cast<int64_t>(mb->observed), mb->channel);
-  });
-  m.def("mailbox_clear", [](uintptr_t host) {
-    volatile Mailbox* mb = reinterpret_cast<volatile Mailbox*>(host);
-    mb->status = kMailboxEmpty;
-  });
-
-  m.def("dispatch_send", [](const py::dict& d, int num_sms) { dispatch_send(make_dispatch(d), num_sms, stream_of(d)); });
-  m.def("dispatch_recv", [](const py::dict& d, int num_sms) { dispatch_recv(make_dispatch(d), num_sms, stream_of(d)); });
-  m.def("combine_send", [](const py::dict& d, int num_sms) { combine_send(make_combine(d), num_sms, stream_of(d)); });
-  m.def("combine_recv", [](const py::dict& d, int num_sms) { combine_recv(make_combine(d), num_sms, stream_of(d)); });
-
-  // Internode normal kernels (csrc/internode): the same NVSHMEM world, their own symmetric buffer.
-  m.def("internode_barrier", [](const py::dict& d) { internode::barrier(make_internode_env(d), stream_of(d)); });
-  m.def("internode_notify", [](const py::dict& d) {
-    internode::NotifyArgs a{};
-    a.env = make_internode_env(d);
-    a.payload = ptr<const int>(d, "payload");
-    a.received = ptr<int>(d, "received");
-    internode::notify(a, stream_of(d));
-  });
-  m.def("internode_dispatch", [](const py::dict& d) {
-    internode::dispatch(make_internode_dispatch(d), stream_of(d));
-  });
-  m.def("internode_combine", [](const py::dict& d) {
-    internode::combine(make_internode_combine(d), stream_of(d));
-  });
+void register_low_latency(py::module_& m) {
+  using ll::Layout;
+  py::class_<ll::BoundLayout>(m, "LowLatencyLayout", "Sizes and offsets of the low-latency symmetric buffer (layout.h)")
+      .def(py::init(&ll::make_layout), py::arg("num_ranks"), py::arg("num_experts"), py::arg("hidden"),
+           py::arg("num_max_tokens"))
+      .def_readonly("num_ranks", &Layout::num_ranks)
+      .def_readonly("num_experts", &Layout::num_experts)
+      .def_readonly("num_local_experts", &Layout::num_local_experts)
+      .def_readonly("hidden", &Layout::hidden)
+      .def_readonly("num_max_tokens", &Layout::num_max_tokens)
+      .def_readonly("combine_slots_per_token", &Layout::combine_slots_per_token)
+      .def_readonly("header_bytes", &Layout::header_bytes)
+      .def_readonly("msg_bytes", &Layout::msg_bytes)
+      .def_readonly("combine_row_bytes", &Layout::combine_row_bytes)
+      .def_readonly("combine_send_row_bytes", &Layout::combine_send_row_bytes)
+      .def_readonly("count_bytes", &Layout::count_bytes)
+      .def_readonly("signal_bytes", &Layout::signal_bytes)
+      .def_readonly("send_bytes", &Layout::send_bytes)
+      .def_readonly("recv_bytes", &Layout::recv_bytes)
+      .def_property_readonly("total_bytes", &Layout::total_bytes)
+      .def("signal_offset", &Layout::signal_offset, py::arg("parity"))
+      .def("send_offset", &Layout::send_offset, py::arg("parity"))
+      .def("recv_offset", &Layout::recv_offset, py::arg("parity"));
+  m.attr("LL_WORKSPACE_INTS") = ll::kWorkspaceInts;
+  m.def("ll_max_experts", &ll::max_dispatch_smem_experts,
+        "largest num_experts the dispatch kernel's shared memory holds");
+  ll::def_dispatch<&ll::dispatch_send>(m, "ll_dispatch_send");
+  ll::def_dispatch<&ll::dispatch_recv>(m, "ll_dispatch_recv");
+  ll::def_combine<&ll::combine_send>(m, "ll_combine_send");
+  ll::def_combine<&ll::combine_recv>(m, "ll_combine_recv");
 }
+
+}  // namespace deepep

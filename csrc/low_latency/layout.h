@@ -7,7 +7,8 @@
 //                             messages to us are out. Combine: every source block adds the rows it sent to us.
 //                             The receiving kernel resets the words to 0 once every block has read them.
 //   send[p]    bytes          combine: the zero-copy staging area, BF16 [E_loc, R*N, H] with a row stride of
-//                             Mc = 2H + 4*H/128 bytes (DeepEP's), exposed by get_next_low_latency_combine_buffer;
+//                             Mc = 2H + 4*H/128 bytes (DeepEP's) rounded up to 16, exposed by
+//                             get_next_low_latency_combine_buffer;
 //                             dispatch: staging of messages for peers that NVSHMEM cannot map (RDMA).
 //   recv[p]    bytes          dispatch: counts [R][E_loc] int32 (only when E_loc >= 2), then messages [R][N] of Md
 //                             bytes each (source-major: one region per source rank, slot = the token's index
@@ -54,7 +55,9 @@ struct Layout {
     header_bytes = align16(8LL * entries);
     msg_bytes = header_bytes + 2LL * h;  // the BF16 payload is the larger one (FP8: H + H/32)
     combine_row_bytes = 2LL * h;
-    combine_send_row_bytes = 2LL * h + 4LL * (h / kFp8Group);
+    // DeepEP's 2H + 4 * H/128 bytes, rounded up to 16 so that every row starts on a vector (it already is for
+    // H % 512 == 0, DeepEP's hidden sizes; other H would read misaligned int4 vectors).
+    combine_send_row_bytes = align16(2LL * h + 4LL * (h / kFp8Group));
     count_bytes = num_local_experts >= 2 ? align16(4LL * e) : 0;
     signal_bytes = align16(4LL * r);
     send_bytes = max64(static_cast<int64_t>(n) * msg_bytes,

@@ -15,7 +15,7 @@
 // Buffer layout and wire formats: layout.h. Every wait is bounded (common/wait.cuh): on timeout the mailbox
 // gets {rank, peer, what} and the kernel finishes without trapping.
 
-#include "low_latency/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
+#include "nvshmem/cuda_operators.h"  // first: undoes torch's __CUDA_NO_*__ macros
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -46,6 +46,7 @@ constexpr float kAmaxFloor = 1e-4f;
 constexpr int kWsDispatchSend = 0;
 constexpr int kWsDispatchRecv = 1;
 constexpr int kWsCombineRecv = 2;
+static_assert(kWsCombineRecv < kWorkspaceInts, "the workspace holds every counter");
 // Shared memory the dispatch sender may use (it holds two int32 counters per expert).
 constexpr int kMaxSmemBytes = 200 * 1024;
 

@@ -1,8 +1,9 @@
 """Internode normal dispatch and combine on CUDA GPUs (EP groups spanning several nodes), over NVSHMEM.
 
-The kernels are in ``csrc/internode`` and are compiled into ``deepep_plugin._low_latency_C`` (the extension
-that owns the process's NVSHMEM world). ``R`` ranks form ``N`` nodes of ``G`` ranks (``G`` =
-``Buffer(num_ranks_per_node=...)``); rank ``r`` is node ``r // G``, local index ``r % G``.
+The kernels are in ``csrc/internode`` and are compiled into ``deepep_plugin._nvshmem_C`` (the NVSHMEM layer's
+extension, which owns the process's NVSHMEM world). ``R`` ranks form ``N`` nodes of ``G`` ranks (``G`` =
+``Buffer(num_ranks_per_node=...)``, at most 8 = ``limits.MAX_NVL_PEERS``; at most 32 nodes); rank ``r`` is node
+``r // G``, local index ``r % G``.
 
 How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops small):
 
@@ -31,7 +32,8 @@ How a token travels (the DeepSeek-V3 path: node-limited routing keeps ``N`` hops
 * Dispatch's NVLink hop is a pull straight into the outputs, so the NVL chunk sizes of ``Config`` shape combine
   only.
 
-Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``_Layout``). The data
+Buffers: one NVSHMEM symmetric allocation of ``num_rdma_bytes + num_nvl_bytes`` per rank (``csrc/internode/layout.h``,
+which the extension's ``InternodeLayout`` reports). The data
 region holds ``N x C`` rings of ``num_max_rdma_chunked_recv_tokens`` items (plus as many put-staging slots when
 some peer is reached with puts), the NVL region ``G x C`` rings of ``num_max_nvl_chunked_recv_tokens`` rows; so
 any number of tokens runs in fixed buffers, and buffers sized by ``Config.get_rdma_buffer_size_hint`` and
@@ -48,7 +50,7 @@ correctness, not RDMA speed.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,83 +58,111 @@ import torch.distributed as dist
 from ..config import Config
 from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
 from ..layout import channel_counts, get_dispatch_layout, index_among_selected, round_up_counts
+from ..limits import (
+    MAILBOX_TIMEOUT,
+    MAX_CHANNELS,
+    MAX_LOCAL_EXPERTS,
+    MAX_NODES,
+    MAX_NVL_PEERS,
+    MAX_TOPK_INTERNODE,
+    wait_message,
+)
+from . import nvshmem
 from .base import CombineResult, DispatchLayout, DispatchResult, InternodeHandle
-from .cuda_low_latency import SymmetricRuntime, _extension, join_nvshmem_world
+from .nvshmem import SymmetricRuntime, cuda_device, extension, extension_if_built, join_nvshmem_world
 
 #: Set to 1 to reach every rank of another node with NVSHMEM puts (the RDMA path) even where P2P works.
 FORCE_PUTS_ENV = "DEEPEP_PLUGIN_INTERNODE_PUTS"
-#: Local experts per rank and channels the notify rows hold.
-MAX_LOCAL_EXPERTS = 1024
-MAX_CHANNELS = 128
-#: Node count and node size the kernels handle (a node index / node peer index is one lane of a warp).
-MAX_NODES = 32
-MAX_TOPK = 16
-_FLAG_KINDS = 2
-_MAILBOX_TIMEOUT, _MAILBOX_OVERFLOW = 1, 2
 #: Ring slots per stream the kernels need at least (a batch of 16 items, plus 16 in flight at the consumer).
 MIN_RING_SLOTS = 32
 #: NVL ring rows per (node peer, channel) combine needs at least (a forwarder batch of 8 records, and some slack).
 MIN_NVL_SLOTS = 16
-#: Node size the kernels handle: one pusher warp per node peer in a combine forwarder block.
-MAX_LOCAL = 8
-_WAITS = {80: "the operation barrier (did the peer make the same call?)",
-          81: "dispatch notify: the peer's token counts (did it call dispatch?)",
-          82: "dispatch send: free ring slots at the forwarder (its node's readers' consumption)",
-          83: "dispatch receive: a forwarder's records from one source node",
-          84: "combine forward: a node peer's expert-output rows in the NVL ring (did it call combine?)",
-          85: "combine receive: partial sums from a node's forwarder",
-          86: "combine forward: free ring slots at the source (its consumption of partial rows)",
-          87: "combine push: free NVL ring slots at a node peer (its forwarder's consumption)",
-          8: "dispatch: received rows beyond num_worst_tokens"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Buffer layout and record sizes: the extension's (csrc/internode/layout.h). Where it is not built (sizing on a
+# machine without the kernels, CPU tests), a Python mirror of that header answers; the runtime never uses it.
+# ---------------------------------------------------------------------------------------------------------------
+def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> Any:
+    """Where the flags, stream words, notify rows, data region and NVL region lie (``InternodeLayout``)."""
+    c = extension_if_built()
+    if c is not None:
+        return c.InternodeLayout(num_ranks, num_nodes, num_rdma_bytes, num_nvl_bytes)
+    return _LayoutMirror.of(num_ranks, num_nodes, num_rdma_bytes, num_nvl_bytes)
+
+
+def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_node: int) -> int:
+    """One dispatch record: data | scales | int32 meta (token, pos[G], topk_idx[K], weights[K])."""
+    c = extension_if_built()
+    if c is not None:
+        return c.internode_record_bytes(hidden_bytes, num_scales, num_topk, ranks_per_node)
+    return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (1 + ranks_per_node + 2 * num_topk), 16)
+
+
+def combine_row_bytes(hidden: int, num_topk: int) -> int:
+    """One combine row (NVL ring row or partial row): BF16 data | float32 weights, each part 16-byte aligned."""
+    c = extension_if_built()
+    if c is not None:
+        return c.internode_combine_row_bytes(hidden, num_topk)
+    return _align(2 * hidden, 16) + _align(4 * num_topk, 16)
+
+
+def ring_bytes(layout: Any, num_nodes: int, num_channels: int, slots: int, item_bytes: int,
+               has_rdma_peers: bool) -> int:
+    """``num_rdma_bytes`` that ``num_nodes x num_channels`` rings of ``slots`` items need (with their put staging
+    when some peer is reached over RDMA), control block included."""
+    expect(num_nodes == layout.num_nodes, f"ring_bytes: the layout is for {layout.num_nodes} nodes, not {num_nodes}")
+    return layout.ring_bytes(num_channels, slots, item_bytes, has_rdma_peers)
 
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-class _Layout(NamedTuple):
-    """Byte offsets in the symmetric buffer (identical on every rank)."""
+class _LayoutMirror(NamedTuple):
+    """``internode::Layout`` of ``csrc/internode/layout.h`` for machines without the extension (sizing only)."""
 
+    num_ranks: int
+    num_nodes: int
+    ranks_per_node: int
     stream_off: int
     notify_off: int
     notify_stage_off: int
     notify_row_ints: int
+    notify_experts_off: int
+    notify_gbl_channels_off: int
+    notify_rdma_channels_off: int
     data_off: int
     data_bytes: int
     nvl_off: int
     nvl_bytes: int
 
+    @classmethod
+    def of(cls, num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> _LayoutMirror:
+        flag_kinds = 2  # kFlagKinds
+        g = num_ranks // num_nodes
+        experts_off = num_ranks
+        gbl_off = experts_off + MAX_LOCAL_EXPERTS
+        rdma_off = gbl_off + MAX_CHANNELS
+        row_ints = _align(rdma_off + MAX_CHANNELS, 4)
+        stream_off = _align(8 * flag_kinds * num_ranks, 16)
+        words = (3 + g) * num_nodes * MAX_CHANNELS + 2 * g * MAX_CHANNELS
+        notify_off = _align(stream_off + 8 * words, 256)
+        notify = _align(4 * num_ranks * row_ints, 256)
+        data_off = notify_off + 2 * notify
+        nvl_off = _align(num_rdma_bytes, 256)
+        return cls(num_ranks, num_nodes, g, stream_off, notify_off, notify_off + notify, row_ints, experts_off,
+                   gbl_off, rdma_off, data_off, max(nvl_off - data_off, 0), nvl_off, num_nvl_bytes)
 
-def buffer_layout(num_ranks: int, num_nodes: int, num_rdma_bytes: int, num_nvl_bytes: int) -> _Layout:
-    """Where the flags, stream words, notify rows, data region and NVL region lie (``api.h`` describes each)."""
-    row_ints = _align(num_ranks + num_nodes + 1 + MAX_LOCAL_EXPERTS + 2 * MAX_CHANNELS, 4)
-    stream_off = _align(_FLAG_KINDS * num_ranks * 8, 16)
-    per_node = num_ranks // num_nodes
-    # extent, progress, ccons: [N][MAX_CHANNELS]; dcons: [N][MAX_CHANNELS][G]; ntail, ncons: [G][MAX_CHANNELS]
-    words = (3 + per_node) * num_nodes * MAX_CHANNELS + 2 * per_node * MAX_CHANNELS
-    ctrl = _align(stream_off + words * 8, 256)
-    notify = _align(num_ranks * row_ints * 4, 256)
-    data_off = ctrl + 2 * notify
-    rdma = _align(num_rdma_bytes, 256)
-    return _Layout(stream_off, ctrl, ctrl + notify, row_ints, data_off, max(rdma - data_off, 0), rdma, num_nvl_bytes)
+    @property
+    def total_bytes(self) -> int:
+        return self.nvl_off + _align(self.nvl_bytes, 256)
 
+    def ring_bytes(self, num_channels: int, slots: int, item_bytes: int, has_rdma_peers: bool) -> int:
+        return self.data_off + (2 if has_rdma_peers else 1) * self.num_nodes * num_channels * slots * item_bytes
 
-def record_bytes(hidden_bytes: int, num_scales: int, num_topk: int, ranks_per_node: int) -> int:
-    """One dispatch record: data | scales | int32 meta (token, 0, pos[G], topk_idx[K], weights[K])."""
-    return _align(hidden_bytes, 16) + _align(4 * num_scales, 16) + _align(4 * (2 + ranks_per_node + 2 * num_topk), 16)
-
-
-def combine_row_bytes(hidden: int, num_topk: int) -> int:
-    """One combine row (NVL ring row or partial row): BF16 data | float32 weights, each part 16-byte aligned."""
-    return _align(2 * hidden, 16) + _align(4 * num_topk, 16)
-
-
-def ring_bytes(layout: _Layout, num_nodes: int, num_channels: int, slots: int, item_bytes: int,
-               has_rdma_peers: bool) -> int:
-    """``num_rdma_bytes`` that ``num_nodes x num_channels`` rings of ``slots`` items need (with their put staging
-    when some peer is reached over RDMA), control block included."""
-    copies = 2 if has_rdma_peers else 1
-    return layout.data_off + copies * num_nodes * num_channels * slots * item_bytes
+    def nvl_ring_bytes(self, num_channels: int, nvl_slots: int, row_bytes: int) -> int:
+        return self.ranks_per_node * num_channels * nvl_slots * row_bytes
 
 
 class InternodeRuntime(SymmetricRuntime):
@@ -150,73 +180,71 @@ class InternodeRuntime(SymmetricRuntime):
         num_qps_per_rank: RDMA queue pairs per peer (``NVSHMEM_IBGDA_NUM_RC_PER_PE``).
     """
 
+    name = "internode"
+    extension: ClassVar[str] = nvshmem.EXTENSION
+    #: Buffer orders the calls with events and reads the mailbox through :meth:`check_error`.
+    orders_streams = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why these kernels cannot run here ("" when they can)."""
+        return nvshmem.unavailable_reason()
+
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, ranks_per_node: int,
                  num_nvl_bytes: int, num_rdma_bytes: int, device: torch.device, timeout_s: float,
                  num_qps_per_rank: int) -> None:
         expect(num_ranks % ranks_per_node == 0 and num_ranks // ranks_per_node >= 2,
                f"InternodeRuntime: {num_ranks} ranks do not form >= 2 nodes of {ranks_per_node}")
-        expect(ranks_per_node <= MAX_LOCAL,
-               f"InternodeRuntime: at most {MAX_LOCAL} ranks per node are supported, got {ranks_per_node}")
+        expect(ranks_per_node <= MAX_NVL_PEERS,
+               f"InternodeRuntime: at most {MAX_NVL_PEERS} ranks per node are supported, got {ranks_per_node}")
         expect(num_ranks // ranks_per_node <= MAX_NODES,
                f"InternodeRuntime: at most {MAX_NODES} nodes are supported, got {num_ranks // ranks_per_node}")
-        self._c = _extension()
+        self._c = extension()
         self.rank, self.num_ranks, self.ranks_per_node = rank, num_ranks, ranks_per_node
         self.num_nodes = num_ranks // ranks_per_node
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         self.timeout_s = timeout_s
         self._alive = False
         self._broken: Optional[str] = None
         join_nvshmem_world(self._c, group, rank, num_ranks, self.device, num_qps_per_rank, allow_nvlink=True)
-        self.layout = buffer_layout(num_ranks, self.num_nodes, num_rdma_bytes, num_nvl_bytes)
+        self.layout = self._c.InternodeLayout(num_ranks, self.num_nodes, num_rdma_bytes, num_nvl_bytes)
         expect(self.layout.data_bytes > 0,
                f"InternodeRuntime: num_rdma_bytes={num_rdma_bytes} is smaller than the control block "
                f"({self.layout.data_off} bytes) of {num_ranks} ranks")
-        total = self.layout.nvl_off + _align(num_nvl_bytes, 256)
-        c = self._c
-        peers = self._open(c, total)
+        self._open(self.layout.total_bytes)
         my_node = rank // ranks_per_node
         node_of = [j // ranks_per_node for j in range(num_ranks)]
         if os.environ.get(FORCE_PUTS_ENV) == "1":
-            peers = [p if node_of[j] == my_node else 0 for j, p in enumerate(peers)]
-        missing = [j for j, p in enumerate(peers) if node_of[j] == my_node and p == 0]
+            self._sym.use_puts_for([j for j in range(num_ranks) if node_of[j] != my_node])
+        missing = [j for j, mapped in enumerate(self._sym.mapped_peers()) if node_of[j] == my_node and not mapped]
         if missing:
             self.destroy()
             raise DeepEPInputError(
                 f"InternodeRuntime: NVSHMEM does not map the buffers of node peers {missing} into rank {rank}: the "
                 "ranks of one node must be NVLink/P2P-connected (check num_ranks_per_node and "
                 "NVSHMEM_DISABLE_P2P)")
-        mine = int(any(p == 0 for p in peers))
-        flags = [0] * num_ranks
-        dist.all_gather_object(flags, mine, group=group)
-        self._has_rdma_peers = int(any(flags))  # every rank lays out the staging areas the same way
-        self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
+        flags = [False] * num_ranks
+        dist.all_gather_object(flags, bool(self._sym.has_rdma_peers), group=group)
+        if any(flags):
+            self._sym.has_rdma_peers = True  # every rank lays out the staging areas the same way
         self._epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
         torch.cuda.synchronize(self.device)
-        c.barrier_all()
+        self._c.barrier_all()
 
     # ------------------------------------------------------------------------------------------------------
     def _check_rings(self, what: str, num_channels: int, slots: int, item_bytes: int) -> None:
         expect(slots >= MIN_RING_SLOTS, f"{what}: Config.num_max_rdma_chunked_recv_tokens must be at least "
                f"{MIN_RING_SLOTS} for the internode kernels, got {slots}")
-        need = ring_bytes(self.layout, self.num_nodes, num_channels, slots, item_bytes, bool(self._has_rdma_peers))
+        need = self.layout.ring_bytes(num_channels, slots, item_bytes, self._sym.has_rdma_peers)
         if need > self.layout.nvl_off:
             raise DeepEPBufferTooSmall(
                 f"{what}: num_rdma_bytes={self.layout.nvl_off} is too small for {self.num_nodes} x {num_channels} "
                 f"rings of {slots} items of {item_bytes} bytes (Config.num_max_rdma_chunked_recv_tokens, "
                 f"num_sms / 2 channels): it needs at least {need} bytes (Config.get_rdma_buffer_size_hint sizes it)")
 
-    def _env(self, item_bytes: int, num_channels: int, slots: int) -> dict:
-        lay = self.layout
-        return {"rank": self.rank, "num_ranks": self.num_ranks, "ranks_per_node": self.ranks_per_node,
-                "num_nodes": self.num_nodes, "has_rdma_peers": self._has_rdma_peers, "buffer": self._ptr,
-                "peers": self._peers.data_ptr(), "epoch": self._epoch.data_ptr(),
-                "abort_flag": self._abort.data_ptr(),
-                "mailbox": self._mailbox_device, "timeout_ns": int(self.timeout_s * 1e9),
-                "stream_off": lay.stream_off, "notify_off": lay.notify_off, "notify_stage_off": lay.notify_stage_off,
-                "notify_row_ints": lay.notify_row_ints, "data_off": lay.data_off,
-                "stage_off": lay.data_off + self.num_nodes * num_channels * slots * item_bytes, "slots": slots,
-                "nvl_off": lay.nvl_off,
-                "stream": torch.cuda.current_stream().cuda_stream}
+    def _state(self) -> dict[str, Any]:
+        """The arguments every internode binding takes first."""
+        return {"buffer": self._sym, "epoch": self._epoch, "layout": self.layout}
 
     def _check_alive(self, what: str) -> None:
         if self._broken is not None:
@@ -266,17 +294,15 @@ class InternodeRuntime(SymmetricRuntime):
                    "dispatch: x_scales must be [T, S] with 4-byte elements")
             S = x_scales.size(1)
         K = topk_idx.size(1) if (fresh and topk_idx is not None) else 0
-        expect(K <= MAX_TOPK, f"dispatch: top-k must be <= {MAX_TOPK}, got {K}")
-        rec = record_bytes(hidden_bytes, S, K, G)
+        expect(K <= MAX_TOPK_INTERNODE, f"dispatch: top-k must be <= {MAX_TOPK_INTERNODE}, got {K}")
+        rec = self._c.internode_record_bytes(hidden_bytes, S, K, G)
         W = num_worst_tokens
         C = config.num_channels if fresh else handle.rdma_channel_prefix_matrix.size(1)
         slots = config.num_max_rdma_chunked_recv_tokens
         self._check_rings("dispatch", C, slots, rec)
-        env = self._env(rec, C, slots)
         pos = index_among_selected(in_rank)
         in_node = in_rank.view(T, N, G).any(-1)
         node_slot = index_among_selected(in_node) if fresh else handle.send_rdma_head.contiguous()
-        node_count = in_node.sum(0, dtype=torch.int32)
         counts_list: list[int] = []
         bad_input: Optional[str] = None
         head_base: Optional[torch.Tensor] = None
@@ -288,18 +314,17 @@ class InternodeRuntime(SymmetricRuntime):
                    f"{e_loc} and {C}")
             gbl_prefix = torch.cumsum(channel_counts(in_rank, C), 1, dtype=torch.int32)  # [R, C]
             rdma_prefix = torch.cumsum(channel_counts(in_node, C), 1, dtype=torch.int32)  # [N, C]
-            P = self.layout.notify_row_ints
-            o_exp, o_gch = R + N + 1, R + N + 1 + MAX_LOCAL_EXPERTS
-            o_rch = o_gch + MAX_CHANNELS
-            payload = torch.zeros(R, P, dtype=torch.int32, device=dev)
+            # One notify row per destination (layout.h): token counts per rank, then per local expert, then the
+            # channel prefixes to the rank and to its node.
+            lay = self.layout
+            o_exp, o_gch, o_rch = lay.notify_experts_off, lay.notify_gbl_channels_off, lay.notify_rdma_channels_off
+            payload = torch.zeros(R, lay.notify_row_ints, dtype=torch.int32, device=dev)
             payload[:, :R] = in_rank.sum(0, dtype=torch.int32)
-            payload[:, R:R + N] = node_count
-            payload[:, R + N] = T
             payload[:, o_exp:o_exp + e_loc] = layout.num_tokens_per_expert.to(torch.int32).view(R, e_loc)
             payload[:, o_gch:o_gch + C] = gbl_prefix
             payload[:, o_rch:o_rch + C] = rdma_prefix.repeat_interleave(G, 0)
             received = torch.empty_like(payload)
-            self._c.internode_notify(dict(env, payload=payload.data_ptr(), received=received.data_ptr()))
+            self._c.internode_notify(**self._state(), payload=payload, received=received)
             count_matrix = received[:, :R].contiguous()
             recv_counts = count_matrix[:, r]
             recv_gbl_rank_prefix = torch.cumsum(recv_counts, 0, dtype=torch.int32)
@@ -340,8 +365,7 @@ class InternodeRuntime(SymmetricRuntime):
             prev = torch.cat([torch.zeros_like(recv_gbl_rank_prefix[:1]), recv_gbl_rank_prefix[:-1]])
             recv_base = prev.to(torch.int32).contiguous()
             rows = handle.recv_src_meta.size(0)
-            head_rows = handle.send_nvl_head.size(0)
-            self._c.internode_barrier(env)
+            self._c.internode_barrier(**self._state())
 
         def out(shape: tuple, dtype: torch.dtype, fill: Optional[float]) -> torch.Tensor:
             if W and fill is not None:
@@ -358,33 +382,15 @@ class InternodeRuntime(SymmetricRuntime):
                 recv_idx = out((rows, K), torch.int64, -1)
                 if topk_weights is not None:
                     recv_w = out((rows, K), torch.float32, 0)
-        topk_idx_c = topk_idx.contiguous() if K else None
-        topk_w_c = topk_weights.to(torch.float32).contiguous() if (K and topk_weights is not None) else None
-        args = dict(env)
-        args.update({
-            "rec_bytes": rec, "data_bytes": hidden_bytes, "scale_bytes": _align(4 * S, 16), "num_tokens": T,
-            "num_topk": K, "num_scales": S,
-            "scale_stride_token": x_scales.stride(0) if x_scales is not None else 0,
-            "scale_stride_col": x_scales.stride(1) if x_scales is not None else 0,
-            "x": x.data_ptr(), "x_scales": x_scales.data_ptr() if x_scales is not None else None,
-            "topk_idx": topk_idx_c.data_ptr() if topk_idx_c is not None else None,
-            "topk_weights": topk_w_c.data_ptr() if topk_w_c is not None else None,
-            "pos": pos.data_ptr(), "node_slot": node_slot.data_ptr(),
-            "rdma_channel_prefix": rdma_prefix.data_ptr(), "num_channels": rdma_prefix.size(1),
-            "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
-            "head_base": head_base.data_ptr() if head_base is not None else None,
-            "recv_rdma_rank_prefix": recv_rdma_rank_prefix.data_ptr() if fresh else None,
-            "send_nvl_head": send_nvl_head.data_ptr() if send_nvl_head is not None else None,
-            "head_rows": head_rows, "recv_base": recv_base.data_ptr(), "out_rows": rows,
-            "num_local_experts": (layout.num_tokens_per_expert.numel() // R) if fresh else 0,
-            "recv_x": recv_x.data_ptr(), "recv_scales": recv_scales.data_ptr() if recv_scales is not None else None,
-            "recv_topk_idx": recv_idx.data_ptr() if recv_idx is not None else None,
-            "recv_topk_weights": recv_w.data_ptr() if recv_w is not None else None,
-            "recv_src_meta": meta.data_ptr() if meta is not None else None})
-        expect(rdma_prefix.is_contiguous() and rdma_prefix.dtype == torch.int32 and rdma_prefix.size(0) == N
-               and rdma_prefix.size(1) <= MAX_CHANNELS, "dispatch: handle.rdma_channel_prefix_matrix must be a "
-               f"contiguous int32 [N, C <= {MAX_CHANNELS}] tensor")
-        self._c.internode_dispatch(args)  # 2C blocks: C senders, C receivers
+        self._c.internode_dispatch(  # 2C blocks: C senders, C receivers
+            **self._state(), slots=slots, chunk=max(1, config.num_max_rdma_chunked_send_tokens), x=x,
+            x_scales=x_scales, topk_idx=topk_idx.contiguous() if K else None,
+            topk_weights=topk_weights.to(torch.float32).contiguous() if (K and topk_weights is not None) else None,
+            pos=pos, node_slot=node_slot, rdma_channel_prefix=rdma_prefix, head_base=head_base,
+            recv_rdma_rank_prefix=recv_rdma_rank_prefix if fresh else None, send_nvl_head=send_nvl_head,
+            recv_base=recv_base, num_local_experts=(layout.num_tokens_per_expert.numel() // R) if fresh else 0,
+            recv_x=recv_x, recv_scales=recv_scales, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
+            recv_src_meta=meta)
         if bad_input is not None:  # after the launch, so that the peers' dispatch completes
             raise DeepEPInputError(bad_input)
         if not fresh:
@@ -413,18 +419,18 @@ class InternodeRuntime(SymmetricRuntime):
         T, H = handle.is_token_in_rank.size(0), x.size(1)
         expect(H % 8 == 0, f"combine: hidden must be a multiple of 8, got {H}")
         K = topk_weights.size(1) if topk_weights is not None else 0
-        expect(K <= MAX_TOPK, f"combine: top-k must be <= {MAX_TOPK}, got {K}")
+        expect(K <= MAX_TOPK_INTERNODE, f"combine: top-k must be <= {MAX_TOPK_INTERNODE}, got {K}")
         rows = handle.recv_src_meta.size(0)
         expect(x.size(0) == rows, f"combine: x must have the {rows} rows of the dispatch that made the handle, got "
                f"{x.size(0)}")
-        row = combine_row_bytes(H, K)
+        row = self._c.internode_combine_row_bytes(H, K)
         C = handle.rdma_channel_prefix_matrix.size(1)
         slots = config.num_max_rdma_chunked_recv_tokens
         self._check_rings("combine", C, slots, row)
         nvl_slots = config.num_max_nvl_chunked_recv_tokens
         expect(nvl_slots >= MIN_NVL_SLOTS, f"combine: Config.num_max_nvl_chunked_recv_tokens must be at least "
                f"{MIN_NVL_SLOTS} for the internode kernels, got {nvl_slots}")
-        nvl_need = self.ranks_per_node * C * nvl_slots * row
+        nvl_need = self.layout.nvl_ring_bytes(C, nvl_slots, row)
         if nvl_need > self.layout.nvl_bytes:
             raise DeepEPBufferTooSmall(
                 f"combine: num_nvl_bytes={self.layout.nvl_bytes} is too small for {self.ranks_per_node} x {C} NVL "
@@ -436,26 +442,18 @@ class InternodeRuntime(SymmetricRuntime):
         combined_w = torch.empty((T, K), dtype=torch.float32, device=x.device) if w is not None else None
         b0 = bias0.contiguous() if bias0 is not None else None
         b1 = bias1.contiguous() if bias1 is not None else None
-        env = self._env(row, C, slots)
-        args = dict(env)
-        args.update({
-            "row_bytes": row, "hidden": H, "num_topk": K, "num_tokens": T,
-            "x": x.data_ptr(), "topk_weights": w.data_ptr() if w is not None else None,
-            "num_channels": C,
-            "chunk": max(1, config.num_max_rdma_chunked_send_tokens),
-            "nvl_slots": nvl_slots, "nvl_chunk": max(1, min(config.num_max_nvl_chunked_send_tokens, nvl_slots)),
-            "recv_gbl_channel_prefix": handle.recv_gbl_channel_prefix_matrix.contiguous().data_ptr(),
-            "recv_gbl_rank_prefix_sum": handle.recv_gbl_rank_prefix_sum.contiguous().data_ptr(),
-            "send_nvl_head": handle.send_nvl_head.data_ptr(),
-            "recv_rdma_rank_prefix_sum": handle.recv_rdma_rank_prefix_sum.data_ptr(),
-            "recv_rdma_channel_prefix": handle.recv_rdma_channel_prefix_matrix.contiguous().data_ptr(),
-            "send_rdma_head": handle.send_rdma_head.data_ptr(),
-            "rdma_channel_prefix": handle.rdma_channel_prefix_matrix.contiguous().data_ptr(),
-            "bias0": b0.data_ptr() if b0 is not None else None, "bias1": b1.data_ptr() if b1 is not None else None,
-            "combined_x": combined.data_ptr(),
-            "combined_topk_weights": combined_w.data_ptr() if combined_w is not None else None})
-        self._c.internode_barrier(env)
-        self._c.internode_combine(args)  # 2C blocks: C pushers + forwarders, C receivers
+        self._c.internode_barrier(**self._state())
+        self._c.internode_combine(  # 2C blocks: C pushers + forwarders, C receivers
+            **self._state(), slots=slots, chunk=max(1, config.num_max_rdma_chunked_send_tokens), nvl_slots=nvl_slots,
+            nvl_chunk=max(1, min(config.num_max_nvl_chunked_send_tokens, nvl_slots)), x=x, topk_weights=w,
+            recv_gbl_channel_prefix=handle.recv_gbl_channel_prefix_matrix.contiguous(),
+            recv_gbl_rank_prefix_sum=handle.recv_gbl_rank_prefix_sum.contiguous(),
+            send_nvl_head=handle.send_nvl_head.contiguous(),
+            recv_rdma_rank_prefix_sum=handle.recv_rdma_rank_prefix_sum.contiguous(),
+            recv_rdma_channel_prefix=handle.recv_rdma_channel_prefix_matrix.contiguous(),
+            send_rdma_head=handle.send_rdma_head.contiguous(),
+            rdma_channel_prefix=handle.rdma_channel_prefix_matrix.contiguous(), bias0=b0, bias1=b1,
+            combined_x=combined, combined_topk_weights=combined_w)
         return CombineResult(combined, combined_w)
 
     # ------------------------------------------------------------------------------------------------------
@@ -478,14 +476,14 @@ class InternodeRuntime(SymmetricRuntime):
         if report is None:
             return
         status, rank, peer, what, expected, observed, _channel = report
-        if status == _MAILBOX_TIMEOUT:
+        if status == MAILBOX_TIMEOUT:
             self._broken = (
                 f"internode kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
-                f"{_WAITS.get(what, f'wait code {what}')} (expected epoch {expected}, last seen {observed}). A peer "
+                f"{wait_message(what)} (expected epoch {expected}, last seen {observed}). A peer "
                 "died, hung or did not make the same call; this buffer is unusable now (destroy it). "
                 "DEEPEP_PLUGIN_TIMEOUT_S sets the timeout")
             raise DeepEPTimeoutError(self._broken)
-        self._abort.zero_()
+        self._sym.clear_abort()
         raise DeepEPInputError(
-            f"dispatch on rank {rank}: {_WAITS.get(what, f'code {what}')}: {expected} rows needed, room for "
+            f"dispatch on rank {rank}: {wait_message(what)}: {expected} rows needed, room for "
             f"{observed} (num_worst_tokens too small); the extra rows were dropped")

@@ -1,4 +1,4 @@
-"""Low-latency dispatch and combine on CUDA GPUs, over an NVSHMEM symmetric buffer (``_low_latency_C``).
+"""Low-latency dispatch and combine on CUDA GPUs, over an NVSHMEM symmetric buffer (extension ``_nvshmem_C``).
 
 For inference decoding: up to a few hundred tokens per rank, fixed-size buffers (CUDA-graph friendly), FP8 cast
 inside the kernel, and a receive hook (the send kernel returns at once; ``hook()`` launches the receive kernel,
@@ -15,8 +15,9 @@ What differs from DeepEP V1 (same signatures, same results):
   in increasing index (DeepEP leaves both orders to atomics). ``layout_range``/``src_info`` describe it.
 * **Any hidden size that is a multiple of 128** (FP8 and BF16) and **top-k up to 16**; ``N_ll`` up to 65535.
 * **Smaller buffer** (``required_rdma_bytes``; about half of DeepEP's hint for DeepSeek-V3 shapes, and never
-  more, so buffers sized by ``get_low_latency_rdma_size_hint`` always work). Layout, for ``R`` ranks, ``E``
-  experts (``E_loc = E / R``), ``N = N_ll`` and hidden ``H``, per parity (there are two):
+  more, so buffers sized by ``get_low_latency_rdma_size_hint`` always work). Layout (``csrc/low_latency/layout.h``,
+  which the extension's ``LowLatencyLayout`` reports), for ``R`` ranks, ``E`` experts (``E_loc = E / R``),
+  ``N = N_ll`` and hidden ``H``, per parity (there are two):
   ``align16(4R)`` signal words + ``max(N * Md, E * N * (2H + H/32))`` send/zero-copy staging
   + ``max(counts + R * N * Md, N * min(16, E) * 2H)`` receive, where
   ``Md = align16(8 * min(16, E_loc)) + 2H`` is one message and ``counts = align16(4E)`` when ``E_loc >= 2``.
@@ -36,145 +37,53 @@ int32 ``[2, E_loc, R*N]`` tensor whose row 1 holds the slots), so pass the handl
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
+from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
+from ..limits import (
+    FP8_GROUP,
+    MAILBOX_BAD_INPUT,
+    MAX_LOW_LATENCY_ENTRIES,
+    MAX_LOW_LATENCY_TOKENS_PER_RANK,
+    MAX_TOPK_LOW_LATENCY,
+    wait_message,
+)
+from . import nvshmem
 from .base import LowLatencyDispatchResult, LowLatencyHandle
+from .nvshmem import SymmetricRuntime, cuda_device, extension_if_built, join_nvshmem_world
+from .nvshmem import extension as _extension
 
-#: Largest top-k the kernels handle (a message header holds up to 16 local experts).
-MAX_TOPK = 16
-#: Largest ``num_max_dispatch_tokens_per_rank`` (token indices and rows travel as 16-bit fields).
-MAX_TOKENS_PER_RANK = 65535
-#: Wait codes of the mailbox (csrc/low_latency/api.h).
-_WAITS = {64: "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)",
-          65: "combine receive: the peer's expert outputs (did it call low_latency_combine?)"}
-#: Mailbox status of a bad input value (csrc/common/mailbox.h).
-_MAILBOX_BAD_INPUT = 3
 #: Set to 1 to send to every peer with NVSHMEM puts (the RDMA code path) even where P2P stores would work.
 FORCE_PUTS_ENV = "DEEPEP_PLUGIN_LL_NVSHMEM_PUTS"
-
-
-def _align16(x: int) -> int:
-    return (x + 15) // 16 * 16
 
 
 def required_rdma_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Bytes of symmetric buffer the low-latency kernels need (the layout in the module docstring).
 
-    Always ``<=`` DeepEP's ``get_low_latency_rdma_size_hint`` for the same arguments.
+    Always ``<=`` DeepEP's ``get_low_latency_rdma_size_hint`` for the same arguments. Asks the extension
+    (``LowLatencyLayout``); where it is not built, a Python mirror of ``csrc/low_latency/layout.h`` answers.
     """
-    n, h, r, e = num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+    c = extension_if_built()
+    if c is not None:
+        return c.LowLatencyLayout(num_ranks, num_experts, hidden, num_max_dispatch_tokens_per_rank).total_bytes
+    return _required_bytes_without_extension(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+
+def _required_bytes_without_extension(n: int, h: int, r: int, e: int) -> int:
+    """``Layout::total_bytes`` of ``csrc/low_latency/layout.h``, for machines without the extension (sizing only)."""
+    def align16(x: int) -> int:
+        return (x + 15) // 16 * 16
+
     e_loc = e // r
-    msg = _align16(8 * min(MAX_TOPK, e_loc)) + 2 * h
-    signal = _align16(4 * r)
-    send = max(n * msg, e * n * (2 * h + 4 * (h // 128)))
-    counts = _align16(4 * e) if e_loc >= 2 else 0
-    recv = max(counts + r * n * msg, n * min(MAX_TOPK, e) * 2 * h)
+    msg = align16(8 * min(MAX_LOW_LATENCY_ENTRIES, e_loc)) + 2 * h
+    signal = align16(4 * r)
+    send = max(n * msg, e * n * align16(2 * h + 4 * (h // FP8_GROUP)))
+    counts = align16(4 * e) if e_loc >= 2 else 0
+    recv = max(counts + r * n * msg, n * min(MAX_TOPK_LOW_LATENCY, e) * 2 * h)
     return 2 * (signal + send + recv)
-
-
-def _extension() -> Any:
-    from .. import _low_latency_C  # type: ignore[attr-defined]
-
-    return _low_latency_C
-
-
-class _DeviceMemory:
-    """Wraps a raw device address so that ``torch.as_tensor`` can view it (``__cuda_array_interface__``)."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
-                                         "strides": None}
-
-
-def _has_rdma_devices() -> bool:
-    """True when the host lists InfiniBand/RoCE devices (``/sys/class/infiniband``)."""
-    try:
-        return bool(os.listdir("/sys/class/infiniband"))
-    except OSError:
-        return False
-
-
-def _nvshmem_environment(num_qps_per_rank: int, allow_nvlink: bool) -> None:
-    """NVSHMEM settings of DeepEP V1 (interface spec, section 5); NVLink SHARP always off."""
-    os.environ["NVSHMEM_DISABLE_P2P"] = "0" if allow_nvlink else "1"
-    if _has_rdma_devices():  # without a NIC, asking for IBGDA only makes NVSHMEM print an init failure
-        os.environ["NVSHMEM_IB_ENABLE_IBGDA"] = "1"
-    os.environ["NVSHMEM_IBGDA_NUM_RC_PER_PE"] = str(num_qps_per_rank)
-    os.environ["NVSHMEM_QP_DEPTH"] = os.environ.get("NVSHMEM_QP_DEPTH", "1024")
-    os.environ["NVSHMEM_MAX_TEAMS"] = "7"
-    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-    os.environ["NVSHMEM_CUMEM_GRANULARITY"] = str(2**29)
-    os.environ.setdefault("NVSHMEM_DISABLE_MNNVL", "1")
-
-
-def join_nvshmem_world(c: Any, group: dist.ProcessGroup, rank: int, num_ranks: int, device: torch.device,
-                       num_qps_per_rank: int, allow_nvlink: bool) -> None:
-    """Make this process PE ``rank`` of an NVSHMEM world of ``num_ranks`` (collective over ``group``).
-
-    The first call initialises NVSHMEM (the unique id travels over ``group``; gloo works); later calls, from any
-    runtime of the same process, check that the world is the same one (NVSHMEM cannot be re-initialised).
-    """
-    torch.cuda.set_device(device)
-    _nvshmem_environment(num_qps_per_rank, allow_nvlink)
-    states = [None] * num_ranks
-    dist.all_gather_object(states, bool(c.world_initialized()), group=group)
-    if any(states) and not all(states):
-        raise DeepEPError("NVSHMEM: some ranks already joined an NVSHMEM world and others did not; create every "
-                          "NVSHMEM-backed Buffer of the job on the same group")
-    if not states[0]:
-        uid = [c.get_unique_id() if rank == 0 else None]
-        dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0), group=group)
-        c.init_world(rank, num_ranks, uid[0], device.index)
-    else:
-        c.init_world(rank, num_ranks, b"", device.index)  # checks that it is the same world
-
-
-class SymmetricRuntime:
-    """What each NVSHMEM runtime of a rank owns: one symmetric buffer and its peers' mappings, a host-mapped error
-    mailbox, and the device words its kernels share (grid-completion counters, abort flag). Subclasses set
-    ``device`` and ``num_ranks``, then call :meth:`_open` (collective)."""
-
-    device: torch.device
-    num_ranks: int
-    _alive: bool = False
-
-    def _open(self, c: Any, nbytes: int) -> list[int]:
-        """Allocate ``nbytes`` of symmetric memory (collective) and the mailbox; returns each rank's buffer as mapped
-        into this process (0 where NVSHMEM does not map it: that peer is reached with puts)."""
-        self._c = c
-        self._ptr = c.symmetric_alloc(nbytes)
-        self._buffer = torch.as_tensor(_DeviceMemory(self._ptr, nbytes), device=self.device)
-        self._workspace = torch.zeros(8, dtype=torch.int32, device=self.device)
-        self._abort = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._mailbox = c.mailbox_alloc()
-        self._mailbox_device = c.mailbox_device_ptr(self._mailbox)
-        self._alive = True
-        return list(c.peer_bases(self._ptr, self.num_ranks))
-
-    def _take_report(self) -> Optional[tuple[int, int, int, int, int, int, int]]:
-        """The mailbox's report ``(status, rank, peer, what, expected, observed, channel)``, cleared; None when
-        empty or after :meth:`destroy`. Reads host memory only (no device synchronisation)."""
-        if not self._alive:
-            return None
-        report = self._c.mailbox_read(self._mailbox)
-        if report[0] == 0:
-            return None
-        self._c.mailbox_clear(self._mailbox)
-        return report
-
-    def destroy(self) -> None:
-        """Free the symmetric buffer and the mailbox (collective; idempotent). The NVSHMEM world is kept."""
-        if not self._alive:
-            return
-        self._alive = False
-        torch.cuda.synchronize(self.device)
-        self._buffer = None  # type: ignore[assignment]
-        self._c.symmetric_free(self._ptr)
-        self._c.mailbox_free(self._mailbox)
 
 
 class LowLatencyRuntime(SymmetricRuntime):
@@ -192,58 +101,64 @@ class LowLatencyRuntime(SymmetricRuntime):
         allow_nvlink: let NVSHMEM use P2P (NVLink) between peers of one node.
     """
 
+    name = "low_latency"
+    extension: ClassVar[str] = nvshmem.EXTENSION
+    #: Buffer orders the calls with events and reads the mailbox through :meth:`check_error`.
+    orders_streams = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why these kernels cannot run here ("" when they can)."""
+        return nvshmem.unavailable_reason()
+
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_rdma_bytes: int,
                  device: torch.device, timeout_s: float, num_qps_per_rank: int, allow_nvlink: bool) -> None:
         self._c = _extension()
         self.rank, self.num_ranks = rank, num_ranks
         self.num_rdma_bytes = num_rdma_bytes
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         self.timeout_s = timeout_s
         self._alive = False
+        self._layouts: dict[tuple[int, int, int], Any] = {}
         join_nvshmem_world(self._c, group, rank, num_ranks, self.device, num_qps_per_rank, allow_nvlink)
-        c = self._c
-        peers = self._open(c, num_rdma_bytes)
+        self._open(num_rdma_bytes)
         if os.environ.get(FORCE_PUTS_ENV) == "1":
-            peers = [p if j == rank else 0 for j, p in enumerate(peers)]
-        expect(peers[rank] != 0, "LowLatencyRuntime: NVSHMEM did not map this rank's own buffer")
-        self._has_rdma_peers = int(any(p == 0 for p in peers))
-        self._peers = torch.tensor(peers, dtype=torch.int64, device=self.device)
+            self._sym.use_puts_for([j for j in range(num_ranks) if j != rank])
+        self._workspace = torch.zeros(self._c.LL_WORKSPACE_INTS, dtype=torch.int32, device=self.device)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._parity = 0
         torch.cuda.synchronize(self.device)
-        c.barrier_all()
+        self._c.barrier_all()
 
     # ------------------------------------------------------------------------------------------------------
-    def _check_sizes(self, what: str, n_ll: int, hidden: int, num_experts: int) -> None:
+    def _layout(self, what: str, n_ll: int, hidden: int, num_experts: int) -> Any:
+        """The extension's ``LowLatencyLayout`` of a call, after the checks that give the clearest messages."""
         expect(self._alive, f"{what}: the low-latency runtime was destroyed")
-        expect(0 < n_ll <= MAX_TOKENS_PER_RANK,
-               f"{what}: num_max_dispatch_tokens_per_rank must be in [1, {MAX_TOKENS_PER_RANK}], got {n_ll}")
-        expect(hidden > 0 and hidden % 128 == 0, f"{what}: hidden must be a positive multiple of 128, got {hidden}")
-        expect(num_experts % self.num_ranks == 0,
-               f"{what}: num_experts={num_experts} must be a multiple of the group size {self.num_ranks}")
-        expect(num_experts <= self._c.max_experts(),
-               f"{what}: num_experts={num_experts} exceeds what the kernels hold ({self._c.max_experts()})")
-        need = required_rdma_bytes(n_ll, hidden, self.num_ranks, num_experts)
-        if need > self.num_rdma_bytes:
+        key = (n_ll, hidden, num_experts)
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        expect(0 < n_ll <= MAX_LOW_LATENCY_TOKENS_PER_RANK,
+               f"{what}: num_max_dispatch_tokens_per_rank must be in [1, {MAX_LOW_LATENCY_TOKENS_PER_RANK}], got "
+               f"{n_ll}")
+        expect(hidden > 0 and hidden % FP8_GROUP == 0,
+               f"{what}: hidden must be a positive multiple of {FP8_GROUP}, got {hidden}")
+        expect(num_experts > 0 and num_experts % self.num_ranks == 0,
+               f"{what}: num_experts={num_experts} must be a positive multiple of the group size {self.num_ranks}")
+        expect(num_experts <= self._c.ll_max_experts(),
+               f"{what}: num_experts={num_experts} exceeds what the kernels hold ({self._c.ll_max_experts()})")
+        layout = self._c.LowLatencyLayout(self.num_ranks, num_experts, hidden, n_ll)
+        if layout.total_bytes > self.num_rdma_bytes:
             raise DeepEPBufferTooSmall(
                 f"{what}: num_rdma_bytes={self.num_rdma_bytes} is too small for num_max_dispatch_tokens_per_rank="
-                f"{n_ll}, hidden={hidden}, num_experts={num_experts}: it needs at least {need} bytes")
-
-    def _env(self, parity: int, n_ll: int, hidden: int, num_experts: int) -> dict:
-        return {"rank": self.rank, "num_ranks": self.num_ranks, "num_experts": num_experts, "hidden": hidden,
-                "num_max_tokens": n_ll, "parity": parity, "has_rdma_peers": self._has_rdma_peers,
-                "buffer": self._ptr, "peers": self._peers.data_ptr(), "workspace": self._workspace.data_ptr(),
-                "abort_flag": self._abort.data_ptr(), "mailbox": self._mailbox_device,
-                "timeout_ns": int(self.timeout_s * 1e9)}
+                f"{n_ll}, hidden={hidden}, num_experts={num_experts}: it needs at least {layout.total_bytes} bytes")
+        self._layouts[key] = layout
+        return layout
 
     def _next_parity(self) -> int:
         parity = self._parity
         self._parity ^= 1
         return parity
-
-    @staticmethod
-    def _stream() -> int:
-        return torch.cuda.current_stream().cuda_stream
 
     # ------------------------------------------------------------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
@@ -270,14 +185,14 @@ class LowLatencyRuntime(SymmetricRuntime):
             ``recv_count[i]`` are unspecified.
         """
         n_ll, hidden, r = num_max_dispatch_tokens_per_rank, x.size(1), self.num_ranks
-        self._check_sizes("low_latency_dispatch", n_ll, hidden, num_experts)
-        expect(topk_idx.size(1) <= MAX_TOPK, f"low_latency_dispatch: top-k must be <= {MAX_TOPK}, got "
-                                             f"{topk_idx.size(1)}")
-        e_loc, slots, dev = num_experts // r, r * n_ll, x.device
+        layout = self._layout("low_latency_dispatch", n_ll, hidden, num_experts)
+        expect(topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
+               f"low_latency_dispatch: top-k must be <= {MAX_TOPK_LOW_LATENCY}, got {topk_idx.size(1)}")
+        e_loc, slots, dev = layout.num_local_experts, r * n_ll, x.device
         parity = self._next_parity()
         if use_fp8:
             recv_x = torch.empty((e_loc, slots, hidden), dtype=torch.float8_e4m3fn, device=dev)
-            groups = hidden // 128
+            groups = hidden // FP8_GROUP
             if use_ue8m0:
                 scales = torch.empty((e_loc, (groups + 3) // 4, slots), dtype=torch.int32, device=dev)
             else:
@@ -288,32 +203,21 @@ class LowLatencyRuntime(SymmetricRuntime):
         recv_count = torch.empty(e_loc, dtype=torch.int32, device=dev)
         info = torch.empty((2, e_loc, slots), dtype=torch.int32, device=dev)  # [0] source token, [1] combine slot
         layout_range = torch.empty((e_loc, r), dtype=torch.int64, device=dev)
-        x = x.contiguous()
-        topk_idx = topk_idx.contiguous()
-        args = self._env(parity, n_ll, hidden, num_experts)
-        args.update({
-            "x": x.data_ptr(), "topk_idx": topk_idx.data_ptr(), "num_tokens": x.size(0),
-            "num_topk": topk_idx.size(1), "use_fp8": int(use_fp8), "round_scale": int(round_scale),
-            "use_ue8m0": int(use_ue8m0), "recv_x": recv_x.data_ptr(),
-            "recv_scales": scales.data_ptr() if scales is not None else None,
-            "recv_count": recv_count.data_ptr(), "src_info": info[0].data_ptr(), "slot_info": info[1].data_ptr(),
-            "layout_range": layout_range.data_ptr(),
-            "cumulative_stats": (cumulative_local_expert_recv_stats.data_ptr()
-                                 if cumulative_local_expert_recv_stats is not None else None),
-            "wait_stats": dispatch_wait_recv_cost_stats.data_ptr() if dispatch_wait_recv_cost_stats is not None
-            else None,
-            "stream": self._stream()})
-        self._c.dispatch_send(args, self._num_sms)
-        keep = (x, topk_idx, recv_x, scales, recv_count, info, layout_range, cumulative_local_expert_recv_stats,
-                dispatch_wait_recv_cost_stats)
+        # The send and receive kernels take the same arguments; the hook keeps them (and so the tensors) alive.
+        args: dict[str, Any] = dict(
+            buffer=self._sym, workspace=self._workspace, layout=layout, parity=parity, x=x.contiguous(),
+            topk_idx=topk_idx.contiguous(), recv_x=recv_x, recv_scales=scales, recv_count=recv_count,
+            recv_info=info, layout_range=layout_range, cumulative_stats=cumulative_local_expert_recv_stats,
+            wait_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8, round_scale=round_scale,
+            use_ue8m0=use_ue8m0, num_sms=self._num_sms)
+        self._c.ll_dispatch_send(**args)
 
         def hook() -> None:
             expect(self._alive, "low_latency_dispatch hook: the low-latency runtime was destroyed")
-            expect(bool(keep_alive), "low_latency_dispatch hook: a receive hook can be called only once")
-            self._c.dispatch_recv(dict(args, stream=self._stream()), self._num_sms)
-            del keep_alive[:]
+            expect(bool(args), "low_latency_dispatch hook: a receive hook can be called only once")
+            self._c.ll_dispatch_recv(**args)
+            args.clear()
 
-        keep_alive = list(keep)
         if not return_recv_hook:
             hook()
         handle = LowLatencyHandle(info[0], layout_range, n_ll, hidden, num_experts)
@@ -343,39 +247,31 @@ class LowLatencyRuntime(SymmetricRuntime):
             ``hook`` or ``None``.
         """
         n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_sizes("low_latency_combine", n_ll, hidden, num_experts)
-        e_loc, slots = num_experts // self.num_ranks, self.num_ranks * n_ll
+        layout = self._layout("low_latency_combine", n_ll, hidden, num_experts)
+        e_loc, slots = layout.num_local_experts, self.num_ranks * n_ll
         info = handle.src_info._base
         expect(info is not None and tuple(info.shape) == (2, e_loc, slots) and info.dtype == torch.int32
                and info[0].data_ptr() == handle.src_info.data_ptr(),
                "low_latency_combine: handle.src_info must be the tensor returned by this Buffer's "
                "low_latency_dispatch (its base tensor carries the combine slots)")
-        expect(topk_idx.size(1) <= MAX_TOPK, f"low_latency_combine: top-k must be <= {MAX_TOPK}, got "
-                                             f"{topk_idx.size(1)}")
+        expect(topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
+               f"low_latency_combine: top-k must be <= {MAX_TOPK_LOW_LATENCY}, got {topk_idx.size(1)}")
         parity = self._next_parity()
         num_tokens = topk_idx.size(0)
         result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
                                                          device=topk_idx.device)
-        topk_idx = topk_idx.contiguous()
-        topk_weights = topk_weights.to(torch.float32).contiguous()
-        x = x.contiguous()
-        args = self._env(parity, n_ll, hidden, num_experts)
-        args.update({
-            "x": x.data_ptr(), "src_info": info[0].data_ptr(), "slot_info": info[1].data_ptr(),
-            "layout_range": handle.layout_range.data_ptr(), "topk_idx": topk_idx.data_ptr(),
-            "topk_weights": topk_weights.data_ptr(), "num_tokens": num_tokens, "num_topk": topk_idx.size(1),
-            "zero_copy": int(zero_copy), "out": result.data_ptr(),
-            "wait_stats": combine_wait_recv_cost_stats.data_ptr() if combine_wait_recv_cost_stats is not None
-            else None,
-            "stream": self._stream()})
-        self._c.combine_send(args, self._num_sms)
-        keep_alive = [x, info, handle.layout_range, topk_idx, topk_weights, result, combine_wait_recv_cost_stats]
+        args: dict[str, Any] = dict(
+            buffer=self._sym, workspace=self._workspace, layout=layout, parity=parity, x=x.contiguous(),
+            recv_info=info, layout_range=handle.layout_range, topk_idx=topk_idx.contiguous(),
+            topk_weights=topk_weights.to(torch.float32).contiguous(), zero_copy=zero_copy, out=result,
+            wait_stats=combine_wait_recv_cost_stats, num_sms=self._num_sms)
+        self._c.ll_combine_send(**args)
 
         def hook() -> None:
             expect(self._alive, "low_latency_combine hook: the low-latency runtime was destroyed")
-            expect(bool(keep_alive), "low_latency_combine hook: a receive hook can be called only once")
-            self._c.combine_recv(dict(args, stream=self._stream()), self._num_sms)
-            del keep_alive[:]
+            expect(bool(args), "low_latency_combine hook: a receive hook can be called only once")
+            self._c.ll_combine_recv(**args)
+            args.clear()
 
         if not return_recv_hook:
             hook()
@@ -389,26 +285,25 @@ class LowLatencyRuntime(SymmetricRuntime):
         parity 0 on every rank, so ranks that fell out of step (a call that timed out on some ranks only)
         agree again.
         """
-        self._check_sizes("clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        stream = self._stream()
-        self._c.barrier_on_stream(stream)
-        self._buffer[: 2 * _align16(4 * self.num_ranks)].zero_()
+        layout = self._layout("clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._c.barrier_on_stream(device=self.device.index)
+        self._buffer[: layout.send_offset(0)].zero_()  # [signal0 | signal1] come first
         self._workspace.zero_()
-        self._abort.zero_()
+        self._sym.clear_abort()
         self._parity = 0
-        self._c.barrier_on_stream(stream)
+        self._c.barrier_on_stream(device=self.device.index)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """BF16 ``[E_loc, R*N_ll, H]`` view of the zero-copy send area of the next call.
 
-        Strides ``(R*N_ll*M, M, 1)`` with ``M = H + H/64`` elements (DeepEP's): fill it with the expert outputs
-        and call ``low_latency_combine(..., zero_copy=True)`` next.
+        Strides ``(R*N_ll*M, M, 1)`` with ``M = H + H/64`` elements (DeepEP's) rounded up to 8: fill it with the
+        expert outputs and call ``low_latency_combine(..., zero_copy=True)`` next.
         """
         n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_sizes("get_next_low_latency_combine_buffer", n_ll, hidden, num_experts)
-        sizes = self._c.layout_bytes(self.num_ranks, num_experts, hidden, n_ll)
-        e_loc, slots, row = num_experts // self.num_ranks, self.num_ranks * n_ll, hidden + hidden // 64
-        start = sizes[f"send_offset_{self._parity}"]
+        layout = self._layout("get_next_low_latency_combine_buffer", n_ll, hidden, num_experts)
+        e_loc, slots = layout.num_local_experts, self.num_ranks * n_ll
+        row = layout.combine_send_row_bytes // 2  # in BF16 elements
+        start = layout.send_offset(self._parity)
         area = self._buffer[start:start + e_loc * slots * row * 2].view(torch.bfloat16)
         return area.as_strided((e_loc, slots, hidden), (slots * row, row, 1))
 
@@ -428,14 +323,14 @@ class LowLatencyRuntime(SymmetricRuntime):
         if report is None:
             return
         status, rank, peer, what, expected, observed, channel = report
-        if status == _MAILBOX_BAD_INPUT:  # the send kernel met an id outside [-1, E): it selected nothing
+        if status == MAILBOX_BAD_INPUT:  # the send kernel met an id outside [-1, E): it selected nothing
             raise DeepEPInputError(
                 f"low_latency_dispatch: topk_idx entries must be in [-1, num_experts={observed}) (-1 = unused "
                 f"slot), got topk_idx[{peer}, {channel}] = {expected} on rank {rank} (reported by the send kernel "
                 "of an earlier call, which ignored it)")
-        self._abort.zero_()
+        self._sym.clear_abort()
         raise DeepEPTimeoutError(
             f"low-latency kernel on rank {rank} waited more than {self.timeout_s:g} s for rank {peer}: "
-            f"{_WAITS.get(what, f'wait code {what}')} (expected {expected}, last seen {observed}). The peer died, "
+            f"{wait_message(what)} (expected {expected}, last seen {observed}). The peer died, "
             "hung or did not make the same call; call clean_low_latency_buffer() on every rank or destroy the "
             "Buffer (DEEPEP_PLUGIN_TIMEOUT_S sets the timeout)")

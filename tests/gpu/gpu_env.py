@@ -12,7 +12,7 @@ SPAWN = {"backend": "gloo", "start_method": "spawn", "timeout": 300.0}
 
 
 def missing_kernels(name: str) -> str:
-    """Why ``deepep_plugin.<name>`` (``_intranode_C`` or ``_low_latency_C``) cannot run here; ``""`` when it can."""
+    """Why ``deepep_plugin.<name>`` (``_intranode_C`` or ``_nvshmem_C``) cannot run here; ``""`` when it can."""
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
     try:

@@ -23,7 +23,9 @@ from deepep_plugin import spawn
 
 
 def _serve(rank: int, world_size: int, commands: Any, results: Any) -> None:
-    """One rank: import the cases, then run ``(name, args, kwargs)`` commands until ``None`` comes."""
+    """One rank: import the cases, then run ``(name, args, kwargs)`` commands from its queue (``commands[rank]``)
+    until ``None`` comes."""
+    commands = commands[rank]
     try:
         import ll_cases
     except BaseException:  # noqa: BLE001 - reported to the parent

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.gpu
 def test_buffer_cuda_matches_reference(kind: str) -> None:
     import buffer_workers as w
 
-    run_distributed(w.normal_worker, 2, kind, 5, **SPAWN)
+    run_distributed(w.normal_worker, 2, kind=kind, seed=5, **SPAWN)
 
 
-@pytest.mark.skipif(bool(missing_kernels("_low_latency_C")), reason=missing_kernels("_low_latency_C") or "built")
+@pytest.mark.skipif(bool(missing_kernels("_nvshmem_C")), reason=missing_kernels("_nvshmem_C") or "built")
 def test_buffer_low_latency_cuda_matches_reference() -> None:
     import buffer_workers as w
 
-    run_distributed(w.low_latency_worker, 2, 9, **SPAWN)
+    run_distributed(w.low_latency_worker, 2, seed=9, **SPAWN)
