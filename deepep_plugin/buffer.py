@@ -1,16 +1,19 @@
 """``Buffer``: the DeepEP-V1-compatible public surface.
 
 Code written for ``deep_ep.Buffer`` runs unchanged: same constructor, methods, defaults and return tuples
-(``shared/spec/deepep_v1_interface.md``). Differences, all on the side of safety:
+(``docs/deepep_v1_interface.md``). Differences, all on the side of safety:
 
 * every argument is validated up front and a bad one raises :class:`~deepep_plugin.errors.DeepEPInputError`
   (a ``ValueError`` *and* an ``AssertionError``) naming the argument and what was expected;
 * waits on peers time out (``DEEPEP_PLUGIN_TIMEOUT_S``) with :class:`~deepep_plugin.errors.DeepEPTimeoutError`;
-* more shapes: any hidden size whose row is a multiple of 16 bytes, top-k up to 32 (normal) / 16 (low-latency),
-  any EP size up to one node (not only 2/4/8);
+* more shapes: any hidden size whose row is a multiple of 16 bytes, top-k up to 32 (normal, one node) / 16
+  (normal across nodes, low-latency), any EP size up to one node (not only 2/4/8);
 * keyword-only extras: ``backend=`` (``"auto"``, ``"reference"`` or ``"cuda"``; default from
   ``DEEPEP_PLUGIN_BACKEND``) and ``num_ranks_per_node=`` (the node size: ranks per host, at most 8, unless
-  given; smaller values emulate several nodes on one host).
+  given; smaller values emulate several nodes on one host);
+* :meth:`Buffer.sized_for` builds a Buffer sized for a group and a row width (NVL and, where needed, RDMA bytes);
+* no silent slow path: a call on CUDA tensors that no kernel serves logs why, once per Buffer and reason, or
+  raises under ``backend="cuda"`` / ``DEEPEP_PLUGIN_STRICT=1`` (``backends/selection.py`` holds the rules).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.base import (
+    Backend,
     DispatchLayout,
     Handle,
     InternodeHandle,
@@ -37,6 +41,7 @@ from .limits import (
     MAX_LOCAL_EXPERTS,
     MAX_NORMAL_RANKS,
     MAX_NVL_PEERS,
+    MAX_TOPK_INTERNODE,
     MAX_TOPK_INTRANODE,
     MAX_TOPK_LOW_LATENCY,
     TOPK_IDX_BYTES,
@@ -95,6 +100,21 @@ def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "to
 
 def _is_cuda_tensor(x: XType) -> bool:
     return (x[0] if isinstance(x, tuple) else x).is_cuda
+
+
+def _resolve_ranks_per_node(group: dist.ProcessGroup, rank: int, group_size: int, given: Optional[int]) -> int:
+    """The node size: ``given``, else ``DEEPEP_PLUGIN_RANKS_PER_NODE``, else the ranks of the group on this host
+    (collective over ``group`` in that case); checked, and capped at the group size."""
+    if given is None and "DEEPEP_PLUGIN_RANKS_PER_NODE" in os.environ:
+        given = int(os.environ["DEEPEP_PLUGIN_RANKS_PER_NODE"])
+    if given is None:
+        given = _ranks_per_host(group, rank, group_size)
+    expect(isinstance(given, int) and 1 <= given <= MAX_NVL_PEERS,
+           f"Buffer: num_ranks_per_node must be in [1, {MAX_NVL_PEERS}], got {given!r}")
+    per_node = min(given, group_size)
+    expect(group_size % per_node == 0,
+           f"Buffer: the group size ({group_size}) must be at most num_ranks_per_node ({given}) or a multiple of it")
+    return per_node
 
 
 def _ranks_per_host(group: dist.ProcessGroup, rank: int, group_size: int) -> int:
@@ -165,16 +185,7 @@ class Buffer:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             expect(isinstance(value, int) and value >= 0, f"Buffer: {name} must be a non-negative int, got {value!r}")
             expect(value % 128 == 0, f"Buffer: {name} must be a multiple of 128, got {value}")
-        if num_ranks_per_node is None and "DEEPEP_PLUGIN_RANKS_PER_NODE" in os.environ:
-            num_ranks_per_node = int(os.environ["DEEPEP_PLUGIN_RANKS_PER_NODE"])
-        if num_ranks_per_node is None:
-            num_ranks_per_node = _ranks_per_host(group, self.rank, self.group_size)
-        expect(1 <= num_ranks_per_node <= MAX_NVL_PEERS,
-               f"Buffer: num_ranks_per_node must be in [1, {MAX_NVL_PEERS}], got {num_ranks_per_node}")
-        self.num_ranks_per_node = min(num_ranks_per_node, self.group_size)
-        expect(self.group_size % self.num_ranks_per_node == 0,
-               f"Buffer: the group size ({self.group_size}) must be at most num_ranks_per_node "
-               f"({num_ranks_per_node}) or a multiple of it")
+        self.num_ranks_per_node = _resolve_ranks_per_node(group, self.rank, self.group_size, num_ranks_per_node)
         expect(low_latency_mode or self.group_size <= MAX_NORMAL_RANKS,
                f"Buffer: normal mode supports at most {MAX_NORMAL_RANKS} ranks, got {self.group_size}")
         expect(num_rdma_bytes == 0 or low_latency_mode or self.num_nodes > 1,
@@ -185,24 +196,67 @@ class Buffer:
         expect(num_qps_per_rank > 0, f"Buffer: num_qps_per_rank must be > 0, got {num_qps_per_rank}")
 
         from .backends import create_backend
+        from .backends.selection import Topology
 
-        self.runtime = create_backend(
+        self.topology = Topology(self.group_size, self.num_ranks_per_node, low_latency_mode, num_nvl_bytes,
+                                 num_rdma_bytes)
+        self.runtime: Optional[Backend] = create_backend(
             backend if backend is not None else os.environ.get("DEEPEP_PLUGIN_BACKEND", "auto"),
-            group=group, rank=self.rank, num_ranks=self.group_size, num_ranks_per_node=self.num_ranks_per_node,
-            num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode,
-            num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
-            timeout_s=get_timeout_s())
+            group=group, rank=self.rank, topology=self.topology, num_qps_per_rank=num_qps_per_rank,
+            allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode, timeout_s=get_timeout_s())
         self.backend_name: str = self.runtime.name
         if low_latency_mode:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._comm_stream: Optional[torch.cuda.Stream] = None
-        # The intranode kernels, called directly on the hot path (None where they do not serve this group). Their
-        # runtime orders its calls across streams itself, so calls without events run on the current stream.
-        self._intranode: Any = getattr(self.runtime, "intranode", None)
-        # Whether a CUDA topk_idx is range-checked on the host (only where no kernel checks it on the GPU).
-        self._host_checks_cuda_topk = (self._intranode is None
-                                       and getattr(self.runtime, "internode", None) is None)
         self._default_configs: dict[tuple[str, int], Config] = {}
+
+    @classmethod
+    def sized_for(cls, group: Optional[dist.ProcessGroup], hidden_bytes: int, *, num_sms: Optional[int] = None,
+                  num_max_dispatch_tokens_per_rank: Optional[int] = None, num_experts: Optional[int] = None,
+                  **buffer_kwargs: Any) -> "Buffer":
+        """A Buffer for ``group`` with room for rows of ``hidden_bytes`` bytes: the way to make one.
+
+        Args:
+            group: the EP process group (collective: every rank calls this together).
+            hidden_bytes: bytes of one token row, ``hidden * max(element_size, 2)`` so that BF16 and FP8 rows
+                share the buffer (low-latency sizing reads ``hidden = hidden_bytes // 2``).
+            num_sms: the SM count the dispatch and combine configs are sized for (default ``Buffer.num_sms``);
+                a larger count needs more bytes.
+            num_max_dispatch_tokens_per_rank, num_experts: with ``low_latency_mode=True``, size the RDMA buffer of
+                the low-latency kernels for these (both required in that mode).
+            buffer_kwargs: any other ``Buffer`` argument (``low_latency_mode``, ``num_qps_per_rank``,
+                ``explicitly_destroy``, ``backend``, ``num_ranks_per_node``, ...), but not the byte counts.
+
+        NVL bytes cover both the default dispatch and combine configs of the group at ``num_sms``. RDMA bytes are
+        given only to a group that spans nodes (the internode kernels' hint, same configs) or, in low-latency mode,
+        the low-latency size hint; a one-node normal Buffer gets none.
+        """
+        for name in ("num_nvl_bytes", "num_rdma_bytes"):
+            expect(name not in buffer_kwargs, f"Buffer.sized_for: {name} is computed here; call Buffer(...) to set it")
+        expect(isinstance(hidden_bytes, int) and hidden_bytes > 0,
+               f"Buffer.sized_for: hidden_bytes must be a positive int, got {hidden_bytes!r}")
+        sms = Buffer.num_sms if num_sms is None else num_sms
+        expect(isinstance(sms, int) and sms > 0 and sms % 2 == 0,
+               f"Buffer.sized_for: num_sms must be a positive even int, got {sms!r}")
+        if group is None:
+            expect(buffer_kwargs.get("comm") is not None and dist.is_initialized(),
+                   "Buffer.sized_for: pass a torch.distributed process group as group")
+            group = dist.group.WORLD
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        per_node = _resolve_ranks_per_node(group, rank, size, buffer_kwargs.pop("num_ranks_per_node", None))
+        configs = (dispatch_config(size, sms), combine_config(size, sms))
+        nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, size) for c in configs)
+        rdma = 0
+        if size > per_node:
+            rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, size, num_ranks_per_node=per_node)
+                       for c in configs)
+        if buffer_kwargs.get("low_latency_mode", False):
+            expect(num_max_dispatch_tokens_per_rank is not None and num_experts is not None,
+                   "Buffer.sized_for: low_latency_mode=True needs num_max_dispatch_tokens_per_rank and num_experts")
+            assert num_max_dispatch_tokens_per_rank is not None and num_experts is not None
+            rdma = max(rdma, cls.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden_bytes // 2,
+                                                                size, num_experts))
+        return cls(group, nvl, rdma, num_ranks_per_node=per_node, **buffer_kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Static helpers (DeepEP's)
@@ -217,6 +271,12 @@ class Buffer:
         from .backends import cuda_extensions_available
 
         return cuda_extensions_available()
+
+    def served_by(self, op: str, *, cuda: bool = True, dtype: Optional[torch.dtype] = None) -> str:
+        """Which runtime runs ``op`` (``layout``, ``dispatch``, ``combine``, ``low_latency_dispatch``,
+        ``low_latency_combine``) on CUDA or CPU tensors (``dtype``: combine's x): ``intranode``, ``internode``,
+        ``low_latency`` or ``reference``. Asking does what the call would: warn, or raise in strict mode."""
+        return self._alive().runtime_for(op, cuda, dtype).name
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
@@ -268,7 +328,7 @@ class Buffer:
     # ------------------------------------------------------------------------------------------------------
     # Resources
     # ------------------------------------------------------------------------------------------------------
-    def _alive(self) -> Any:
+    def _alive(self) -> Backend:
         if self.runtime is None:
             raise DeepEPError("Buffer: this buffer was destroyed")
         self.runtime.check_error()
@@ -421,17 +481,14 @@ class Buffer:
             raise DeepEPError("Buffer: this buffer was destroyed")
         self._check_num_experts(num_experts)
         _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, ndim=2, contiguous=True)
-        kernels = self._intranode
-        if kernels is not None and topk_idx.is_cuda:
-            layout, event = self._run(lambda: kernels.get_dispatch_layout(topk_idx, num_experts), True,
-                                      previous_event, async_finish, allocate_on_comm_stream, [topk_idx], True)
-        else:
+        target = runtime.runtime_for("layout", topk_idx.is_cuda)
+        if not target.orders_streams:
             runtime.check_error()
-            if not topk_idx.is_cuda or self._host_checks_cuda_topk:
+            if target is runtime.reference:  # the kernels check on the GPU, with no host read
                 _check_topk_values(topk_idx, num_experts)
-            layout, event = self._run(lambda: runtime.get_dispatch_layout(topk_idx, num_experts),
-                                      topk_idx.is_cuda, previous_event, async_finish, allocate_on_comm_stream,
-                                      [topk_idx])
+        layout, event = self._run(lambda: target.get_dispatch_layout(topk_idx, num_experts), topk_idx.is_cuda,
+                                  previous_event, async_finish, allocate_on_comm_stream, [topk_idx],
+                                  target.orders_streams)
         return (layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
                 layout.is_token_in_rank, event)
 
@@ -472,15 +529,9 @@ class Buffer:
         return data, scales
 
     def _check_handle(self, handle: Any, num_tokens: Optional[int], config: Optional[Config], what: str) -> Handle:
-        kind = type(handle)
-        if kind is IntranodeHandle or kind is InternodeHandle:
-            pass
-        elif isinstance(handle, (tuple, list)) and len(handle) == 6:
-            handle = IntranodeHandle(*handle)
-        elif isinstance(handle, (tuple, list)) and len(handle) == 10:
-            handle = InternodeHandle(*handle)
-        else:
-            raise DeepEPInputError(f"{what}: handle must be the handle returned by dispatch, got {type(handle)}")
+        if not isinstance(handle, (IntranodeHandle, InternodeHandle)):
+            raise DeepEPInputError(f"{what}: handle must be the handle a dispatch returned, passed on unchanged "
+                                   f"(an IntranodeHandle or InternodeHandle), got {type(handle).__name__}")
         intranode = self.num_ranks_per_node == self.group_size
         in_rank = handle.is_token_in_rank
         if isinstance(handle, IntranodeHandle) != intranode:
@@ -546,6 +597,7 @@ class Buffer:
         num_tokens, hidden = data.shape
         dev = data.device
         config = self._config(config, "dispatch")
+        target = runtime.runtime_for("dispatch", data.is_cuda)
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise DeepEPInputError(f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
         if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
@@ -580,11 +632,13 @@ class Buffer:
             else:
                 _check_tensor(topk_idx, "topk_idx", dtype=topk_idx_t, shape=[num_tokens, None], device=dev,
                               contiguous=True)
-                if not 1 <= num_topk <= MAX_TOPK_INTRANODE:
-                    raise DeepEPInputError(f"dispatch: top-k must be in [1, {MAX_TOPK_INTRANODE}], got {num_topk}")
+                max_topk = MAX_TOPK_INTRANODE if self.num_ranks_per_node == r else MAX_TOPK_INTERNODE
+                if not 1 <= num_topk <= max_topk:
+                    raise DeepEPInputError(f"dispatch: top-k must be in [1, {max_topk}] for a group of "
+                                           f"{self.num_nodes} node(s), got {num_topk}")
                 _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, shape=[num_tokens, num_topk],
                               device=dev, contiguous=True)
-                if num_worst_tokens == 0 and (not topk_idx.is_cuda or self._host_checks_cuda_topk):
+                if num_worst_tokens == 0 and target is runtime.reference:  # kernels check on the GPU
                     _check_topk_values(topk_idx, num_experts)
             layout = DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
                                     is_token_in_rank)
@@ -594,12 +648,9 @@ class Buffer:
         self._check_nvl_bytes("dispatch", r * r * 4 + c * r * 16 + c * r * q * (
             hidden * data.element_size() + 4 + num_topk * (TOPK_IDX_BYTES + 4) + 4 * num_scales))
 
-        kernels = self._intranode
-        if kernels is not None and data.is_cuda and (handle is None or type(handle) is IntranodeHandle):
-            target, ordered = kernels, True
-        else:
+        ordered = target.orders_streams
+        if not ordered:
             runtime.check_error()
-            target, ordered = runtime, False
 
         def run() -> Any:
             return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
@@ -664,12 +715,10 @@ class Buffer:
         c, q, r = config.num_channels, config.num_max_nvl_chunked_recv_tokens, self.group_size
         self._check_nvl_bytes("combine", c * r * 8 + c * r * q * (hidden * x.element_size() + 4 + 4 * num_topk))
 
-        kernels = self._intranode
-        if (kernels is not None and x.is_cuda and x.dtype == torch.bfloat16 and type(handle) is IntranodeHandle):
-            target, ordered = kernels, True
-        else:
+        target = runtime.runtime_for("combine", x.is_cuda, x.dtype)
+        ordered = target.orders_streams
+        if not ordered:
             runtime.check_error()
-            target, ordered = runtime, False
 
         def run() -> Any:
             return target.combine(x, handle, topk_weights, bias0, bias1, config)
@@ -707,6 +756,12 @@ class Buffer:
                 f"(Buffer.get_low_latency_rdma_size_hint({num_max_dispatch_tokens_per_rank}, {hidden}, "
                 f"{self.group_size}, {num_experts}))")
 
+    @staticmethod
+    def _check_low_latency_handle(handle: Any, what: str) -> None:
+        if not isinstance(handle, LowLatencyHandle):
+            raise DeepEPInputError(f"{what}: handle must be the handle low_latency_dispatch returned, passed on "
+                                   f"unchanged (a LowLatencyHandle), got {type(handle).__name__}")
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency signalling state (collective; needed after using the buffer in normal mode)."""
         runtime = self._alive()
@@ -737,7 +792,8 @@ class Buffer:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` ``[E_loc, R*N_ll, H]`` BF16 or the tuple
             ``(float8_e4m3fn [E_loc, R*N_ll, H], scales [E_loc, R*N_ll, H/128] float32 or [.., H/512] int32)``
             (scales a transposed view, token dimension fastest); ``recv_count`` ``[E_loc]`` int32 valid rows per
-            local expert; ``handle = (src_info, layout_range, N_ll, H, E)``; ``hook`` or ``None``.
+            local expert; ``handle`` a ``LowLatencyHandle`` ``(src_info, layout_range, N_ll, H, E)``; ``hook`` or
+            ``None``.
         """
         runtime = self._alive()
         _check_tensor(x, "x", dtype=torch.bfloat16, ndim=2, contiguous=True)
@@ -750,7 +806,8 @@ class Buffer:
                       contiguous=True)
         expect(1 <= topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
                f"low_latency_dispatch: top-k must be in [1, {MAX_TOPK_LOW_LATENCY}], got {topk_idx.size(1)}")
-        if not topk_idx.is_cuda or getattr(runtime, "low_latency", None) is None:
+        target = runtime.runtime_for("low_latency_dispatch", x.is_cuda)
+        if target is runtime.reference:
             _check_topk_values(topk_idx, num_experts)  # the low-latency kernels check on the GPU instead
         local = num_experts // self.group_size
         if cumulative_local_expert_recv_stats is not None:
@@ -776,10 +833,10 @@ class Buffer:
             result, event = self._run(run, x.is_cuda, None, async_finish, False,
                                       [x, topk_idx, cumulative_local_expert_recv_stats])
         recv_x = result.recv_x if result.recv_x_scales is None else (result.recv_x, result.recv_x_scales)
-        return recv_x, result.recv_count, tuple(result.handle), event, result.hook
+        return recv_x, result.recv_count, result.handle, event, result.hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                            handle: tuple, use_logfmt: bool = False, zero_copy: bool = False,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False,
                             out: Optional[torch.Tensor] = None,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None
@@ -800,9 +857,7 @@ class Buffer:
             in FP32, rounded to BF16.
         """
         runtime = self._alive()
-        expect(isinstance(handle, (tuple, list)) and len(handle) == 5,
-               "low_latency_combine: handle must be the 5-tuple returned by low_latency_dispatch")
-        handle = LowLatencyHandle(*handle)
+        self._check_low_latency_handle(handle, "low_latency_combine")
         n_ll, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
         self._check_low_latency("low_latency_combine", n_ll, hidden, num_experts)
         local = num_experts // self.group_size
@@ -838,13 +893,11 @@ class Buffer:
                                                 [x, topk_idx, topk_weights, out])
         return combined, event, hook
 
-    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
-        """BF16 ``[E_loc, R*N_ll, H]`` view (row stride ``H + H/64``) of the send buffer the next low-latency call
-        uses; fill it and call ``low_latency_combine(..., zero_copy=True)``."""
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """BF16 ``[E_loc, R*N_ll, H]`` view (row stride ``H + H/64`` rounded up to 8 elements) of the send buffer
+        the next low-latency call uses; fill it and call ``low_latency_combine(..., zero_copy=True)``."""
         runtime = self._alive()
-        expect(isinstance(handle, (tuple, list)) and len(handle) == 5,
-               "get_next_low_latency_combine_buffer: handle must be the 5-tuple returned by low_latency_dispatch")
-        handle = LowLatencyHandle(*handle)
+        self._check_low_latency_handle(handle, "get_next_low_latency_combine_buffer")
         self._check_low_latency("get_next_low_latency_combine_buffer", handle.num_max_dispatch_tokens_per_rank,
                                 handle.hidden, handle.num_experts)
         return runtime.get_next_low_latency_combine_buffer(handle)

@@ -74,26 +74,92 @@ def doctor() -> int:
     ok &= _check("GPUs", gpus)
     ok &= _check("NVLink peers", peers)
     ok &= _check("intranode kernels", extension("_intranode_C"))
-    ok &= _check("low-latency kernels", extension("_low_latency_C"))
+    ok &= _check("internode and low-latency kernels (NVSHMEM)", extension("_nvshmem_C"))
     ok &= _check("NVSHMEM", nvshmem)
     _check("RDMA", rdma)
     ok &= _check("multicast", multicast)
     return 0 if ok else 1
 
 
+def serving_table(num_ranks: int, num_ranks_per_node: int, unavailable: Callable[[str], str] | None = None
+                  ) -> list[tuple[str, str, str, str]]:
+    """``(mode, call, runtime, why)`` for every call of a group of ``num_ranks`` in nodes of
+    ``num_ranks_per_node``, with Buffers built by ``Buffer.sized_for``, on this machine's build (or the one
+    ``unavailable(runtime) -> reason`` describes)."""
+    import torch
+
+    from .backends.selection import LOW_LATENCY_OPS, NORMAL_OPS, Topology, choose, unavailable_reason
+
+    unavailable = unavailable or unavailable_reason
+    per_node = min(num_ranks_per_node, num_ranks)
+    spans = num_ranks > per_node
+    rows = []
+    for mode, ops in (("normal", NORMAL_OPS), ("low-latency", LOW_LATENCY_OPS)):
+        ll = mode == "low-latency"
+        topo = Topology(num_ranks, per_node, ll, 1 << 20, 1 << 20 if ll or spans else 0)
+        for op in ops:
+            dtypes = (torch.bfloat16, torch.float32) if op == "combine" else (None,)
+            for dtype in dtypes:
+                choice = choose(op, topo, cuda=True, dtype=dtype, unavailable=unavailable)
+                call = op if dtype is None else f"{op} ({str(dtype).replace('torch.', '')})"
+                why = f"{choice.reason}; fix: {choice.fix}" if choice.falls_back else ""
+                rows.append((mode, call, choice.runtime, why))
+    return rows
+
+
+def _parse_int(argv: list[str], flag: str) -> int | None:
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    try:
+        value = int(argv[i + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"{flag} needs a positive integer") from None
+    if value < 1:
+        raise SystemExit(f"{flag} needs a positive integer, got {value}")
+    return value
+
+
+def print_serving_table(num_ranks: int, num_ranks_per_node: int) -> None:
+    from .limits import MAX_NVL_PEERS
+
+    if num_ranks_per_node > MAX_NVL_PEERS or num_ranks % min(num_ranks_per_node, num_ranks):
+        raise SystemExit(f"--ranks-per-node must be in [1, {MAX_NVL_PEERS}] and divide --ranks")
+    nodes = num_ranks // min(num_ranks_per_node, num_ranks)
+    print(f"which runtime serves each call on CUDA tensors: {num_ranks} ranks, {nodes} node(s) of "
+          f"{min(num_ranks_per_node, num_ranks)}, Buffers from Buffer.sized_for (CPU tensors: reference)")
+    for mode, call, runtime, why in serving_table(num_ranks, num_ranks_per_node):
+        print(f"  {mode:<12} {call:<26} {runtime:<12} {why}")
+
+
+USAGE = ("usage: deepep-plugin doctor [--ranks R [--ranks-per-node G]]\n"
+         "       deepep-plugin bench {intranode,internode,low-latency,compare} [options]")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: deepep-plugin doctor | deepep-plugin bench {intranode,internode,low-latency} [options]")
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
         return
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
     if argv[0] == "doctor":
-        raise SystemExit(doctor())
+        ranks = _parse_int(argv, "--ranks")
+        per_node = _parse_int(argv, "--ranks-per-node")
+        code = doctor()
+        if ranks is not None:
+            print_serving_table(ranks, per_node if per_node is not None else min(ranks, 8))
+        elif per_node is not None:
+            raise SystemExit("--ranks-per-node needs --ranks")
+        raise SystemExit(code)
     if argv[0] == "bench":
         from .bench.__main__ import main as bench
 
         bench(argv[1:])
         return
-    raise SystemExit(f"unknown command {argv[0]!r}; try: deepep-plugin doctor")
+    print(f"deepep-plugin: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

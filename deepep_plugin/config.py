@@ -119,16 +119,25 @@ class Config:
         size += c * nn * q * HINT_MAX_SCALES * 4
         return _roundup(size, 128)
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer the internode normal kernels need; ``0`` within one node."""
-        if num_ranks <= NUM_MAX_NVL_PEERS:
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *,
+                                  num_ranks_per_node: int = NUM_MAX_NVL_PEERS) -> int:
+        """Bytes of RDMA (NVSHMEM) buffer the internode normal kernels need; ``0`` within one node.
+
+        DeepEP's formula, for nodes of ``num_ranks_per_node`` ranks (DeepEP's are always 8; a smaller node size
+        emulates several nodes on one host).
+        """
+        expect(isinstance(num_ranks_per_node, int) and 1 <= num_ranks_per_node <= NUM_MAX_NVL_PEERS,
+               f"get_rdma_buffer_size_hint: num_ranks_per_node must be in [1, {NUM_MAX_NVL_PEERS}], "
+               f"got {num_ranks_per_node!r}")
+        if num_ranks <= num_ranks_per_node:
             return 0
         expect(
-            num_ranks % NUM_MAX_NVL_PEERS == 0,
-            f"get_rdma_buffer_size_hint: num_ranks must be a multiple of 8 above 8, got {num_ranks}",
+            num_ranks % num_ranks_per_node == 0,
+            f"get_rdma_buffer_size_hint: num_ranks must be a multiple of {num_ranks_per_node} above it, "
+            f"got {num_ranks}",
         )
         c = self.num_channels
-        nr = num_ranks // NUM_MAX_NVL_PEERS
+        nr = num_ranks // num_ranks_per_node
         p = self.num_max_rdma_chunked_recv_tokens
         size = c * nr * 18 * 2 * 4
         per_token = hidden_bytes + SOURCE_META_BYTES + HINT_MAX_TOPK * (TOPK_IDX_BYTES + 4) + HINT_MAX_SCALES * 4 + 16

@@ -25,6 +25,11 @@ class DeepEPTimeoutError(DeepEPError):
     """A wait on a peer rank ran out of time (a peer died, hung or did not make the same call)."""
 
 
+class DeepEPFallbackError(DeepEPError):
+    """A call on CUDA tensors that no kernel serves, in strict mode (``backend="cuda"`` or
+    ``DEEPEP_PLUGIN_STRICT=1``); the message says why and how to fix it."""
+
+
 def expect(cond: bool, message: str) -> None:
     """Raise :class:`DeepEPInputError` with ``message`` unless ``cond`` holds."""
     if not cond:

@@ -105,7 +105,7 @@ def _compat_matches(rank: int, world: int, style: str, seed: int) -> None:
 
     def uses_plugin(layer) -> None:
         assert type(layer.token_dispatcher) is token_dispatcher.MoEFlexTokenDispatcher  # Megatron's own dispatcher
-        assert isinstance(fused_a2a._buffer, deepep_plugin.Buffer), "Megatron's get_buffer did not build our Buffer"
+        assert isinstance(fused_a2a._buffer, deepep_plugin.Buffer), "compat's get_buffer did not build our Buffer"
         assert "deep_ep" not in sys.modules, "compat mode must not register a deep_ep module"
 
     _compare_with_alltoall(rank, style, seed, plugin=dict(mode="compat"), while_enabled=uses_plugin)
@@ -312,3 +312,18 @@ def _group_layout(rank: int, world: int) -> None:
 
 def test_dispatcher_mode_maps_router_groups_onto_nodes() -> None:
     run_distributed(_group_layout, WORLD)
+
+
+@pytest.mark.parametrize("mode", ["compat", "dispatcher"])
+def test_megatron_adapter_gives_a_two_node_group_rdma_bytes(mode: str) -> None:
+    """The Megatron adapter builds its Buffer with ``Buffer.sized_for``: over two emulated nodes it gets RDMA
+    bytes (on the GPU, ``tests/gpu/test_selection_cuda.py`` sees the internode kernels run), and the layer still
+    matches Megatron's alltoall (here on the CPU, reference backend)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+    import selection_workers
+
+    run_distributed(selection_workers.megatron_two_node_worker, 4, mode=mode, seed=31, device="cpu",
+                    plugin_backend="reference")

@@ -1,68 +1,52 @@
-"""Backends behind ``Buffer``: ``reference`` (PyTorch over torch.distributed) and ``cuda`` (compiled kernels).
-
-``create_backend("auto", ...)`` picks the CUDA kernels where they apply (CUDA available, extensions built, the
-group inside one node for the normal kernels) and the reference backend otherwise.
+"""Backends behind ``Buffer``: ``reference`` (PyTorch over torch.distributed) and ``cuda`` (the kernel runtimes,
+with the reference for what no kernel serves). ``selection.py`` holds the rules: which runtime serves which call.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPError, DeepEPInputError
+from .selection import LOW_LATENCY_OPS, NORMAL_OPS, Topology, kernel_for, strict_from_env, unavailable_reason
 
 BACKENDS = ("auto", "reference", "cuda")
 
 
-def _extension(name: str) -> Any:
-    try:
-        return importlib.import_module(f"deepep_plugin.{name}")
-    except ImportError:
-        return None
+def cuda_extensions_available() -> bool:
+    """True when CUDA is usable and every kernel extension is built."""
+    return not any(unavailable_reason(kind) for kind in ("intranode", "internode", "low_latency"))
 
 
-def cuda_extensions_available(low_latency: bool = False) -> bool:
-    """True when CUDA is usable and the kernel extension(s) are built."""
-    if not torch.cuda.is_available():
-        return False
-    return _extension("_low_latency_C" if low_latency else "_intranode_C") is not None
-
-
-def cuda_unavailable_reason(low_latency_mode: bool) -> str:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    missing = [n for n in (["_intranode_C"] + (["_low_latency_C"] if low_latency_mode else []))
-               if _extension(n) is None]
-    if missing:
-        return (f"the compiled extension(s) {', '.join(missing)} are not built (install on a machine with CUDA "
-                "torch and nvcc: pip install --no-build-isolation .)")
-    return ""
-
-
-def create_backend(kind: str, *, group: dist.ProcessGroup, rank: int, num_ranks: int, num_ranks_per_node: int,
-                   num_nvl_bytes: int, num_rdma_bytes: int, low_latency_mode: bool, num_qps_per_rank: int,
+def create_backend(kind: str, *, group: dist.ProcessGroup, rank: int, topology: Topology, num_qps_per_rank: int,
                    allow_nvlink_for_low_latency_mode: bool, timeout_s: float) -> Any:
-    """Build the backend named ``kind`` (``auto``, ``reference`` or ``cuda``) for one ``Buffer``."""
+    """Build the backend named ``kind`` (``auto``, ``reference`` or ``cuda``) for one ``Buffer``.
+
+    ``cuda`` refuses, here, a Buffer whose mode needs kernels this machine cannot run, and later any call that
+    would fall back to the reference path (as ``DEEPEP_PLUGIN_STRICT=1`` does for ``auto``).
+    """
     from .reference import ReferenceBackend
 
     if kind not in BACKENDS:
         raise DeepEPInputError(f"backend must be one of {BACKENDS}, got {kind!r} (argument backend= or "
                                "DEEPEP_PLUGIN_BACKEND)")
-    reference = ReferenceBackend(group, num_ranks_per_node, num_nvl_bytes, num_rdma_bytes)
+    reference = ReferenceBackend(group, topology.num_ranks_per_node, topology.num_nvl_bytes, topology.num_rdma_bytes,
+                                 timeout_s)
     if kind == "reference":
         return reference
-    reason = cuda_unavailable_reason(low_latency_mode)
-    if reason:
-        if kind == "cuda":
-            raise DeepEPError(f"backend='cuda' was requested but {reason}")
-        return reference
+    if kind == "cuda":
+        ops = LOW_LATENCY_OPS if topology.low_latency_mode else NORMAL_OPS
+        for op in ops:
+            kernel = kernel_for(op, topology)[0]
+            why = unavailable_reason(kernel) if kernel is not None else ""
+            if why:
+                raise DeepEPError(f"backend='cuda' was requested but {why}")
+    if not torch.cuda.is_available():
+        return reference  # no CUDA tensors can exist, so no call can miss a kernel
     from .cuda import CudaBackend
 
-    return CudaBackend(group=group, rank=rank, num_ranks=num_ranks, num_ranks_per_node=num_ranks_per_node,
-                       num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                       low_latency_mode=low_latency_mode, num_qps_per_rank=num_qps_per_rank,
+    return CudaBackend(group=group, rank=rank, topology=topology, num_qps_per_rank=num_qps_per_rank,
                        allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode, timeout_s=timeout_s,
-                       fallback=reference)
+                       reference=reference, strict=kind == "cuda" or strict_from_env())

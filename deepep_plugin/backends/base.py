@@ -13,7 +13,7 @@ read by name inside the library. Every backend produces the *same* handle conten
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
 
@@ -123,34 +123,66 @@ class LowLatencyDispatchResult(NamedTuple):
     hook: Optional[Callable[[], None]]  # completes the receive when return_recv_hook=True, else None
 
 
-class Backend(Protocol):
-    """What ``Buffer`` needs from a backend. ``name`` is 'reference' or 'cuda'."""
+class NormalOps(Protocol):
+    """The normal ops of a runtime (intranode, internode, reference)."""
 
     name: str
+    #: True when the runtime orders its own calls across streams and reads its error mailbox at every call, so
+    #: ``Buffer`` runs it on the current stream with no event bookkeeping (the intranode kernels).
+    orders_streams: bool
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout: ...
 
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: Optional[torch.Tensor],
-        handle: Optional[Handle],
-        layout: Optional[DispatchLayout],
-        topk_idx: Optional[torch.Tensor],
-        topk_weights: Optional[torch.Tensor],
-        expert_alignment: int,
-        num_worst_tokens: int,
-        config: Config,
-    ) -> DispatchResult: ...
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[Handle],
+                 layout: Optional[DispatchLayout], topk_idx: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], expert_alignment: int, num_worst_tokens: int,
+                 config: Config) -> DispatchResult: ...
 
-    def combine(
-        self,
-        x: torch.Tensor,
-        handle: Handle,
-        topk_weights: Optional[torch.Tensor],
-        bias0: Optional[torch.Tensor],
-        bias1: Optional[torch.Tensor],
-        config: Config,
-    ) -> CombineResult: ...
+    def combine(self, x: torch.Tensor, handle: Handle, topk_weights: Optional[torch.Tensor],
+                bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config) -> CombineResult: ...
+
+    def check_error(self) -> None: ...
 
     def destroy(self) -> None: ...
+
+
+class LowLatencyOps(Protocol):
+    """The low-latency ops of a runtime (low-latency kernels, reference)."""
+
+    name: str
+    orders_streams: bool
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, *, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool,
+                             round_scale: bool, use_ue8m0: bool, return_recv_hook: bool
+                             ) -> LowLatencyDispatchResult: ...
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, *, zero_copy: bool, return_recv_hook: bool,
+                            out: Optional[torch.Tensor], combine_wait_recv_cost_stats: Optional[torch.Tensor]
+                            ) -> tuple[torch.Tensor, Optional[Callable[[], None]]]: ...
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None: ...
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor: ...
+
+    def check_error(self) -> None: ...
+
+    def destroy(self) -> None: ...
+
+
+Runtime = Union[NormalOps, LowLatencyOps]
+
+
+class Backend(NormalOps, LowLatencyOps, Protocol):
+    """What ``Buffer.runtime`` is (``ReferenceBackend`` or ``CudaBackend``): every op, the runtime that serves
+    each kind of call (``selection.choose``), and the Buffer's raw memory."""
+
+    @property
+    def reference(self) -> Any: ...
+
+    def runtime_for(self, op: str, cuda: bool, dtype: Optional[torch.dtype] = None) -> Any: ...
+
+    def local_buffer(self, use_rdma_buffer: bool, device: torch.device) -> torch.Tensor: ...

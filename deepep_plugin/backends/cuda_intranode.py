@@ -45,17 +45,6 @@ def load_extension() -> Any:
     return _intranode_C
 
 
-def is_available() -> bool:
-    """True when the extension is built and a CUDA device is visible."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        load_extension()
-    except ImportError:
-        return False
-    return True
-
-
 class IntranodeRuntime:
     """NVLink buffers of one rank and the intranode kernels (see the module docstring).
 
@@ -71,6 +60,24 @@ class IntranodeRuntime:
 
     Collective: every rank of ``group`` must construct it together.
     """
+
+    name = "intranode"
+    extension = "_intranode_C"
+    #: Calls are ordered across streams by the extension, and each call reads the mailbox itself, so Buffer runs
+    #: them on the current stream with no event bookkeeping and no separate error check.
+    orders_streams = True
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why these kernels cannot run here ("" when they can)."""
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        try:
+            load_extension()
+        except ImportError:
+            return (f"the intranode kernels (deepep_plugin.{cls.extension}) are not built; build on a machine with "
+                    "CUDA torch and nvcc: pip install --no-build-isolation .")
+        return ""
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_nvl_bytes: int,
                  device: torch.device, timeout_s: float) -> None:

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -49,9 +48,9 @@ if __package__ in (None, ""):  # run as a file: python examples/deepseek_v3/trai
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import deepep_plugin
+from deepep_plugin import spawn
 from deepep_plugin.errors import expect
 
 from .configs import PRESETS, ModelConfig, TrainConfig, load_preset
@@ -185,15 +184,10 @@ def plan_placement(device: str, visible_gpus: int, nprocs: Optional[int] = None,
 # --------------------------------------------------------------------------------------------------------------
 # Distributed helpers
 def make_buffer(group: dist.ProcessGroup, hidden: int, comm_dtype: torch.dtype) -> "deepep_plugin.Buffer":
-    """A normal-mode ``Buffer`` for the EP group, its NVLink buffer sized for dispatch and combine of
-    ``hidden``-wide rows (DeepEP's size hints, at least 2 bytes per element so FP8 and BF16 share it)."""
-    num_ranks = group.size()
+    """A normal-mode ``Buffer`` for the EP group sized for dispatch and combine of ``hidden``-wide rows (at least
+    2 bytes per element so FP8 and BF16 share it), with RDMA bytes when the group spans nodes."""
     hidden_bytes = hidden * max(torch.empty(0, dtype=comm_dtype).element_size(), 2)
-    num_nvl_bytes = max(
-        deepep_plugin.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
-        deepep_plugin.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
-    )
-    return deepep_plugin.Buffer(group, num_nvl_bytes, 0)
+    return deepep_plugin.Buffer.sized_for(group, hidden_bytes)
 
 
 def sync_gradients(model: DeepSeekV3Model, world_size: int, group: Optional[dist.ProcessGroup] = None) -> None:
@@ -410,19 +404,6 @@ def evaluate(model: DeepSeekV3Model, corpus: MarkovCorpus, cfg: TrainConfig, ran
 
 # --------------------------------------------------------------------------------------------------------------
 # Processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(local_rank: int, world_size: int, port: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
-            options: Dict[str, Any]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    _run_initialised(local_rank, world_size, model_cfg, train_cfg, options)
-
-
 def _run_initialised(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
                      options: Dict[str, Any]) -> None:
     if options["backend"] != "auto":
@@ -479,9 +460,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     # Fork is quick, but CUDA (and autograd's device threads) cannot cross it: spawn on GPUs, or when this process
     # has already used CUDA (e.g. inside a test session).
     start_method = args.start_method or ("spawn" if device == "cuda" or torch.cuda.is_initialized() else "fork")
-    nprocs = placement.nprocs
-    mp.start_processes(_worker, args=(nprocs, _free_port(), model_cfg, train_cfg, options), nprocs=nprocs,
-                       start_method=start_method)
+    # The ranks' environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) comes from the spawn helper;
+    # _run_initialised joins the process group itself, as it does under an outside launcher.
+    spawn.run(_run_initialised, placement.nprocs, (model_cfg, train_cfg, options), backend=None,
+              start_method=start_method)
     return _read_summary(out_dir)
 
 

@@ -30,12 +30,6 @@ class GroupBuffer:
 _BUFFERS: Dict[Tuple[int, str, int], GroupBuffer] = {}
 
 
-def _sizes(num_ranks: int, hidden_bytes: int, configs: Tuple[Config, Config]) -> Tuple[int, int]:
-    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
-    rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
-    return nvl, rdma
-
-
 def group_buffer(group: dist.ProcessGroup, hidden_bytes: int, backend: str, num_sms: int) -> GroupBuffer:
     """The shared ``Buffer`` of ``group`` for rows of ``hidden_bytes`` bytes (collective when it is built).
 
@@ -51,8 +45,8 @@ def group_buffer(group: dist.ProcessGroup, hidden_bytes: int, backend: str, num_
         return cached
     num_ranks = dist.get_world_size(group)
     configs = (dispatch_config(num_ranks, num_sms), combine_config(num_ranks, num_sms))
-    nvl_bytes, rdma_bytes = _sizes(num_ranks, hidden_bytes, configs)
-    entry = GroupBuffer(Buffer(group, nvl_bytes, rdma_bytes, backend=backend), configs[0], configs[1], hidden_bytes)
+    buffer = Buffer.sized_for(group, hidden_bytes, num_sms=num_sms, backend=backend)
+    entry = GroupBuffer(buffer, configs[0], configs[1], hidden_bytes)
     _BUFFERS[key] = entry
     return entry
 

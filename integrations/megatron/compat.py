@@ -5,8 +5,10 @@ Megatron's ``fused_a2a`` module imports ``deep_ep`` once, at ``import megatron.c
 Compat mode binds them late, after Megatron is imported and before MoE layers are built, in the two module
 namespaces where Megatron looks them up at call time (``fused_a2a`` and ``token_dispatcher``):
 
-* ``fused_a2a.Buffer``/``EventHandle``/``EventOverlap`` become deepep_plugin's (Megatron's ``get_buffer`` sizes and
-  caches the buffer with them; its ``FusedDispatch``/``FusedCombine`` autograd functions call them);
+* ``fused_a2a.Buffer``/``EventHandle``/``EventOverlap`` become deepep_plugin's (its ``FusedDispatch``/``FusedCombine``
+  autograd functions call them), and ``fused_a2a.get_buffer`` the plugin's pool (``Buffer.sized_for``, shared with
+  dispatcher mode): Megatron's own sizing gives RDMA bytes only to nodes of 8, so emulated or smaller nodes would
+  otherwise get none;
 * ``fused_dispatch``/``fused_combine`` are bound to wrappers over those autograd functions, with Megatron's
   signatures; ``set_deepep_num_sms`` to ``Buffer.set_num_sms`` (or to the plugin's ``num_sms`` when set).
 
@@ -25,7 +27,7 @@ from .settings import PluginSettings
 from .version import check_fused_a2a
 
 _BOUND_NAMES = ("Buffer", "EventHandle", "EventOverlap", "HAVE_DEEP_EP", "fused_dispatch", "fused_combine",
-                "set_deepep_num_sms", "_buffer")
+                "set_deepep_num_sms", "_buffer", "get_buffer")
 
 
 def _make_entry_points(fused_a2a: Any, num_sms: Optional[int]) -> dict[str, Callable[..., Any]]:
@@ -67,6 +69,14 @@ def bind(settings: PluginSettings) -> Callable[[], None]:
     fused_a2a.EventOverlap = events.EventOverlap
     fused_a2a.HAVE_DEEP_EP = True
     fused_a2a._buffer = None  # never reuse a buffer that a real DeepEP (or an earlier binding) created
+    from .dispatcher import BUFFERS
+
+    def get_buffer(group: Any, hidden_bytes: int) -> Any:
+        """Megatron's ``get_buffer``: the pool's Buffer for ``group``, kept where Megatron keeps its own."""
+        fused_a2a._buffer = BUFFERS.get(group, hidden_bytes)
+        return fused_a2a._buffer
+
+    fused_a2a.get_buffer = get_buffer
     for name, fn in _make_entry_points(fused_a2a, settings.num_sms).items():
         setattr(fused_a2a, name, fn)
         setattr(token_dispatcher, name, fn)

@@ -56,26 +56,22 @@ def set_active_settings(settings: Optional[PluginSettings]) -> None:
 
 
 class _BufferPool:
-    """One ``deepep_plugin.Buffer`` per process group, grown when a larger hidden size needs more bytes."""
+    """One ``deepep_plugin.Buffer`` per process group (``Buffer.sized_for``), rebuilt when wider rows need more."""
 
     def __init__(self) -> None:
-        self._buffers: List[Tuple[Any, Any]] = []
+        self._buffers: List[Tuple[Any, int, Any]] = []
 
     def get(self, group: Any, hidden_bytes: int) -> Any:
         import deepep_plugin
 
-        num_ranks = group.size()
-        need = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
-                   for cfg in (deepep_plugin.Buffer.get_dispatch_config(num_ranks),
-                               deepep_plugin.Buffer.get_combine_config(num_ranks)))
-        for i, (g, buf) in enumerate(self._buffers):
+        for i, (g, sized, buf) in enumerate(self._buffers):
             if g is group:
-                if buf.num_nvl_bytes >= need:
+                if sized >= hidden_bytes:
                     return buf
                 del self._buffers[i]
                 break
-        buf = deepep_plugin.Buffer(group, need, 0)
-        self._buffers.append((group, buf))
+        buf = deepep_plugin.Buffer.sized_for(group, hidden_bytes)
+        self._buffers.append((group, hidden_bytes, buf))
         return buf
 
     def clear(self) -> None:

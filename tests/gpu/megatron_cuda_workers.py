@@ -273,7 +273,8 @@ def parity_worker(rank: int, world_size: int, *, case: Case, seed: int, device: 
             dpm.disable()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    traffic.check(plugin_backend, rank, combine_on_kernel=case.dtype == "bfloat16", dispatch_dtype=case.torch_dtype)
+    traffic.check("reference" if plugin_backend == "reference" else "cuda", rank,
+                  combine_on_kernel=case.dtype == "bfloat16", dispatch_dtype=case.torch_dtype)
     assert_steps_match(got, want, rank, case.dtype)
     if case.idle_rank:
         expert_grads = [g for n, g in got[2].items() if "local_experts" in n]
@@ -315,7 +316,7 @@ def fp8_worker(rank: int, world_size: int, *, seed: int, device: str = "cuda", p
                     runs.append(step(layer, x, seed))
                 finally:
                     dpm.disable()
-            traffic.check(plugin_backend, rank, combine_on_kernel=False,
+            traffic.check("reference" if plugin_backend == "reference" else "cuda", rank, combine_on_kernel=False,
                           dispatch_dtype=torch.float8_e4m3fn if use_fp8 else torch.float32)
     finally:
         SequentialMLP.forward = original
