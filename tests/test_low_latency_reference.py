@@ -175,3 +175,21 @@ def _check_errors(rank: int, world_size: int) -> None:
 
 def test_low_latency_bad_inputs_raise_clear_errors() -> None:
     run_distributed(_check_errors, 2)
+
+
+def _all_slots_unused(rank: int, world_size: int) -> None:
+    n_ll, hidden, num_experts = 4, 128, 2 * world_size
+    buf = dp.Buffer(dist.group.WORLD, 0, dp.Buffer.get_low_latency_rdma_size_hint(n_ll, hidden, world_size,
+                                                                                 num_experts),
+                    low_latency_mode=True, backend="reference")
+    x = torch.randn(3, hidden).to(torch.bfloat16)
+    idx = torch.full((3, 2), -1, dtype=torch.int64) if rank == 1 else torch.tensor([[0, 1], [2, -1], [3, 0]])
+    w = torch.rand(3, 2)
+    recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, idx, n_ll, num_experts, use_fp8=False)
+    out, _, _ = buf.low_latency_combine(recv_x, idx, w, handle)
+    if rank == 1:  # its tokens selected nothing, so nothing comes back: zero rows, not an IndexError
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_rank_whose_tokens_select_nothing_combines_to_zero() -> None:
+    run_distributed(_all_slots_unused, 2)

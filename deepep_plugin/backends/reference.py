@@ -4,21 +4,26 @@ It runs wherever ``torch.distributed`` does (gloo on CPU, NCCL on GPUs; with a g
 stages through host memory), and it is the oracle every kernel is tested against. Rows travel as raw bytes, so
 BF16, FP8 and float32 all move bit for bit through any process-group backend.
 
-Every collective here is made by all ranks in the same order; a rank that does not make the call leaves the
-others waiting in ``torch.distributed`` (whose own timeout applies), never spinning.
+Every collective here is made by all ranks in the same order. On a gloo group (the CPU path, and ranks sharing a
+GPU) each one is waited for with ``DEEPEP_PLUGIN_TIMEOUT_S``: when a peer does not make the matching call, the
+wait raises :class:`~deepep_plugin.errors.DeepEPTimeoutError` naming the op, this rank and the collective, and the
+backend refuses every later call (the group holds a collective that will never complete). On an NCCL group the
+collectives are stream-ordered, so no host thread waits in them; NCCL's own timeout (the group's) applies there.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .. import fp8 as fp8_mod
 from ..config import Config
-from ..errors import DeepEPInputError, expect
+from ..errors import DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
 from ..layout import channel_counts, get_dispatch_layout, index_among_selected, round_up_counts, stream_slots
 from .base import (
     CombineResult,
@@ -34,13 +39,33 @@ from .base import (
 
 class _Comm:
     """Byte-level collectives over a process group. CUDA tensors go through host memory when the group cannot
-    carry them (gloo), so the reference also runs with several processes sharing one GPU."""
+    carry them (gloo), so the reference also runs with several processes sharing one GPU.
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    ``op`` names the Buffer call in progress (set by :func:`_collective`); ``broken`` says why this backend can no
+    longer be used, once a wait timed out.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
+        self.timeout_s = timeout_s
+        self.op = "?"
+        self.broken: Optional[str] = None
+
+    def _wait(self, work: Any, collective: str) -> None:
+        """Wait for ``work`` (gloo) at most ``timeout_s``; on NCCL the stream orders it and nothing waits here."""
+        if self.nccl:
+            return
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            ranks = dist.get_process_group_ranks(self.group)
+            self.broken = (f"{self.op} on rank {self.rank} waited {self.timeout_s:g} s (DEEPEP_PLUGIN_TIMEOUT_S) for "
+                           f"the {collective} of the group's ranks {ranks} (global ranks) and gave up: a peer did "
+                           f"not make the matching call, or died ({e})")
+            raise DeepEPTimeoutError(self.broken + ". This Buffer can no longer be used.") from None
 
     def _comm_device(self, device: torch.device) -> torch.device:
         return device if (device.type == "cuda") == self.nccl else torch.device("cuda" if self.nccl else "cpu")
@@ -49,7 +74,7 @@ class _Comm:
         """``[R, *t.shape]``: every rank's ``t`` (same shape and dtype on all ranks)."""
         src = t.contiguous().to(self._comm_device(t.device))
         parts = [torch.empty_like(src) for _ in range(self.num_ranks)]
-        dist.all_gather(parts, src, group=self.group)
+        self._wait(dist.all_gather(parts, src, group=self.group, async_op=True), "all_gather of counts")
         return torch.stack(parts).to(t.device)
 
     def alltoall_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
@@ -62,13 +87,29 @@ class _Comm:
         comm_device = self._comm_device(rows.device)
         src = src.to(comm_device)
         out = torch.empty(sum(recv_counts) * row_bytes, dtype=torch.uint8, device=comm_device)
-        dist.all_to_all_single(out, src, [c * row_bytes for c in recv_counts], [c * row_bytes for c in send_counts],
-                               group=self.group)
+        work = dist.all_to_all_single(out, src, [c * row_bytes for c in recv_counts],
+                                      [c * row_bytes for c in send_counts], group=self.group, async_op=True)
+        self._wait(work, "all_to_all of rows")
         out = out.to(rows.device)
         return out.view(rows.dtype).reshape(sum(recv_counts), *row_shape)
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        self._wait(dist.barrier(group=self.group, async_op=True), "barrier")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _collective(op: str) -> Callable[[_F], _F]:
+    """Name the op for the errors of its waits, and refuse it once an earlier wait timed out."""
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def method(self: "ReferenceBackend", *args: Any, **kwargs: Any) -> Any:
+            self.check_error()
+            self.comm.op = op
+            return fn(self, *args, **kwargs)
+        return method  # type: ignore[return-value]
+    return wrap
 
 
 def _rows_to(mask: torch.Tensor) -> list[torch.Tensor]:
@@ -80,10 +121,14 @@ class ReferenceBackend:
     """DeepEP V1 semantics over ``torch.distributed`` (see the module docstring)."""
 
     name = "reference"
+    #: Buffer adds stream and event bookkeeping around its calls (only the intranode kernels order their own).
+    orders_streams = False
 
     def __init__(self, group: dist.ProcessGroup, num_ranks_per_node: int, num_nvl_bytes: int = 0,
-                 num_rdma_bytes: int = 0) -> None:
-        self.comm = _Comm(group)
+                 num_rdma_bytes: int = 0, timeout_s: Optional[float] = None) -> None:
+        from ..config import get_timeout_s
+
+        self.comm = _Comm(group, get_timeout_s() if timeout_s is None else timeout_s)
         self.rank = self.comm.rank
         self.num_ranks = self.comm.num_ranks
         self.num_ranks_per_node = num_ranks_per_node
@@ -93,6 +138,15 @@ class ReferenceBackend:
         # Low-latency state: which of the two buffers the next call uses, and the combine send buffers.
         self._ll_parity = 0
         self._ll_combine_buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    @property
+    def reference(self) -> "ReferenceBackend":
+        """The backend that serves what no kernel does: this one."""
+        return self
+
+    def runtime_for(self, op: str, cuda: bool, dtype: Optional[torch.dtype] = None) -> "ReferenceBackend":
+        """Every call runs here (``backend="reference"``, or a machine without CUDA)."""
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     # Normal kernels
@@ -168,6 +222,7 @@ class ReferenceBackend:
             col = handle.recv_gbl_rank_prefix_sum.long()
         return torch.diff(col, prepend=col.new_zeros(1)).tolist()
 
+    @_collective("dispatch")
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[Handle],
                  layout: Optional[DispatchLayout], topk_idx: Optional[torch.Tensor],
                  topk_weights: Optional[torch.Tensor], expert_alignment: int, num_worst_tokens: int,
@@ -236,6 +291,7 @@ class ReferenceBackend:
         out[: t.size(0)] = t
         return out
 
+    @_collective("combine")
     def combine(self, x: torch.Tensor, handle: Handle, topk_weights: Optional[torch.Tensor],
                 bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config) -> CombineResult:
         is_token_in_rank = handle.is_token_in_rank
@@ -275,11 +331,13 @@ class ReferenceBackend:
         """BF16 ``[E_loc, R*N_ll, H]`` view (row stride ``H + H/64``) of the combine send buffer ``parity``."""
         key = (num_local_experts, slots, hidden, device)
         if key not in self._ll_combine_buffers:
-            stride = hidden + hidden // 64  # each slot: 2H bytes of BF16 + H/128 float32 words (as DeepEP)
+            # each slot: 2H bytes of BF16 + H/128 float32 words (DeepEP's), rounded up to 16 bytes as the kernels'
+            stride = (hidden + hidden // 64 + 7) // 8 * 8
             self._ll_combine_buffers = {key: [torch.zeros(num_local_experts, slots, stride, dtype=torch.bfloat16,
                                                           device=device) for _ in range(2)]}
         return self._ll_combine_buffers[key][parity][:, :, :hidden]
 
+    @_collective("low_latency_dispatch")
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, *, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool,
@@ -352,6 +410,7 @@ class ReferenceBackend:
         scales_view = recv_scales.transpose(1, 2) if recv_scales is not None else None
         return LowLatencyDispatchResult(recv_x, scales_view, recv_count, handle, hook)
 
+    @_collective("low_latency_combine")
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, *, zero_copy: bool, return_recv_hook: bool,
                             out: Optional[torch.Tensor],
@@ -397,6 +456,8 @@ class ReferenceBackend:
                 valid = (e >= 0) & (e < num_experts)
                 row = table[e.clamp(0, num_experts - 1), torch.arange(num_tokens, device=x.device)]
                 valid &= row >= 0
+                if got_rows.size(0) == 0:  # nothing came back (every slot of every token is -1 or empty)
+                    break
                 contrib = got_rows[row.clamp(min=0)].float() * topk_weights[:, k:k + 1].float()
                 acc += torch.where(valid[:, None], contrib, torch.zeros_like(contrib))
             result.copy_(acc.to(result.dtype))
@@ -408,6 +469,7 @@ class ReferenceBackend:
         receive()
         return result, None
 
+    @_collective("clean_low_latency_buffer")
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         for buffers in self._ll_combine_buffers.values():
             for b in buffers:
@@ -431,7 +493,8 @@ class ReferenceBackend:
         return self._local_buffers[use_rdma_buffer]
 
     def check_error(self) -> None:
-        return None
+        if self.comm.broken is not None:
+            raise DeepEPError(f"Buffer: this Buffer can no longer be used: {self.comm.broken}")
 
     def destroy(self) -> None:
         self._local_buffers.clear()
