@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         from .internode import main as run
     elif name == "compare":
         from .compare import main as run
+    elif name == "fuzz":
+        from .fuzz import main as run
     elif name in ("low-latency", "low_latency"):
         from .low_latency import main as run
     else:
