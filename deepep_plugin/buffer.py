@@ -293,12 +293,14 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """Bytes of RDMA buffer the low-latency kernels need (DeepEP's formula; ``num_ranks`` is not used)."""
+        """Bytes of RDMA buffer the low-latency kernels need: DeepEP's formula (``num_ranks`` is not used), with each
+        combine row rounded up to 16 bytes as the kernels lay it out (no change for DeepEP's hidden sizes, which are
+        multiples of 512)."""
         expect(hidden % 128 == 0, f"get_low_latency_rdma_size_hint: hidden must be a multiple of 128, got {hidden}")
         num_scales = hidden // 128
         n = num_max_dispatch_tokens_per_rank
         dispatch_msg = 16 + max(2 * hidden, hidden + 4 * num_scales)
-        combine_msg = 4 * num_scales + 2 * hidden
+        combine_msg = (4 * num_scales + 2 * hidden + 15) // 16 * 16
         send = max(n * dispatch_msg, num_experts * n * combine_msg)
         recv = max(num_experts * n * dispatch_msg, num_experts * n * combine_msg)
         signal = (4 * num_experts + 127) // 128 * 128

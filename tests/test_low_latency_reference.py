@@ -109,7 +109,7 @@ def _check_combine(rank: int, world_size: int, zero_copy: bool, use_hook: bool) 
     out = torch.empty(me.num_tokens, me.hidden, dtype=torch.bfloat16)
     if zero_copy:
         target = buf.get_next_low_latency_combine_buffer(handle)
-        assert target.shape == y.shape and target.stride(1) == me.hidden + me.hidden // 64
+        assert target.shape == y.shape and target.stride(1) == (me.hidden + me.hidden // 64 + 7) // 8 * 8
         target.copy_(y)
     combined, event, hook = buf.low_latency_combine(y, me.topk_idx, me.topk_weights, handle, zero_copy=zero_copy,
                                                     return_recv_hook=use_hook, out=out)
