@@ -133,7 +133,7 @@ def print_serving_table(num_ranks: int, num_ranks_per_node: int) -> None:
 
 
 USAGE = ("usage: deepep-plugin doctor [--ranks R [--ranks-per-node G]]\n"
-         "       deepep-plugin bench {intranode,internode,low-latency,compare} [options]")
+         "       deepep-plugin bench {intranode,internode,low-latency,compare,fuzz} [options]")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,8 @@
 #                      MPS=1 runs ranks that share a GPU concurrently under MPS (started and stopped here)
 #   low-latency-bench  the low-latency kernels ($LOW_LATENCY_ARGS; ranks time their kernels in turns on one GPU)
 #   internode-bench    the internode kernels on emulated nodes (2 of 2 ranks sharing the GPUs there are)
+#   fuzz               random cases through the kernels against the reference ($FUZZ_ARGS, default 1000 cases over
+#                      2, 4 and 8 ranks); writes $OUT/fuzz.json (copy it to benchmarks/results/fuzz.json)
 #   bench              compare intranode-bench low-latency-bench internode-bench
 # Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
 # script at once; any other failing stage makes it exit 1 after the rest have run.
@@ -29,7 +31,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iters 5"}
 LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
 
-ALL="build unpack tests recipe compare intranode-bench low-latency-bench internode-bench"
+ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench"
 requested=${*:-${STAGES:-"build tests recipe bench"}}
 STAGES=" "
 for s in $requested; do
@@ -73,6 +75,13 @@ if stage recipe; then
   echo "== main job on the CUDA backend"
   timeout 240 python3 -m examples.deepseek_v3.train --preset tiny --backend cuda --no-progress \
     --out-dir "$OUT/recipe" 2>&1 | tail -8 | tee "$OUT/recipe.log" || rc=1
+fi
+
+if stage fuzz; then
+  echo "== fuzz: the kernels against the reference backend"
+  # shellcheck disable=SC2086
+  timeout "${FUZZ_TIMEOUT:-300}" python3 -m deepep_plugin.bench fuzz ${FUZZ_ARGS:-} --out "$OUT/fuzz.json" 2>&1 \
+    | tee "$OUT/fuzz.log" | grep -E "^\[fuzz\] [a-z].*(mismatched|STOPPED)|FAIL|^\[fuzz\] seed" || rc=1
 fi
 
 if stage compare; then

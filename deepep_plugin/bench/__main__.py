@@ -1,4 +1,4 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare} [options]``: the benchmarks (programs, not
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]``: the benchmarks (programs, not
 tests)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 USAGE = (
-    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare} [options]  (--help after the "
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]  (--help after the "
     "name for options)"
 )
 
