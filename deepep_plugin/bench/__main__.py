@@ -1,5 +1,5 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]``: the benchmarks (programs, not
-tests)."""
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]``: the benchmarks and
+the fuzzer (programs, not tests)."""
 
 from __future__ import annotations
 
