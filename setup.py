@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -48,18 +49,30 @@ def _gencode_flags() -> list[str]:
     return flags
 
 
-def _extensions() -> tuple[list, dict]:
+_HOW = "build them on a machine with CUDA torch and nvcc: pip install --no-build-isolation ."
+
+
+def _no_kernels_reason() -> str | None:
+    """Why no kernel can be built here, or None when they can."""
     if os.environ.get("DEEPEP_PLUGIN_NO_EXT") == "1":
-        return [], {}
+        return "DEEPEP_PLUGIN_NO_EXT=1 was set"
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
+        return ("torch was not importable while building (pip's default build isolation builds in a fresh "
+                "environment without your torch)")
+    if torch.version.cuda is None:
+        return f"the build saw torch {torch.__version__}, a CPU build"
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return f"nvcc was not found (CUDA_HOME={CUDA_HOME})"
+    return None
+
+
+def _extensions() -> tuple[list, dict]:
+    if _no_kernels_reason() is not None:
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc")
-    ):
-        return [], {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     cccl = os.path.join(CUDA_HOME, "include", "cccl")
     include_dirs = [os.path.join(HERE, "csrc"), cccl]
@@ -94,7 +107,24 @@ def _extensions() -> tuple[list, dict]:
     return exts, {"build_ext": BuildExtension}
 
 
+def _record_build(ext_modules: list) -> None:
+    """Write deepep_plugin/_build_info.py (what this install built, and why not the rest), which the runtime's
+    "not built" errors and warnings quote, and say the same on stderr now."""
+    built = sorted(e.name.rsplit(".", 1)[-1] for e in ext_modules)
+    reason = _no_kernels_reason()
+    if reason is None and "_nvshmem_C" not in built:
+        reason = "the NVSHMEM wheel (nvidia-nvshmem-cu13) was not found or not asked for (DEEPEP_PLUGIN_EXTENSIONS)"
+    with open(os.path.join(HERE, "deepep_plugin", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py: what this install built. Not in git.\n")
+        f.write(f"BUILT = {built!r}\n")
+        f.write(f"NOT_BUILT_REASON = {reason!r}\n")
+    if reason is not None:
+        what = "without" if not built else f"with only {', '.join(built)} of"
+        sys.stderr.write(f"deepep_plugin: WARNING: installed {what} the CUDA kernels: {reason}; {_HOW}\n")
+
+
 ext_modules, cmdclass = _extensions()
+_record_build(ext_modules)
 
 setup(
     packages=find_packages(include=["deepep_plugin", "deepep_plugin.*"]) + [

@@ -75,8 +75,10 @@ class IntranodeRuntime:
         try:
             load_extension()
         except ImportError:
-            return (f"the intranode kernels (deepep_plugin.{cls.extension}) are not built; build on a machine with "
-                    "CUDA torch and nvcc: pip install --no-build-isolation .")
+            from .selection import build_note
+
+            return (f"the intranode kernels (deepep_plugin.{cls.extension}) are not built{build_note()}; build on a "
+                    "machine with CUDA torch and nvcc: pip install --no-build-isolation .")
         return ""
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_nvl_bytes: int,

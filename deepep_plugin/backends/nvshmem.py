@@ -41,8 +41,10 @@ def unavailable_reason() -> str:
     try:
         extension()
     except ModuleNotFoundError:
-        return (f"the NVSHMEM kernels (deepep_plugin.{EXTENSION}) are not built; build on a machine with CUDA torch "
-                "and nvcc: pip install --no-build-isolation .")
+        from .selection import build_note
+
+        return (f"the NVSHMEM kernels (deepep_plugin.{EXTENSION}) are not built{build_note()}; build on a machine "
+                "with CUDA torch and nvcc: pip install --no-build-isolation .")
     except ImportError as e:
         return f"the NVSHMEM kernels (deepep_plugin.{EXTENSION}) are built but do not load: {e}"
     return ""

@@ -80,6 +80,17 @@ def unavailable_reason(name: str) -> str:
     return runtime_class(name).unavailable_reason()
 
 
+def build_note() -> str:
+    """What setup.py recorded about this install's kernels (``deepep_plugin/_build_info.py``), as a clause to
+    append to a "not built" reason; "" when it recorded nothing."""
+    try:
+        from .. import _build_info  # type: ignore[attr-defined]
+    except ImportError:
+        return ""
+    reason = getattr(_build_info, "NOT_BUILT_REASON", None)
+    return f" (at install time: {reason})" if reason else ""
+
+
 _SIZED_FOR = "build the Buffer with Buffer.sized_for(group, hidden_bytes)"
 
 
