@@ -80,8 +80,11 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
               f"MoE layers on deepep_plugin: {plugin_layers}/{len(engine.moe_layers)}; "
               f"loss of a uniform guess {corpus.uniform_loss:.3f}, entropy floor {corpus.entropy:.3f}", flush=True)
 
+    from examples.deepseek_v3.reporting import ProgressBar
+
     losses: List[float] = []
     start = time.time()
+    bar = ProgressBar(args.steps, enabled=rank == 0, desc="train")  # a bar on a terminal, plain lines otherwise
     for step in range(args.steps):
         tokens = corpus.batch(step * world + rank, micro_batch).to(engine.device)
         loss, ce, l_aux = engine(tokens)
@@ -91,9 +94,12 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         dist.all_reduce(logged)
         logged /= world
         losses.append(logged[0].item())
+        bar.update()
+        bar.set_postfix(f"loss {losses[-1]:.4f}")
         if rank == 0 and (step % args.log_interval == 0 or step == args.steps - 1):
-            print(f"step {step + 1:4d}/{args.steps}  loss {losses[-1]:.4f}  l_aux {logged[1].item():.4f}  "
-                  f"{(time.time() - start) / (step + 1) * 1e3:7.1f} ms/step", flush=True)
+            bar.write(f"step {step + 1:4d}/{args.steps}  loss {losses[-1]:.4f}  l_aux {logged[1].item():.4f}  "
+                      f"{(time.time() - start) / (step + 1) * 1e3:7.1f} ms/step")
+    bar.close()
     if rank != 0:
         return None
     summary = {"losses": losses, "plugin_layers": plugin_layers, "moe_layers": len(engine.moe_layers),
