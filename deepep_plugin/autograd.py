@@ -21,15 +21,13 @@ graph break), runs it eagerly and resumes after it.
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from typing import Any, NamedTuple, Optional
 
 import torch
 
 from . import fp8 as fp8_mod
 from .backends.base import InternodeHandle, IntranodeHandle, handle_num_channels
-from .buffer import Buffer
+from .buffer import Buffer, buffer_of_key
 from .config import Config, dispatch_config
 from .errors import DeepEPError, DeepEPInputError
 
@@ -45,34 +43,16 @@ class DispatchOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 # What a custom op cannot take as-is: the Buffer (a registry key), a Config (its fields), a handle (its tensors)
 # ----------------------------------------------------------------------------------------------------------
-_KEYS: "weakref.WeakKeyDictionary[Buffer, int]" = weakref.WeakKeyDictionary()
-_BUFFERS: dict[int, "weakref.ref[Buffer]"] = {}
-_NEXT_KEY = itertools.count(1)
-
-
-def _forget(key: int) -> None:
-    _BUFFERS.pop(key, None)
-
-
-# torch.compile runs this once, at trace time, on the real Buffer, and guards the graph on that Buffer's identity:
-# the registration is a real side effect (a traced one would be replayed only after the graph, too late for the
-# ops inside it), and a graph is never reused with another Buffer. Weak references: registering keeps no Buffer
-# alive.
-@torch.compiler.assume_constant_result
 def _buffer_key(buffer: Buffer) -> int:
+    """The int a custom op carries for ``buffer``: fixed at the Buffer's construction, so reading it under the
+    compiler is a plain attribute read (guarded: a graph is never reused with another Buffer)."""
     if not isinstance(buffer, Buffer):
         raise DeepEPInputError(f"buffer must be a deepep_plugin.Buffer, got {type(buffer).__name__}")
-    key = _KEYS.get(buffer)
-    if key is None:
-        key = next(_NEXT_KEY)
-        _KEYS[buffer] = key
-        _BUFFERS[key] = weakref.ref(buffer, lambda _ref, k=key: _forget(k))
-    return key
+    return buffer._op_key
 
 
 def _buffer(key: int) -> Buffer:
-    ref = _BUFFERS.get(key)
-    buffer = ref() if ref is not None else None
+    buffer = buffer_of_key(key)
     if buffer is None:
         raise DeepEPError("deepep_plugin.autograd: the Buffer this call was made with has been garbage collected")
     return buffer

@@ -18,7 +18,9 @@ Code written for ``deep_ep.Buffer`` runs unchanged: same constructor, methods, d
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -100,6 +102,24 @@ def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "to
 
 def _is_cuda_tensor(x: XType) -> bool:
     return (x[0] if isinstance(x, tuple) else x).is_cuda
+
+
+# Every Buffer gets an int at construction, by which the torch.library ops of deepep_plugin.autograd name it (a
+# custom op takes only tensors and plain values). Weak references: the registry keeps no Buffer alive.
+_OP_KEYS = itertools.count(1)
+_BY_OP_KEY: "dict[int, weakref.ref[Buffer]]" = {}
+
+
+def _register_op_key(buffer: "Buffer") -> int:
+    key = next(_OP_KEYS)
+    _BY_OP_KEY[key] = weakref.ref(buffer, lambda _ref, k=key: _BY_OP_KEY.pop(k, None))
+    return key
+
+
+def buffer_of_key(key: int) -> "Optional[Buffer]":
+    """The live Buffer whose ``_op_key`` is ``key``, else None."""
+    ref = _BY_OP_KEY.get(key)
+    return ref() if ref is not None else None
 
 
 def _resolve_ranks_per_node(group: dist.ProcessGroup, rank: int, group_size: int, given: Optional[int]) -> int:
@@ -209,6 +229,7 @@ class Buffer:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._default_configs: dict[tuple[str, int], Config] = {}
+        self._op_key = _register_op_key(self)
 
     @classmethod
     def sized_for(cls, group: Optional[dist.ProcessGroup], hidden_bytes: int, *, num_sms: Optional[int] = None,
