@@ -183,3 +183,30 @@ def test_routing_map_to_topk_lists_selected_experts_in_order_then_minus_one() ->
         assert idx[t].tolist() == want_idx
         assert weights[t].tolist() == want_w
     assert idx.dtype == torch.int64 and weights.dtype == torch.float32
+
+
+def test_dispatcher_mode_leaves_megatrons_other_flex_backends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the plugin is bound, a layer whose config asks for the hybridep or ncclep flex backend gets Megatron's
+    own flex dispatcher (built with the same arguments); deepep gets the plugin's."""
+    import types
+
+    from deepep_plugin.integrations.megatron import dispatcher
+
+    before = moe_layer.MoEFlexTokenDispatcher
+    dpm.enable(_parse(*STOCK_FLEX, "--deepep-plugin"))
+    try:
+        assert dispatcher._MEGATRON_FLEX is before
+
+        class Recorded:  # stands in for Megatron's dispatcher, whose real __init__ needs process groups
+            def __init__(self, *args: object, config: object = None, **kwargs: object) -> None:
+                self.args, self.config, self.kwargs = args, config, kwargs
+
+        monkeypatch.setattr(dispatcher, "_MEGATRON_FLEX", Recorded)
+        for backend in ("hybridep", "ncclep"):
+            cfg = types.SimpleNamespace(moe_flex_dispatcher_backend=backend)
+            built = moe_layer.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config=cfg, pg_collection="pg")
+            assert type(built) is Recorded and built.args == (4, [0, 1, 2, 3]) and built.config is cfg
+            assert built.kwargs == {"pg_collection": "pg"}
+    finally:
+        dpm.disable()
+    assert dispatcher._MEGATRON_FLEX is None and moe_layer.MoEFlexTokenDispatcher is before

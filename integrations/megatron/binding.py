@@ -66,10 +66,12 @@ def enable(args_or_config: Any = None, **overrides: Any) -> PluginSettings:
 
         previous = moe_layer.MoEFlexTokenDispatcher
         dispatcher.set_active_settings(settings)
+        dispatcher._MEGATRON_FLEX = previous  # other flex backends (hybridep, ncclep) keep Megatron's dispatcher
         moe_layer.MoEFlexTokenDispatcher = dispatcher.DeepEPPluginTokenDispatcher
 
         def restore() -> None:
             moe_layer.MoEFlexTokenDispatcher = previous
+            dispatcher._MEGATRON_FLEX = None
             dispatcher.set_active_settings(None)
             dispatcher.BUFFERS.clear()
 

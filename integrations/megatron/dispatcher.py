@@ -150,14 +150,26 @@ def _base_class() -> type:
     return MoETokenDispatcher
 
 
+#: Megatron's own flex dispatcher while dispatcher mode is bound (``binding.enable`` sets it): layers whose config
+#: asks for another flex backend (``hybridep``, ``ncclep``) get it, so the plugin leaves those backends working.
+_MEGATRON_FLEX: Optional[type] = None
+
+
 class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
     """Token dispatcher for Megatron-Core ``MoELayer`` over ``deepep_plugin`` (see the module docstring).
 
     Built by ``MoELayer`` as ``Cls(num_local_experts, local_expert_indices, config=..., pg_collection=...)``.
     Communicates over the expert-tensor x expert-parallel group (``pg_collection.tp_ep``); TP copies of an expert
     are separate virtual experts, so every TP rank of an expert receives the same tokens, as in Megatron's flex
-    dispatcher.
+    dispatcher. A config whose ``moe_flex_dispatcher_backend`` is not ``deepep`` gets Megatron's own flex
+    dispatcher instead (its HybridEP or NCCL-EP backend), untouched.
     """
+
+    def __new__(cls, *args: Any, config: Any = None, **kwargs: Any) -> Any:
+        backend = getattr(config, "moe_flex_dispatcher_backend", "deepep")
+        if _MEGATRON_FLEX is not None and backend not in (None, "deepep"):
+            return _MEGATRON_FLEX(*args, config=config, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config: Any,
                  pg_collection: Any = None) -> None:
