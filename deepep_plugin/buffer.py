@@ -230,6 +230,7 @@ class Buffer:
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._default_configs: dict[tuple[str, int], Config] = {}
         self._op_key = _register_op_key(self)
+        self._usable_sms: Optional[tuple[int, str]] = None  # (count, why): see _resident_sms
 
     @classmethod
     def sized_for(cls, group: Optional[dist.ProcessGroup], hidden_bytes: int, *, num_sms: Optional[int] = None,
@@ -573,6 +574,22 @@ class Buffer:
                                        f"num_sms={config.num_sms}")
         return handle
 
+    def _resident_sms(self, device: torch.device) -> int:
+        """SMs the intranode kernels' blocks may occupy at once here (``backends/residency.py``), read once."""
+        usable = self._usable_sms
+        if usable is None:
+            from .backends.residency import usable_sms
+
+            count = torch.cuda.get_device_properties(device).multi_processor_count
+            usable = self._usable_sms = usable_sms(count)
+        return usable[0]
+
+    def _refuse_sms(self, what: str, config: Config, device: torch.device) -> None:
+        from .backends.residency import check_resident
+
+        assert self._usable_sms is not None
+        check_resident(what, config.num_sms, self._usable_sms)
+
     def _check_nvl_bytes(self, what: str, needed: int) -> None:
         if needed > self.num_nvl_bytes and self.num_ranks_per_node == self.group_size:
             raise DeepEPBufferTooSmall(
@@ -674,6 +691,8 @@ class Buffer:
         ordered = target.orders_streams
         if not ordered:
             runtime.check_error()
+        elif config.num_sms > self._resident_sms(dev):
+            self._refuse_sms("dispatch", config, dev)
 
         def run() -> Any:
             return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
@@ -742,6 +761,8 @@ class Buffer:
         ordered = target.orders_streams
         if not ordered:
             runtime.check_error()
+        elif config.num_sms > self._resident_sms(dev):
+            self._refuse_sms("combine", config, dev)
 
         def run() -> Any:
             return target.combine(x, handle, topk_weights, bias0, bias1, config)

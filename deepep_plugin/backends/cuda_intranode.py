@@ -132,7 +132,9 @@ class IntranodeRuntime:
             self._broken = (
                 f"rank {rank}: timed out after {self.timeout_s:g} s in {what_name} "
                 f"(waiting for rank {peer}, {where}counter expected {detail}, last seen {observed}). "
-                "A peer died, hung, or did not make the same call; this buffer is unusable now (destroy it)")
+                "A peer died, hung, or did not make the same call; or, if every rank made it, not all of the "
+                "kernel's num_sms blocks could be resident at once (another persistent kernel on the GPU, or an MPS "
+                "limit: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). This buffer is unusable now (destroy it)")
             raise DeepEPTimeoutError(self._broken)
         if status == MAILBOX_OVERFLOW:
             raise DeepEPInputError(
