@@ -34,8 +34,10 @@ def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts
         recv_topk_weights: ``[N, K]`` float32 routing weights (optional; gives ``probs``).
         alignment: pad each expert's block with zero rows to a multiple of this.
         num_out_rows: ``M`` if known (e.g. the sum of dispatch's ``num_recv_tokens_per_expert_list``, or a fixed
-            worst case for CUDA graphs): no host sync then. Rows past the padded blocks are padding; ``M`` must be
-            at least the padded total.
+            worst case for CUDA graphs): then every shape is static and nothing reads the device (no
+            ``nonzero``), so the call can be captured in a CUDA graph. Rows past the padded blocks are padding;
+            ``M`` must be at least the padded total (rows beyond ``M`` would be dropped, unchecked: checking would
+            read the device).
 
     Returns:
         ``Permutation(x [M, H], tokens_per_expert [E_loc] int64, row_ids [M] int64, probs [M] float32 or None)``.
@@ -52,6 +54,8 @@ def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts
                f"got {tuple(recv_topk_weights.shape)}")
     dev = recv_x.device
     idx = recv_topk_idx.long()
+    if num_out_rows is not None:
+        return _permute_static(recv_x, idx, num_local_experts, recv_topk_weights, alignment, num_out_rows)
     valid = (idx >= 0) & (idx < num_local_experts)
     rows, slots = torch.nonzero(valid, as_tuple=True)
     experts = idx[rows, slots]
@@ -72,6 +76,35 @@ def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts
     return Permutation(x, padded, row_ids, probs)
 
 
+def _permute_static(recv_x: torch.Tensor, idx: torch.Tensor, num_local_experts: int,
+                    recv_topk_weights: Optional[torch.Tensor], alignment: int, num_out_rows: int) -> Permutation:
+    """``permute`` with ``M`` given, in static shapes: every (row, slot) entry is sorted, the unused ones last, and
+    sent to a dump row ``M`` that is cut off. Gives exactly what the dynamic path gives."""
+    n, k = idx.shape
+    e, m, dev = num_local_experts, num_out_rows, recv_x.device
+    flat = idx.reshape(-1)
+    valid = (flat >= 0) & (flat < e)
+    key = torch.where(valid, flat, torch.full_like(flat, e))  # unused entries sort after every expert
+    pos = torch.arange(n * k, device=dev)
+    rows_all = torch.div(pos, max(k, 1), rounding_mode="floor")
+    order = torch.argsort(key * max(n, 1) + rows_all, stable=True)  # the dynamic path's order, entries row-major
+    experts, rows = key[order], rows_all[order]
+    counts = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:e]
+    padded = (counts + alignment - 1) // alignment * alignment
+    start = torch.cumsum(counts, 0) - counts
+    padded_start = torch.cumsum(padded, 0) - padded
+    expert = experts.clamp(max=max(e - 1, 0))
+    dest = padded_start[expert] + pos - start[expert]
+    dest = torch.where((experts < e) & (dest < m), dest, torch.full_like(dest, m))
+    row_ids = torch.full((m + 1,), -1, dtype=torch.long, device=dev).scatter_(0, dest, rows)[:m]
+    x = recv_x.new_zeros(m + 1, recv_x.size(1)).index_copy(0, dest, recv_x.index_select(0, rows))[:m]
+    probs = None
+    if recv_topk_weights is not None:
+        w = recv_topk_weights.reshape(-1)[order]
+        probs = recv_topk_weights.new_zeros(m + 1).index_copy(0, dest, w)[:m]
+    return Permutation(x, padded, row_ids, probs)
+
+
 def unpermute(y: torch.Tensor, perm: Permutation, num_rows: int) -> torch.Tensor:
     """Sum expert rows back into received rows: ``[M, H]`` -> ``[num_rows, H]`` (FP32 sums, y's dtype).
 
@@ -80,7 +113,9 @@ def unpermute(y: torch.Tensor, perm: Permutation, num_rows: int) -> torch.Tensor
     """
     expect(y.dim() == 2 and y.size(0) == perm.row_ids.numel(),
            f"unpermute: y must be [{perm.row_ids.numel()}, H], got shape {tuple(y.shape)}")
-    real = torch.nonzero(perm.row_ids >= 0, as_tuple=False).flatten()
-    out = torch.zeros(num_rows, y.size(1), dtype=torch.float32, device=y.device)
-    out = out.index_add(0, perm.row_ids[real], y.index_select(0, real).float())
+    # Padding rows go to a dump row that is cut off: static shapes, no device read, and the real rows are summed
+    # in the same order as before.
+    target = torch.where(perm.row_ids >= 0, perm.row_ids, torch.full_like(perm.row_ids, num_rows))
+    out = torch.zeros(num_rows + 1, y.size(1), dtype=torch.float32, device=y.device)
+    out = out.index_add(0, target, y.float())[:num_rows]
     return out.to(y.dtype)
