@@ -327,3 +327,43 @@ def test_megatron_adapter_gives_a_two_node_group_rdma_bytes(mode: str) -> None:
 
     run_distributed(selection_workers.megatron_two_node_worker, 4, mode=mode, seed=31, device="cpu",
                     plugin_backend="reference")
+
+
+def _sync_free_matches(rank: int, world: int, style: str, alignment: int, seed: int) -> None:
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    seen = {}
+    original = SequentialMLP.forward
+
+    def forward(self, rows, tokens_per_expert, probs):
+        seen["rows"], seen["counts"] = rows.size(0), tokens_per_expert
+        return original(self, rows, tokens_per_expert, probs)
+
+    SequentialMLP.forward = forward
+    try:
+        # The ranks hold different token counts here, so the default (tokens x EP size) is not the worst case.
+        _compare_with_alltoall(rank, style, seed, plugin=dict(mode="dispatcher", sync_free=True, worst_tokens=96,
+                                                              expert_alignment=alignment))
+    finally:
+        SequentialMLP.forward = original
+    # Static shapes: worst-case rows (every token of every rank, in up to min(K, L) local experts), blocks that
+    # cover them all on the tokens' device, each block but the last a multiple of the alignment.
+    counts = seen["counts"]
+    assert counts.device.type == "cpu" and int(counts.sum()) == seen["rows"]
+    assert all(c % alignment == 0 for c in counts.tolist()), counts
+
+
+@pytest.mark.parametrize("style,alignment", [("default", 1), ("deepseek_v3", 8)])
+def test_dispatcher_mode_sync_free_matches_megatron_alltoall(style: str, alignment: int) -> None:
+    run_distributed(_sync_free_matches, WORLD, style, alignment, 17)
+
+
+def test_sync_free_settings_are_checked() -> None:
+    from deepep_plugin.errors import DeepEPInputError
+    from deepep_plugin.integrations.megatron import PluginSettings
+
+    for kwargs, pattern in ((dict(worst_tokens=64), "set sync_free"), (dict(sync_free=True, mode="compat"),
+                            "needs mode 'dispatcher'"), (dict(sync_free=True, tokens_per_expert_device="cpu"),
+                                                         "keeps tokens_per_expert on the device")):
+        with pytest.raises(DeepEPInputError, match=pattern):
+            PluginSettings(**kwargs)

@@ -210,3 +210,12 @@ def test_dispatcher_mode_leaves_megatrons_other_flex_backends_alone(monkeypatch:
     finally:
         dpm.disable()
     assert dispatcher._MEGATRON_FLEX is None and moe_layer.MoEFlexTokenDispatcher is before
+
+
+def test_sync_free_flags_reach_the_settings() -> None:
+    settings = dpm.enable(_parse(*STOCK_FLEX, "--deepep-plugin", "--deepep-plugin-sync-free",
+                                 "--deepep-plugin-worst-tokens", "512"))
+    try:
+        assert settings.sync_free and settings.worst_tokens == 512 and settings.mode == "dispatcher"
+    finally:
+        dpm.disable()

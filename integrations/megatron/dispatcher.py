@@ -201,6 +201,9 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
             self.tokens_per_expert_on_cpu = _experts_need_cpu_counts(config)
         else:
             self.tokens_per_expert_on_cpu = settings.tokens_per_expert_device == "cpu"
+        expect(not (settings.sync_free and self.tokens_per_expert_on_cpu),
+               "DeepEPPluginTokenDispatcher: sync_free needs experts that take tokens_per_expert on the device "
+               "(legacy GroupedMLP without TransformerEngine reads it on the host)")
         self.group_nodes = self._check_group_layout(config)
 
         import deepep_plugin
@@ -262,9 +265,12 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         state = self._comm_manager
         hidden_bytes = hidden_states.size(1) * max(hidden_states.element_size(), 2)
         buffer = BUFFERS.get(self.group, hidden_bytes)
+        worst = 0
+        if self.settings.sync_free:  # fixed output rows: no receive-count read (see PluginSettings.sync_free)
+            worst = self.settings.worst_tokens or hidden_states.size(0) * self.num_ranks
         recv_x, recv_idx, recv_probs, counts, handle = ep_autograd.dispatch(
             buffer, hidden_states.contiguous(), state.token_indices, state.token_probs.float(), self.num_experts,
-            fp8=self.settings.fp8_dispatch)
+            fp8=self.settings.fp8_dispatch, num_worst_tokens=worst)
         state.handle, state.buffer = handle, buffer
         state.dispatched_indices = recv_idx
         state.dispatched_probs = recv_probs
@@ -282,14 +288,24 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
 
         state = self._comm_manager
         a = self.expert_alignment
-        # Dispatch already read the per-expert counts on the host: size the permutation from them (no host read).
-        rows = sum((c + a - 1) // a * a for c in state.num_recv_tokens_per_expert)
+        if self.settings.sync_free:
+            # The worst case, static: every received row in up to min(K, L) local experts, each block padded.
+            k = min(state.dispatched_indices.size(1), self.num_local_experts)
+            rows = (state.num_received * k + self.num_local_experts * (a - 1) + a - 1) // a * a
+        else:
+            # Dispatch already read the per-expert counts on the host: size the permutation from them (no read).
+            rows = sum((c + a - 1) // a * a for c in state.num_recv_tokens_per_expert)
         perm = permute(hidden_states, state.dispatched_indices, self.num_local_experts,
                        recv_topk_weights=state.dispatched_probs, alignment=a, num_out_rows=rows)
         state.permutation = perm
         if self.tokens_per_expert_on_cpu:
             tokens_per_expert = torch.tensor([(c + a - 1) // a * a for c in state.num_recv_tokens_per_expert],
                                              dtype=torch.int64)
+        elif self.settings.sync_free:
+            # The rows past the real blocks (zeros, weight 0, dropped by unpermute) join the last expert's block,
+            # so the blocks cover all `rows` as grouped GEMMs and torch.split expect; on the device, no read.
+            tokens_per_expert = perm.tokens_per_expert.clone()
+            tokens_per_expert[-1:] += rows - tokens_per_expert.sum()
         else:
             tokens_per_expert = perm.tokens_per_expert
         permuted_probs = perm.probs

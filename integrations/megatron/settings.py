@@ -53,6 +53,12 @@ class PluginSettings:
             ``moe_router_padding_for_quantization`` is set, else 1.
         tokens_per_expert_device: where ``dispatcher`` mode returns ``tokens_per_expert``
             (:data:`TOKENS_PER_EXPERT_DEVICES`).
+        sync_free: ``dispatcher`` mode reads nothing from the GPU in a layer's forward and backward, so the MoE
+            layer can be captured in a CUDA graph: dispatch pads its outputs to ``worst_tokens`` rows
+            (``num_worst_tokens``), the permutation has a static size and ``tokens_per_expert`` stays on the
+            device (the experts must take it there: TransformerEngine's grouped GEMM).
+        worst_tokens: rows a rank can receive at most, for ``sync_free``; ``None``: every token of every rank of
+            the group (``tokens x EP size``, the true worst case when all ranks hold the same token count).
     """
 
     enabled: bool = True
@@ -61,6 +67,8 @@ class PluginSettings:
     num_sms: Optional[int] = None
     expert_alignment: Optional[int] = None
     tokens_per_expert_device: str = "auto"
+    sync_free: bool = False
+    worst_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         expect(isinstance(self.enabled, bool), f"deepep_plugin: 'enabled' must be a bool, got {self.enabled!r}")
@@ -76,7 +84,19 @@ class PluginSettings:
         expect(self.tokens_per_expert_device in TOKENS_PER_EXPERT_DEVICES,
                f"deepep_plugin: 'tokens_per_expert_device' must be one of {TOKENS_PER_EXPERT_DEVICES}, "
                f"got {self.tokens_per_expert_device!r}")
+        expect(isinstance(self.sync_free, bool), f"deepep_plugin: 'sync_free' must be a bool, got {self.sync_free!r}")
+        if self.worst_tokens is not None:
+            expect(_is_int(self.worst_tokens) and self.worst_tokens > 0,
+                   f"deepep_plugin: 'worst_tokens' must be a positive int, got {self.worst_tokens!r}")
+            expect(self.sync_free, "deepep_plugin: 'worst_tokens' is the capacity of 'sync_free'; set sync_free")
+        if self.sync_free:
+            expect(self.tokens_per_expert_device != "cpu",
+                   "deepep_plugin: sync_free keeps tokens_per_expert on the device (a CPU copy reads the GPU); "
+                   "set tokens_per_expert_device to 'auto' or 'device'")
         if self.mode == "compat":
+            expect(not self.sync_free,
+                   "deepep_plugin: sync_free needs mode 'dispatcher' (Megatron's own DeepEP path reads the receive "
+                   "counts on the host)")
             expect(not self.fp8_dispatch,
                    "deepep_plugin: fp8_dispatch needs mode 'dispatcher' (Megatron's own DeepEP path, mode 'compat', "
                    "always dispatches the unquantised hidden states)")
@@ -119,6 +139,12 @@ def add_megatron_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        default=PluginSettings.tokens_per_expert_device,
                        help="Where the dispatcher returns tokens_per_expert: auto (CPU only for experts that "
                             "need it), cpu, or device (no device-to-host copy in the dispatcher).")
+    group.add_argument("--deepep-plugin-sync-free", action="store_true",
+                       help="Dispatcher mode reads nothing from the GPU (fixed worst-case shapes; the MoE layer can "
+                            "be captured in a CUDA graph). Needs experts that take tokens_per_expert on the device.")
+    group.add_argument("--deepep-plugin-worst-tokens", type=int, default=None,
+                       help="Rows a rank can receive at most, for --deepep-plugin-sync-free. Default: tokens x EP "
+                            "size (every token of every rank).")
     return parser
 
 
