@@ -177,7 +177,7 @@ def test_cpu_placement_is_two_gloo_processes_by_default() -> None:
 
 # ------------------------------------------------------------------------------------------------------------
 # Two processes: the EP model is the single-process model
-def _first_step(rank: int, world_size: int, fp8: bool) -> None:
+def _first_step(rank: int, world_size: int, fp8: bool, sync_free: bool = False) -> None:
     cfg = small_config(hidden_size=128, fp8_dispatch=fp8) if fp8 else small_config()
     corpus = MarkovCorpus(cfg.vocab_size, 9, seed=2)
     batches = [corpus.batch(r, 3 + r) for r in range(world_size)]  # unequal batches: rank r has 3 + r sequences
@@ -196,7 +196,10 @@ def _first_step(rank: int, world_size: int, fp8: bool) -> None:
 
     buffer = train.make_buffer(dist.group.WORLD, cfg.hidden_size, torch.float32)
     assert buffer.backend_name == "reference"
-    model = DeepSeekV3Model(cfg, ExpertParallel(buffer=buffer, rank=rank, size=world_size), seed=9)
+    # sync_free: worst-case shapes; the ranks hold different token counts, so the worst case is given.
+    worst = sum(b[:, :-1].numel() for b in batches) if sync_free else None
+    model = DeepSeekV3Model(cfg, ExpertParallel(buffer=buffer, rank=rank, size=world_size, sync_free=sync_free,
+                                                worst_tokens=worst), seed=9)
     loss = model.loss(batches[rank])
     loss.backward()
     train.sync_gradients(model, world_size)
@@ -225,6 +228,10 @@ def _start_method() -> str:
 
 def test_ep2_first_step_loss_and_gradients_equal_the_single_process_model() -> None:
     run_distributed(_first_step, 2, False, start_method=_start_method(), timeout=120)
+
+
+def test_ep2_sync_free_first_step_equals_the_single_process_model() -> None:
+    run_distributed(_first_step, 2, False, True, start_method=_start_method(), timeout=120)
 
 
 def test_ep2_fp8_dispatch_first_step_equals_the_single_process_model_with_fp8_rounding() -> None:

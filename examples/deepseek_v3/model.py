@@ -55,6 +55,11 @@ class ExpertParallel:
         timer: optional :class:`CommTimer` that measures dispatch and combine.
         comm_dtype: dtype of the tokens sent by dispatch and combine (``None``: the activations' dtype). The CUDA
             kernels move BF16; the CPU reference moves any dtype.
+        sync_free: read nothing from the GPU in the MoE layers (with grouped GEMM experts): dispatch pads to
+            ``worst_tokens`` rows, the permutation has a static size and the expert counts stay on the device, so
+            a layer can be captured in a CUDA graph.
+        worst_tokens: rows a rank can receive at most under ``sync_free``; ``None``: tokens x ``size`` (every
+            token of every rank, the worst case when all ranks hold the same number of tokens).
     """
 
     buffer: Optional["deepep_plugin.Buffer"] = None
@@ -62,6 +67,8 @@ class ExpertParallel:
     size: int = 1
     timer: Optional[CommTimer] = None
     comm_dtype: Optional[torch.dtype] = None
+    sync_free: bool = False
+    worst_tokens: Optional[int] = None
 
 
 class RMSNorm(nn.Module):
@@ -267,25 +274,34 @@ class MoE(nn.Module):
         """Routed-expert output of ``x [T, H]``: ``sum_k w[t, k] * expert_{idx[t, k]}(x[t])``, ``[T, H]``."""
         ep, timer = self.ep, maybe_timer(self.ep.timer)
         comm_dtype = ep.comm_dtype or x.dtype
+        worst = 0
         if ep.buffer is None:  # all experts here: local ids are the global ids, nothing to send
             recv_x = fp8_round_trip(x) if self.cfg.fp8_dispatch else x  # what FP8 dispatch would deliver
             recv_idx, recv_w = topk_idx, topk_weights
             counts = None
         else:
+            if ep.sync_free:  # fixed output rows: dispatch reads no receive count
+                worst = ep.worst_tokens or x.size(0) * ep.size
             send_x = timer.backward_end(x.to(comm_dtype), "dispatch/bwd")
             with timer.region("dispatch/fwd"):
                 recv_x, recv_idx, recv_w, counts, handle = ep_autograd.dispatch(
                     ep.buffer, send_x, topk_idx, topk_weights, self.cfg.n_routed_experts,
-                    fp8=self.cfg.fp8_dispatch,
+                    fp8=self.cfg.fp8_dispatch, num_worst_tokens=worst,
                 )
             recv_x = timer.backward_start(recv_x, "dispatch/bwd")
         grouped = self.experts.use_grouped_gemm(x)
-        perm = ep_permute.permute(recv_x, recv_idx, self.num_local, recv_w,
-                                  alignment=GROUPED_GEMM_ALIGNMENT if grouped else 1)
+        align = GROUPED_GEMM_ALIGNMENT if grouped else 1
+        rows = None
+        if worst:  # the worst case, static: every received row in up to min(K, E_loc) local experts, padded
+            k = min(recv_idx.size(1), self.num_local)
+            rows = (recv_x.size(0) * k + self.num_local * (align - 1) + align - 1) // align * align
+        perm = ep_permute.permute(recv_x, recv_idx, self.num_local, recv_w, alignment=align, num_out_rows=rows)
         if grouped:
-            counts = perm.tokens_per_expert  # stays on the device
-        elif counts is None:
-            counts = perm.tokens_per_expert.tolist()
+            counts = perm.tokens_per_expert  # stays on the device; rows past the last block are padding
+        elif counts is None or worst:
+            counts = perm.tokens_per_expert.tolist()  # the per-expert loop splits on the host
+            if rows is not None:
+                counts[-1] += rows - sum(counts)  # the static padding rows join the last block
         y = self.experts(perm.x.to(x.dtype), counts)
         y = y * perm.probs.unsqueeze(1)  # float32 weights: the weighted sum is formed in float32
         out = ep_permute.unpermute(y, perm, recv_x.size(0))

@@ -73,6 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-interval", type=int, default=None, help="steps between log lines")
     p.add_argument("--fp8-dispatch", action="store_true", help="send tokens as FP8 in dispatch (hidden %% 128 == 0)")
+    p.add_argument("--sync-free", action="store_true",
+                   help="MoE layers read nothing from the GPU: dispatch padded to the worst case (tokens x ranks), "
+                        "a static permutation, device-side expert counts with grouped GEMM experts")
     p.add_argument("--nprocs", type=int, default=None,
                    help="processes (EP ranks); default: one per GPU in use (at least 2), or 2 on the CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -261,7 +264,8 @@ def run_rank(rank: int, world_size: int, model_cfg: ModelConfig, train_cfg: Trai
     comm_dtype = torch.bfloat16 if on_gpu else torch.float32
     timer = CommTimer(device)
     buffer = make_buffer(group, model_cfg.hidden_size, comm_dtype)
-    ep = ExpertParallel(buffer=buffer, rank=rank, size=world_size, timer=timer, comm_dtype=comm_dtype)
+    ep = ExpertParallel(buffer=buffer, rank=rank, size=world_size, timer=timer, comm_dtype=comm_dtype,
+                        sync_free=options.get("sync_free", False))
     model = DeepSeekV3Model(model_cfg, ep, seed=train_cfg.seed).to(device)
     optimizer = make_optimizer(model, train_cfg)
     corpus = MarkovCorpus(model_cfg.vocab_size, train_cfg.seq_len, train_cfg.seed, train_cfg.markov_branching)
@@ -449,7 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
                          f"got {world_size}")
     out_dir = args.out_dir or os.path.join("runs", f"deepseek_v3_{args.preset}")
     options = {"preset": args.preset, "device": device, "backend": args.backend, "out_dir": out_dir,
-               "no_progress": args.no_progress, "threads": args.threads, "placement": placement}
+               "no_progress": args.no_progress, "sync_free": args.sync_free, "threads": args.threads,
+               "placement": placement}
     if launched:
         rank = int(os.environ["RANK"])
         _run_initialised(rank, world_size, model_cfg, train_cfg, options)
