@@ -50,7 +50,7 @@ correctness, not RDMA speed.
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,7 +67,6 @@ from ..limits import (
     MAX_TOPK_INTERNODE,
     wait_message,
 )
-from . import nvshmem
 from .base import CombineResult, DispatchLayout, DispatchResult, InternodeHandle
 from .nvshmem import SymmetricRuntime, cuda_device, extension, extension_if_built, join_nvshmem_world
 
@@ -181,15 +180,6 @@ class InternodeRuntime(SymmetricRuntime):
     """
 
     name = "internode"
-    extension: ClassVar[str] = nvshmem.EXTENSION
-    #: Buffer orders the calls with events and reads the mailbox through :meth:`check_error`.
-    orders_streams = False
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        """Why these kernels cannot run here ("" when they can)."""
-        return nvshmem.unavailable_reason()
-
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, ranks_per_node: int,
                  num_nvl_bytes: int, num_rdma_bytes: int, device: torch.device, timeout_s: float,
                  num_qps_per_rank: int) -> None:

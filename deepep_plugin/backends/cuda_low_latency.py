@@ -37,7 +37,7 @@ int32 ``[2, E_loc, R*N]`` tensor whose row 1 holds the slots), so pass the handl
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,6 @@ from ..limits import (
     MAX_TOPK_LOW_LATENCY,
     wait_message,
 )
-from . import nvshmem
 from .base import LowLatencyDispatchResult, LowLatencyHandle
 from .nvshmem import SymmetricRuntime, cuda_device, extension_if_built, join_nvshmem_world
 from .nvshmem import extension as _extension
@@ -102,15 +101,6 @@ class LowLatencyRuntime(SymmetricRuntime):
     """
 
     name = "low_latency"
-    extension: ClassVar[str] = nvshmem.EXTENSION
-    #: Buffer orders the calls with events and reads the mailbox through :meth:`check_error`.
-    orders_streams = False
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        """Why these kernels cannot run here ("" when they can)."""
-        return nvshmem.unavailable_reason()
-
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_rdma_bytes: int,
                  device: torch.device, timeout_s: float, num_qps_per_rank: int, allow_nvlink: bool) -> None:
         self._c = _extension()

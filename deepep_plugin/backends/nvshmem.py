@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,6 +103,16 @@ class SymmetricRuntime:
     """What each NVSHMEM runtime of a rank owns: one ``SymmetricBuffer`` of the extension (the symmetric allocation,
     its peer table, the abort flag its kernels raise, the host-mapped error mailbox). Subclasses set ``_c``,
     ``device``, ``num_ranks`` and ``timeout_s``, join the world, then call :meth:`_open` (collective)."""
+
+    #: The extension both runtimes run on; Buffer orders their calls with events and reads their mailbox through
+    #: ``check_error`` (``orders_streams`` False).
+    extension: ClassVar[str] = EXTENSION
+    orders_streams = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why these kernels cannot run here ("" when they can)."""
+        return unavailable_reason()
 
     _c: Any
     device: torch.device
