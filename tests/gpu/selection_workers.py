@@ -181,3 +181,27 @@ def megatron_two_node_worker(rank: int, world: int, *, mode: str, seed: int, dev
     # forward dispatch + combine, backward combine (of dispatch) + cached dispatch (of combine)
     assert calls.count("dispatch") >= 2 and calls.count("combine") >= 2, (rank, calls)
     mw.assert_steps_match(got, want, rank, "bfloat16")
+
+
+def residency_worker(rank: int, world: int, *, mps_percentage: str) -> None:
+    """A config asking for more SMs than this process may use is refused up front on every rank (no hang, no
+    timeout naming a peer): the GPU's own count, or MPS's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of it."""
+    from deepep_plugin.errors import DeepEPInputError
+
+    if mps_percentage:
+        os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = mps_percentage
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    too_many = 24 if mps_percentage else (sms + 2) // 2 * 2 + 2
+    buf = dp.Buffer.sized_for(dist.group.WORLD, 256 * 2, num_sms=too_many)
+    x, idx, w = _routing(rank, world, 32, 256, 8 * world, 3, dev)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 8 * world)
+    try:
+        buf.dispatch(x, None, per_rank, per_rdma, in_rank, per_expert, idx, w, config=dp.Config(too_many))
+    except DeepEPInputError as e:
+        assert f"num_sms={too_many} needs all its blocks resident" in str(e), str(e)
+        assert ("MPS" in str(e)) == bool(mps_percentage), str(e)
+    else:
+        raise AssertionError(f"rank {rank}: num_sms={too_many} was not refused")
+    _step(buf, x, idx, w, 8 * world, torch.bfloat16)  # the default config still runs: nothing was left half-done

@@ -35,3 +35,8 @@ def test_multinode_buffer_without_rdma_warns_and_sized_for_runs_internode() -> N
 def test_megatron_adapter_two_nodes_runs_internode_kernels(mode: str) -> None:
     pytest.importorskip("megatron.core", reason="needs megatron-core")
     run_distributed(w.megatron_two_node_worker, 4, mode=mode, seed=31, **SPAWN)
+
+
+@pytest.mark.parametrize("mps_percentage", ["", "10"], ids=["gpu-sm-count", "mps-percentage"])
+def test_more_sms_than_can_be_resident_is_refused(mps_percentage: str) -> None:
+    run_distributed(w.residency_worker, 2, mps_percentage=mps_percentage, **SPAWN)
