@@ -204,4 +204,5 @@ def residency_worker(rank: int, world: int, *, mps_percentage: str) -> None:
         assert ("MPS" in str(e)) == bool(mps_percentage), str(e)
     else:
         raise AssertionError(f"rank {rank}: num_sms={too_many} was not refused")
-    _step(buf, x, idx, w, 8 * world, torch.bfloat16)  # the default config still runs: nothing was left half-done
+    dp.Buffer.set_num_sms(12)  # within both limits
+    _step(buf, x, idx, w, 8 * world, torch.bfloat16)  # a fitting config still runs: nothing was left half-done
