@@ -144,6 +144,17 @@ def update_expert_bias(model: torch.nn.Module, rate: float) -> None:
             module.local_tokens_per_expert.zero_()
 
 
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on a terminal (rank 0), else None: plain log lines only."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     args = parse_args(argv)
     on_cpu = not torch.cuda.is_available()
@@ -176,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     losses = []
+    bar = _progress_bar(args.train_iters, rank == 0)
     for step in range(1, args.train_iters + 1):
         start = time.perf_counter()
         tokens, position_ids, causal_mask, labels = make_batch(step, rank, args, device)
@@ -191,8 +203,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
         dist.all_reduce(mean_loss)
         mean_loss = mean_loss.item() / world
         losses.append(mean_loss)
+        line = f"step {step} loss {mean_loss:.4f} time {1e3 * (time.perf_counter() - start):.0f} ms"
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {mean_loss:.4f}")
         if rank == 0 and step % args.log_interval == 0:
-            print(f"step {step} loss {mean_loss:.4f} time {1e3 * (time.perf_counter() - start):.0f} ms", flush=True)
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+    if bar is not None:
+        bar.close()
     dp_megatron.disable()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
