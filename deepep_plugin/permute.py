@@ -22,6 +22,15 @@ class Permutation(NamedTuple):
     probs: Optional[torch.Tensor]  # [M] float32: routing weight of each permuted row (0 for padding), or None
 
 
+def worst_case_rows(num_rows: int, num_topk: int, num_local_experts: int, alignment: int = 1) -> int:
+    """The most rows ``permute`` can produce from ``num_rows`` received rows of ``num_topk`` slots: every row in
+    ``min(K, E_loc)`` local experts, every block padded to ``alignment``; a multiple of ``alignment``. A static
+    ``num_out_rows`` for dispatches padded to ``num_worst_tokens``."""
+    k = min(num_topk, num_local_experts)
+    rows = num_rows * k + num_local_experts * (alignment - 1)
+    return (rows + alignment - 1) // alignment * alignment
+
+
 def permute(recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, num_local_experts: int,
             recv_topk_weights: Optional[torch.Tensor] = None, alignment: int = 1,
             num_out_rows: Optional[int] = None) -> Permutation:

@@ -292,9 +292,8 @@ class MoE(nn.Module):
         grouped = self.experts.use_grouped_gemm(x)
         align = GROUPED_GEMM_ALIGNMENT if grouped else 1
         rows = None
-        if worst:  # the worst case, static: every received row in up to min(K, E_loc) local experts, padded
-            k = min(recv_idx.size(1), self.num_local)
-            rows = (recv_x.size(0) * k + self.num_local * (align - 1) + align - 1) // align * align
+        if worst:  # the worst case, static (no device read)
+            rows = ep_permute.worst_case_rows(recv_x.size(0), recv_idx.size(1), self.num_local, align)
         perm = ep_permute.permute(recv_x, recv_idx, self.num_local, recv_w, alignment=align, num_out_rows=rows)
         if grouped:
             counts = perm.tokens_per_expert  # stays on the device; rows past the last block are padding

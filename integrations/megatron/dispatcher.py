@@ -284,14 +284,12 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         ``expert_alignment``; [L] int64 tokens_per_expert incl. padding (CPU or the tokens' device, see
         ``tokens_per_expert_on_cpu``); [M] permuted probs (0 on padding rows; float64 with
         ``moe_router_dtype='fp64'``, else float32))."""
-        from deepep_plugin.permute import permute
+        from deepep_plugin.permute import permute, worst_case_rows
 
         state = self._comm_manager
         a = self.expert_alignment
         if self.settings.sync_free:
-            # The worst case, static: every received row in up to min(K, L) local experts, each block padded.
-            k = min(state.dispatched_indices.size(1), self.num_local_experts)
-            rows = (state.num_received * k + self.num_local_experts * (a - 1) + a - 1) // a * a
+            rows = worst_case_rows(state.num_received, state.dispatched_indices.size(1), self.num_local_experts, a)
         else:
             # Dispatch already read the per-expert counts on the host: size the permutation from them (no read).
             rows = sum((c + a - 1) // a * a for c in state.num_recv_tokens_per_expert)
