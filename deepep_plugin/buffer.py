@@ -218,11 +218,10 @@ class Buffer:
         from .backends import create_backend
         from .backends.selection import Topology
 
-        self.topology = Topology(self.group_size, self.num_ranks_per_node, low_latency_mode, num_nvl_bytes,
-                                 num_rdma_bytes)
+        topology = Topology(self.group_size, self.num_ranks_per_node, low_latency_mode, num_nvl_bytes, num_rdma_bytes)
         self.runtime: Optional[Backend] = create_backend(
             backend if backend is not None else os.environ.get("DEEPEP_PLUGIN_BACKEND", "auto"),
-            group=group, rank=self.rank, topology=self.topology, num_qps_per_rank=num_qps_per_rank,
+            group=group, rank=self.rank, topology=topology, num_qps_per_rank=num_qps_per_rank,
             allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode, timeout_s=get_timeout_s())
         self.backend_name: str = self.runtime.name
         if low_latency_mode:
@@ -230,7 +229,7 @@ class Buffer:
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._default_configs: dict[tuple[str, int], Config] = {}
         self._op_key = _register_op_key(self)
-        self._usable_sms: Optional[tuple[int, str]] = None  # (count, why): see _resident_sms
+        self._usable_sms: Optional[tuple[int, str]] = None  # (count, why): see _check_resident
 
     @classmethod
     def sized_for(cls, group: Optional[dist.ProcessGroup], hidden_bytes: int, *, num_sms: Optional[int] = None,
@@ -574,21 +573,19 @@ class Buffer:
                                        f"num_sms={config.num_sms}")
         return handle
 
-    def _resident_sms(self, device: torch.device) -> int:
-        """SMs the intranode kernels' blocks may occupy at once here (``backends/residency.py``), read once."""
+    def _check_resident(self, what: str, num_sms: int, device: torch.device) -> None:
+        """Refuse ``num_sms`` blocks of the intranode kernels that cannot all be resident here
+        (``backends/residency.py``); the usable SM count is read once per Buffer."""
         usable = self._usable_sms
         if usable is None:
             from .backends.residency import usable_sms
 
             count = torch.cuda.get_device_properties(device).multi_processor_count
             usable = self._usable_sms = usable_sms(count)
-        return usable[0]
+        if num_sms > usable[0]:
+            from .backends.residency import check_resident
 
-    def _refuse_sms(self, what: str, config: Config, device: torch.device) -> None:
-        from .backends.residency import check_resident
-
-        assert self._usable_sms is not None
-        check_resident(what, config.num_sms, self._usable_sms)
+            check_resident(what, num_sms, usable)
 
     def _check_nvl_bytes(self, what: str, needed: int) -> None:
         if needed > self.num_nvl_bytes and self.num_ranks_per_node == self.group_size:
@@ -691,8 +688,8 @@ class Buffer:
         ordered = target.orders_streams
         if not ordered:
             runtime.check_error()
-        elif config.num_sms > self._resident_sms(dev):
-            self._refuse_sms("dispatch", config, dev)
+        else:
+            self._check_resident("dispatch", config.num_sms, dev)
 
         def run() -> Any:
             return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
@@ -761,8 +758,8 @@ class Buffer:
         ordered = target.orders_streams
         if not ordered:
             runtime.check_error()
-        elif config.num_sms > self._resident_sms(dev):
-            self._refuse_sms("combine", config, dev)
+        else:
+            self._check_resident("combine", config.num_sms, dev)
 
         def run() -> Any:
             return target.combine(x, handle, topk_weights, bias0, bias1, config)
