@@ -70,16 +70,9 @@ class IntranodeRuntime:
     @classmethod
     def unavailable_reason(cls) -> str:
         """Why these kernels cannot run here ("" when they can)."""
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        try:
-            load_extension()
-        except ImportError:
-            from .selection import build_note
+        from .selection import extension_unavailable
 
-            return (f"the intranode kernels (deepep_plugin.{cls.extension}) are not built{build_note()}; build on a "
-                    "machine with CUDA torch and nvcc: pip install --no-build-isolation .")
-        return ""
+        return extension_unavailable("intranode kernels", cls.extension)
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, num_nvl_bytes: int,
                  device: torch.device, timeout_s: float) -> None:

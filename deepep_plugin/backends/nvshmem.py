@@ -36,18 +36,9 @@ def extension_if_built() -> Optional[Any]:
 
 def unavailable_reason() -> str:
     """Why the NVSHMEM kernels cannot run here ("" when they can)."""
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        extension()
-    except ModuleNotFoundError:
-        from .selection import build_note
+    from .selection import extension_unavailable
 
-        return (f"the NVSHMEM kernels (deepep_plugin.{EXTENSION}) are not built{build_note()}; build on a machine "
-                "with CUDA torch and nvcc: pip install --no-build-isolation .")
-    except ImportError as e:
-        return f"the NVSHMEM kernels (deepep_plugin.{EXTENSION}) are built but do not load: {e}"
-    return ""
+    return extension_unavailable("NVSHMEM kernels", EXTENSION)
 
 
 def cuda_device(device: torch.device) -> torch.device:

@@ -91,6 +91,21 @@ def build_note() -> str:
     return f" (at install time: {reason})" if reason else ""
 
 
+def extension_unavailable(what: str, extension: str) -> str:
+    """Why the kernels ``what`` of ``deepep_plugin.<extension>`` cannot run here ("" when they can): no CUDA, the
+    extension not built (with what the install recorded), or built but not loading."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        importlib.import_module(f"deepep_plugin.{extension}")
+    except ModuleNotFoundError:
+        return (f"the {what} (deepep_plugin.{extension}) are not built{build_note()}; build on a machine with CUDA "
+                "torch and nvcc: pip install --no-build-isolation .")
+    except ImportError as e:
+        return f"the {what} (deepep_plugin.{extension}) are built but do not load: {e}"
+    return ""
+
+
 _SIZED_FOR = "build the Buffer with Buffer.sized_for(group, hidden_bytes)"
 
 
