@@ -22,10 +22,8 @@ namespace deepep {
 namespace internode {
 namespace {
 
-using nvshmem::BufferTooSmall;
 using nvshmem::data;
 using nvshmem::data_or_null;
-using nvshmem::InputError;
 using nvshmem::SymmetricBuffer;
 using nvshmem::TensorCheck;
 using OptTensor = std::optional<at::Tensor>;

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/mailbox.h"
+#include "common/py_errors.h"
 #include "intranode/api.h"
 
 namespace py = pybind11;
@@ -43,13 +44,8 @@ void check_cuda(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
-// Raised as deepep_plugin.errors.DeepEPInputError / DeepEPBufferTooSmall (translators at the bottom).
-struct InputError : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-struct BufferTooSmall : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
+// Bad input raises deepep::InputError / BufferTooSmall (common/py_errors.h), which Python receives as
+// deepep_plugin.errors.DeepEPInputError / DeepEPBufferTooSmall.
 // The mailbox holds a report (a timeout, an overflow, a bad id): Python reads it and raises the right error.
 struct MailboxPending : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -536,20 +532,8 @@ PYBIND11_MODULE(_intranode_C, m) {
   using deepep::intranode::Runtime;
   namespace di = deepep::intranode;
   m.doc() = "deepep_plugin intranode NVLink kernels (CUDA IPC buffers, layout/notify/dispatch/combine)";
-  // C++ errors become deepep_plugin's Python exceptions (imported lazily: deepep_plugin.errors is pure Python).
   py::register_exception<di::MailboxPending>(m, "MailboxPending");
-  py::register_exception_translator([](std::exception_ptr p) {
-    if (!p) return;
-    try {
-      std::rethrow_exception(p);
-    } catch (const di::BufferTooSmall& e) {
-      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPBufferTooSmall");
-      PyErr_SetString(cls.ptr(), e.what());
-    } catch (const di::InputError& e) {
-      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPInputError");
-      PyErr_SetString(cls.ptr(), e.what());
-    }
-  });
+  deepep::register_error_translators();
   py::class_<Runtime>(m, "Runtime")
       .def(py::init<int, int, int64_t, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
            py::arg("device"))

@@ -191,19 +191,7 @@ PYBIND11_MODULE(_nvshmem_C, m) {
   namespace nv = deepep::nvshmem;
   using nv::SymmetricBuffer;
   m.doc() = "deepep_plugin NVSHMEM layer and the kernels on it: low-latency and internode (use deepep_plugin.Buffer)";
-  // C++ errors become deepep_plugin's Python exceptions (imported lazily: deepep_plugin.errors is pure Python).
-  py::register_exception_translator([](std::exception_ptr p) {
-    if (!p) return;
-    try {
-      std::rethrow_exception(p);
-    } catch (const nv::BufferTooSmall& e) {
-      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPBufferTooSmall");
-      PyErr_SetString(cls.ptr(), e.what());
-    } catch (const nv::InputError& e) {
-      py::object cls = py::module_::import("deepep_plugin.errors").attr("DeepEPInputError");
-      PyErr_SetString(cls.ptr(), e.what());
-    }
-  });
+  deepep::register_error_translators();  // bad input becomes deepep_plugin's Python exceptions
 
   // The world: once per process (see nvshmem/runtime.h).
   m.def("get_unique_id", []() { return py::bytes(nv::get_unique_id()); });

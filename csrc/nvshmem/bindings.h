@@ -17,17 +17,12 @@
 #include <vector>
 
 #include "common/mailbox.h"
+#include "common/py_errors.h"
 
 namespace deepep {
 namespace nvshmem {
 
-// Raised as deepep_plugin.errors.DeepEPInputError / DeepEPBufferTooSmall (translators in bindings.cpp).
-struct InputError : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-struct BufferTooSmall : InputError {
-  using InputError::InputError;
-};
+// Bad input raises deepep::InputError / BufferTooSmall (common/py_errors.h).
 
 // Checks of one tensor argument of bound function `op`, each raising InputError that names the argument:
 //   TensorCheck(t, "ll_dispatch_send", "x", device).dtype(at::kBFloat16).shape({T, H}).contiguous();
