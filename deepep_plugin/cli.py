@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Callable
@@ -43,12 +42,13 @@ def doctor() -> int:
             raise RuntimeError(f"no peer access between GPUs {missing}: intranode kernels need NVLink P2P")
         return f"peer access between all {n} GPUs" if n > 1 else "one GPU (peers: processes sharing it)"
 
-    def extension(name: str) -> Callable[[], str]:
+    def extension(what: str, name: str) -> Callable[[], str]:
         def run() -> str:
-            try:
-                importlib.import_module(f"deepep_plugin.{name}")
-            except ImportError as exc:
-                raise RuntimeError(f"not built ({exc}); build with: pip install --no-build-isolation .") from None
+            from .backends.selection import extension_unavailable
+
+            why = extension_unavailable(what, name)
+            if why:
+                raise RuntimeError(why)
             return "built"
         return run
 
@@ -73,8 +73,8 @@ def doctor() -> int:
 
     ok &= _check("GPUs", gpus)
     ok &= _check("NVLink peers", peers)
-    ok &= _check("intranode kernels", extension("_intranode_C"))
-    ok &= _check("internode and low-latency kernels (NVSHMEM)", extension("_nvshmem_C"))
+    ok &= _check("intranode kernels", extension("intranode kernels", "_intranode_C"))
+    ok &= _check("internode and low-latency kernels (NVSHMEM)", extension("NVSHMEM kernels", "_nvshmem_C"))
     ok &= _check("NVSHMEM", nvshmem)
     _check("RDMA", rdma)
     ok &= _check("multicast", multicast)
