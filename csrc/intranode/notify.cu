@@ -6,8 +6,8 @@
 //      token, shared-memory atomics; channel_prefix_matrix = inclusive prefix over c);
 //   2. write the payload {num_tokens_per_rank row [R], channel counts to j [C], expert counts of j's
 //      experts [E_loc]} into notify_payload[seq % 2][this rank] of every rank j (itself included);
-//   3. __syncthreads, then one thread fences at system scope and stores notify_flag[this rank] = seq into
-//      every rank with st.release.sys;
+//   3. __syncthreads, then thread j stores notify_flag[this rank] = seq into rank j with st.release.sys (one
+//      warp, so one system fence for all R flags);
 //   4. thread i waits (bounded) until its own notify_flag[i] >= seq (acquire), i.e. every source's payload
 //      for this notify has landed; __syncthreads_or spreads a timeout to the whole block;
 //   5. build rank_prefix_matrix (every column: all ranks' rows are here), recv_channel_prefix_matrix and the
@@ -63,12 +63,11 @@ __global__ void __launch_bounds__(kNumThreads, 1) notify_kernel(NotifyArgs a) {
       dst[i] = v;
     }
   }
-  // 3. Publish.
+  // 3. Publish: thread j releases the flag into rank j. The barrier orders the whole block's payload stores
+  // before it, and a release is cumulative, so each flag covers every thread's payload. The R stores come from
+  // one warp at once: one system fence in all, not one per rank issued by a single thread.
   __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_sys();
-    for (int j = 0; j < R; ++j) st_release_sys(&a.peers.ctrl[j]->notify_flag[rank], seq);
-  }
+  if (threadIdx.x < R) st_release_sys(&a.peers.ctrl[threadIdx.x]->notify_flag[rank], seq);
   // 4. Wait for every source.
   bool failed = false;
   if (threadIdx.x < R) {

@@ -29,6 +29,9 @@
 #include <thread>
 #include <tuple>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "common/mailbox.h"
 #include "common/py_errors.h"
@@ -183,6 +186,7 @@ class Runtime {
     a.num_tokens_per_expert = per_expert.data_ptr<int>();
     a.is_token_in_rank = in_rank.data_ptr<bool>();
     check_cuda(launch_layout(a, stream), "layout kernel launch");
+    leave();
     return py::make_tuple(per_rank, per_expert, in_rank);
   }
 
@@ -287,6 +291,7 @@ class Runtime {
     launch_dispatch_kernel(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, rank_prefix,
                            recv_channel_prefix, recv_x, recv_scales, std::nullopt, std::nullopt, nullptr, nullptr,
                            slot, C, queue_tokens, 1, worst, timeout_s, stream);
+    leave();
     return py::make_tuple(recv_x, opt(recv_scales));
   }
 
@@ -332,6 +337,7 @@ class Runtime {
     a.combined_x = static_cast<uint16_t*>(combined_x.data_ptr());
     a.combined_topk_weights = ptr_or_null<float>(combined_w);
     check_cuda(launch_combine(a, stream), "combine kernel launch");
+    leave();
     return py::make_tuple(combined_x, opt(combined_w));
   }
 
@@ -361,12 +367,19 @@ class Runtime {
   }
 
   // Every op starts here: a live runtime, an empty mailbox (else Python raises what it holds), `t` on this GPU.
+  // A timeout report refuses every call (the queues are in an unknown state). Other reports (a bad id, an
+  // overflow) leave the buffer consistent: the call still enqueues its work, so the peers' matching calls
+  // complete, and leave() raises the report afterwards.
   void enter(const at::Tensor& t, const char* what) const {
     alive();
-    if (host_->mailbox.status != kMailboxEmpty) throw MailboxPending("mailbox");
+    if (host_->mailbox.status == kMailboxTimeout) throw MailboxPending("mailbox");
     if (!t.is_cuda() || t.get_device() != device_)
       throw InputError(std::string(what) + " must be on cuda:" + std::to_string(device_) + " (this Buffer's GPU), got " +
                        t.device().str());
+  }
+
+  void leave() const {
+    if (host_->mailbox.status != kMailboxEmpty) throw MailboxPending("mailbox");
   }
 
   // The current stream, made to wait for the previous call when that one was enqueued on another stream.
@@ -438,6 +451,9 @@ class Runtime {
         status = kWaitKernelTimeout;
         break;
       }
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();  // spin politely: a hyperthread sibling may be another rank's host path
+#endif
       if ((it & 1023u) == 0) {
         const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (waited > timeout_s) break;

@@ -254,7 +254,9 @@ class IntranodeRuntime:
         self.check_error()
 
     def _raise_report(self) -> NoReturn:
-        """The mailbox held a report when a call started: raise it (the call enqueued nothing)."""
+        """Raise the mailbox's report. A timeout refuses a call before it enqueues anything; another report (a bad
+        id, an overflow) is raised after the call enqueued its work, so the peers' matching calls complete (the
+        call's outputs are dropped) and the buffer stays usable."""
         self.check_error()
         raise DeepEPError(f"rank {self.rank}: the intranode kernels' mailbox held a report that vanished")
 
