@@ -39,5 +39,5 @@ for R in ${RANKS:-2 4 8}; do
   timeout ${BENCH_TIMEOUT:-300} python3 -m deepep_plugin.bench compare --ranks $R ${BENCH_ARGS:-} \
     --json "$OUT/intranode_vs_deepep_R$R.json" --plot "/tmp/intranode_vs_deepep_R$R.png" \
     --results "/tmp/RESULTS_compare_R$R.md" --command "python -m deepep_plugin.bench compare --ranks $R ${BENCH_ARGS:-}" \
-    2>&1 | tee "$OUT/compare_R$R.log" | grep -E "^R=|compare:|Error|error" | tail -30
+    2>&1 | tee "$OUT/compare_R$R.log" | grep -E "^R=|^notify-trace|compare:|Error|error" | tail -40
 done

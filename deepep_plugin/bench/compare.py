@@ -57,6 +57,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--synced-iters", type=int, default=8)
     p.add_argument("--profile-iters", type=int, default=5)
     p.add_argument("--no-profile", action="store_true", help="skip kernel times, launches and syncs")
+    p.add_argument("--trace-notify", type=int, default=0, metavar="N",
+                   help="also trace N forward steps: per notify kernel its launch, start and end on every rank, "
+                        "and print how far apart the ranks launched and started it (0: off)")
     p.add_argument("--no-deepep", action="store_true", help="do not run DeepEP even if importable")
     p.add_argument("--timeout", type=float, default=30.0, help="deepep_plugin's wait timeout (s)")
     p.add_argument("--json", type=str, default="benchmarks/results/intranode_vs_deepep.json")
@@ -154,6 +157,56 @@ def _profile(ops: dict[str, Callable[[], Any]], iters: int, barrier: Callable[[]
                      "api_syncs": max(len(syncs) - 1, 0) / iters,  # minus the window's own synchronize
                      "kernels": kernels}
     return out
+
+
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> list[tuple[float, float, float]]:
+    """(launch, start, end) in us of the host clock for each notify kernel of ``iters`` back-to-back calls.
+
+    The profiler puts CPU and GPU times on the host's clock, which every process of a machine shares, so the lists
+    of two ranks can be compared: a notify that starts far later on one rank makes the others wait in it."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    # The raw events carry the correlation ids that tie a launch to its kernel, and absolute times.
+    raw = prof.profiler.kineto_results.events()
+    launch_at = {e.correlation_id(): e.start_ns() / 1e3 for e in raw if e.name() in _LAUNCH_CALLS}
+    out = []
+    for e in raw:
+        if e.device_type() == DeviceType.CUDA and "notify" in e.name() and "cached" not in e.name():
+            start = e.start_ns() / 1e3
+            out.append((launch_at.get(e.correlation_id(), float("nan")), start, start + e.duration_ns() / 1e3))
+    return sorted(out, key=lambda t: t[1])
+
+
+def notify_skew(traces: list[list[tuple[float, float, float]]]) -> dict[str, float]:
+    """Medians over the calls of: the spread of the ranks' launches and starts of the notify kernel, its duration,
+    and the queueing delay between launch and start (the mean of ranks), all in us."""
+    n = min(len(t) for t in traces)
+    if n == 0:
+        return {}
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    launch = [max(t[i][0] for t in traces) - min(t[i][0] for t in traces) for i in range(n)]
+    start = [max(t[i][1] for t in traces) - min(t[i][1] for t in traces) for i in range(n)]
+    end = [max(t[i][2] for t in traces) - min(t[i][2] for t in traces) for i in range(n)]
+    queue = [statistics.mean(t[i][1] - t[i][0] for t in traces) for i in range(n)]
+    dur = [statistics.mean(t[i][2] - t[i][1] for t in traces) for i in range(n)]
+    late = [max(range(len(traces)), key=lambda r: traces[r][i][1]) for i in range(n)]
+    return {"calls": n, "launch_spread_us": med(launch), "start_spread_us": med(start), "end_spread_us": med(end),
+            "queue_us": med(queue), "duration_us": med(dur),
+            "late_rank_share": max(late.count(r) for r in range(len(traces))) / n}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,6 +309,8 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
             prof = {}
         for name, p in prof.items():
             metrics[name].update(p)
+    if args.trace_notify:
+        metrics["fwd_step"]["notify_trace"] = _notify_trace(ops["fwd_step"], args.trace_notify, barrier)
     for m in metrics.values():
         api = m.get("api_syncs")
         m["host_syncs"] = (api if api else 0.0) + (1.0 if m["blocks_host"] and not api else 0.0)
@@ -362,6 +417,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[di
                 _close(a, b) if op in loose else _bits_equal(a.cpu() if a is not None else None,
                                                             b.cpu() if b is not None else None)
                 for a, b in zip(mine[op], oracle[op])) for op in mine}
+            if args.trace_notify:
+                for name, _ in libs:
+                    traces: list[Any] = [None] * world
+                    dist.all_gather_object(traces, measured[name]["fwd_step"].pop("notify_trace"))
+                    if rank == 0:
+                        skew = notify_skew(traces)
+                        print(f"notify-trace R={world} T={tokens} SMs={sms} {name}: " +
+                              "  ".join(f"{k} {v:.1f}" for k, v in skew.items()), flush=True)
             for name, _ in libs:
                 for timing in ("runahead", "synced"):
                     row = {"lib": name, "ranks": world, "gpus": gpus, "tokens": tokens, "hidden": args.hidden,
