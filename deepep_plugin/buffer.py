@@ -614,7 +614,9 @@ class Buffer:
                 :meth:`get_dispatch_layout` (non-cached mode).
             topk_idx: ``[T, K]`` int64 (optional, non-cached only); topk_weights: ``[T, K]`` float32.
             expert_alignment: round each per-expert receive count up to a multiple of this.
-            num_worst_tokens: if > 0, outputs have exactly this many rows and no host sync happens.
+            num_worst_tokens: if > 0, outputs have exactly this many rows and no host sync happens. Rows past the
+                received count are padding on every backend: data, scales and top-k weights 0, top-k ids -1 (the
+                handle marks them too), so expert code may run over all rows; its gradients there vanish.
             config: defaults to ``Buffer.get_dispatch_config(R)``.
             previous_event, async_finish, allocate_on_comm_stream: stream control as in DeepEP.
 

@@ -71,7 +71,7 @@ struct DispatchArgs {
   int* recv_src_idx;                  // [rows]; null for a cached dispatch (the handle has it)
   int* send_head;                     // [T, R]; null for a cached dispatch
   int num_rows;                       // rows allocated in the outputs (n_recv, or num_worst_tokens)
-  int worst_mode;                     // rows beyond the received count: recv_topk_idx = -1, recv_src_idx = -1
+  int worst_mode;                     // rows beyond the received count: data, scales, weights 0; ids, src -1
 };
 cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
 

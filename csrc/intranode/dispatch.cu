@@ -234,16 +234,25 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
     run_sender(a, c, t0, t1, dst, group, group_warps, warp % group_warps);
   } else {
     if (a.worst_mode) {
-      // Rows past the received count: top-k ids -1 (contract), source index -1. Spread over receiver blocks.
+      // Rows past the received count, as the reference and internode paths pad them: data, scales and top-k
+      // weights 0, top-k ids -1 (contract), source index -1. Spread over the receiver blocks; the padding's bytes
+      // are written once (no read), so the cost follows the padding, not num_worst_tokens.
       const int n = a.rank_prefix_matrix[(R - 1) * R + rank];
-      const int64_t first = min(n, a.num_rows);
+      const int64_t first = min(n, a.num_rows), rows = a.num_rows;
       const int64_t stride = static_cast<int64_t>(C) * blockDim.x;
       const int64_t tid = static_cast<int64_t>(c) * blockDim.x + threadIdx.x;
+      const int64_t row_vecs = a.slot.row_bytes / 16;  // row_bytes % 16 == 0 (checked on the host)
+      int4* data = reinterpret_cast<int4*>(a.recv_x);
+      for (int64_t i = first * row_vecs + tid; i < rows * row_vecs; i += stride) data[i] = make_int4(0, 0, 0, 0);
+      if (a.recv_scales != nullptr)
+        for (int64_t i = first * a.num_scales + tid; i < rows * a.num_scales; i += stride) a.recv_scales[i] = 0;
       if (a.recv_topk_idx != nullptr)
-        for (int64_t i = first * a.num_topk + tid; i < static_cast<int64_t>(a.num_rows) * a.num_topk; i += stride)
+        for (int64_t i = first * a.num_topk + tid; i < rows * a.num_topk; i += stride) {
           a.recv_topk_idx[i] = -1;
+          a.recv_topk_weights[i] = 0.0f;
+        }
       if (a.recv_src_idx != nullptr)
-        for (int64_t i = first + tid; i < a.num_rows; i += stride) a.recv_src_idx[i] = -1;
+        for (int64_t i = first + tid; i < rows; i += stride) a.recv_src_idx[i] = -1;
     }
     const int group_warps = kNumWarps / R;
     const int group = warp / group_warps;

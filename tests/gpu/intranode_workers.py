@@ -176,6 +176,9 @@ def worst_tokens_graph_worker(rank: int, R: int, *, seed: int, num_tokens: int, 
                                   f"last {bad[-4:].tolist()}; rank_prefix column {exp.rank_prefix_matrix[:, rank]}")
         assert torch.equal(res.recv_topk_idx[:n].cpu(), exp.recv_topk_idx), f"{where}: recv_topk_idx"
         assert bool((res.recv_topk_idx[n:] == -1).all()), f"{where}: rows beyond n must have top-k ids -1"
+        # Padding as the reference and the internode kernels give it: zeros (after earlier replays wrote data there).
+        assert not bool(res.recv_x[n:].view(torch.int16).any()), f"{where}: recv_x rows beyond n must be zero"
+        assert not bool(res.recv_topk_weights[n:].any()), f"{where}: recv_topk_weights rows beyond n must be zero"
         assert torch.equal(bits(res.recv_topk_weights[:n]), bits(exp.recv_topk_weights))
         assert res.num_recv_tokens_per_expert_list == []
         _check_handle(res.handle._replace(recv_src_idx=res.handle.recv_src_idx[:n]), exp, where)
