@@ -155,7 +155,8 @@ def build_moe_layer(config: Any, *, seed: int = 1234, state_dict: Optional[dict]
 
     spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
     torch.manual_seed(seed)
-    layer = build_module(spec, config=config)
+    # Up to 0.16 the spec is a ModuleSpec for build_module; from 0.19 it is a builder (a partial of MoELayer).
+    layer = build_module(spec, config=config) if hasattr(spec, "module") else spec(config=config)
     assert isinstance(layer, MoELayer)
     if state_dict is not None:
         layer.load_state_dict(state_dict)

@@ -269,11 +269,13 @@ class Runtime {
   }
 
   // --- cached dispatch: the handle's layout, no notify, no host read --------------------------------------
-  // Returns (recv_x [rows, H], recv_scales [rows, S] or None).
+  // Returns (recv_x [rows, H], recv_scales [rows, S] or None). Rows past the received count (the padding of a
+  // num_worst_tokens handle, whether or not this call passes num_worst_tokens) come back zero; without padding
+  // that costs nothing.
   py::tuple dispatch_cached(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                             const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix,
                             const at::Tensor& recv_channel_prefix, int64_t rows, int num_channels, int queue_tokens,
-                            bool worst, double timeout_s) {
+                            double timeout_s) {
     enter(x, "dispatch: x");
     const int C = num_channels;
     if (recv_channel_prefix.size(1) != C)
@@ -290,7 +292,7 @@ class Runtime {
     if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
     launch_dispatch_kernel(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, rank_prefix,
                            recv_channel_prefix, recv_x, recv_scales, std::nullopt, std::nullopt, nullptr, nullptr,
-                           slot, C, queue_tokens, 1, worst, timeout_s, stream);
+                           slot, C, queue_tokens, 1, /*worst=*/true, timeout_s, stream);
     leave();
     return py::make_tuple(recv_x, opt(recv_scales));
   }

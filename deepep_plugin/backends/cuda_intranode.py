@@ -213,7 +213,7 @@ class IntranodeRuntime:
             rows = num_worst_tokens if num_worst_tokens > 0 else handle.recv_src_idx.size(0)
             recv_x, recv_scales = self._rt.dispatch_cached(
                 x, x_scales, handle.is_token_in_rank, handle.rank_prefix_matrix, handle.recv_channel_prefix_matrix,
-                rows, C, Q, num_worst_tokens > 0, self.timeout_s)
+                rows, C, Q, self.timeout_s)
             return DispatchResult(recv_x, recv_scales, None, None, [], handle)
         except self._ext.MailboxPending:
             self._raise_report()
