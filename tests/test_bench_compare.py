@@ -5,7 +5,7 @@ the RESULTS.md section reports plugin / DeepEP ratios. The timing itself needs G
 
 from __future__ import annotations
 
-from deepep_plugin.bench.compare import OPS, _fits_count, _merge_ranks, markdown
+from deepep_plugin.bench.compare import OPS, _fits_count, _median_rounds, _merge_ranks, markdown, notify_skew
 
 
 def _row(rank: int, lib: str, timing: str, us: float, host: float, equal: bool = True) -> dict:
@@ -45,3 +45,20 @@ def test_sm_counts_that_cannot_be_resident_together_are_skipped() -> None:
     assert _fits_count(24, 2, 1, 132) and _fits_count(16, 8, 1, 132)
     assert not _fits_count(24, 8, 1, 132)  # 8 ranks x 24 blocks of 1024 threads > 132 SMs
     assert _fits_count(24, 8, 8, 132)  # one rank per GPU
+
+
+def test_rounds_merge_to_medians_and_keep_the_first_rounds_flags_and_trace() -> None:
+    def one(us: float, kernel: float, blocks: bool) -> dict:
+        return {"fwd_step": {"runahead_us": us, "host_us": us / 2, "blocks_host": blocks,
+                             "kernels": {"notify": kernel}, "notify_trace": [(0.0, us, us + 1)]}}
+    got = _median_rounds([one(300.0, 40.0, True), one(100.0, 10.0, False), one(200.0, 12.0, False)])["fwd_step"]
+    assert got["runahead_us"] == 200.0 and got["host_us"] == 100.0 and got["kernels"] == {"notify": 12.0}
+    assert got["blocks_host"] is True and got["notify_trace"] == [(0.0, 300.0, 301.0)]
+
+
+def test_notify_skew_names_the_late_rank_and_the_spreads() -> None:
+    early = [(0.0, 10.0, 60.0), (200.0, 210.0, 260.0)]
+    late = [(40.0, 50.0, 61.0), (230.0, 240.0, 262.0)]
+    skew = notify_skew([early, late])
+    assert skew["calls"] == 2 and skew["launch_spread_us"] == 35.0 and skew["start_spread_us"] == 35.0
+    assert skew["end_spread_us"] == 1.5 and skew["late_rank_share"] == 1.0

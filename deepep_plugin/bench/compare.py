@@ -56,6 +56,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20, help="timed calls per op (runahead)")
     p.add_argument("--synced-iters", type=int, default=8)
     p.add_argument("--profile-iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each configuration this many times, the libraries taking turns; report medians")
     p.add_argument("--no-profile", action="store_true", help="skip kernel times, launches and syncs")
     p.add_argument("--trace-notify", type=int, default=0, metavar="N",
                    help="also trace N forward steps: per notify kernel its launch, start and end on every rank, "
@@ -241,8 +243,25 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
+def _median_rounds(rounds: list[dict]) -> dict:
+    """Per op, the median over measuring rounds of every number (per kernel for kernel times); flags from the
+    first round; the notify trace of the first round."""
+    out: dict[str, dict] = {}
+    for op, first in rounds[0].items():
+        merged: dict[str, Any] = {}
+        for key, value in first.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+                merged[key] = value
+            elif isinstance(value, dict):
+                merged[key] = {k: statistics.median(r[op][key].get(k, v) for r in rounds) for k, v in value.items()}
+            else:
+                merged[key] = statistics.median(r[op][key] for r in rounds)
+        out[op] = merged
+    return out
+
+
 def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
-             barrier: Callable[[], None]) -> tuple[dict, dict]:
+             barrier: Callable[[], None], trace: bool = True) -> tuple[dict, dict]:
     """Time every op of ``lib`` on ``inp``; return (metrics, the first outputs of every op)."""
     import torch
 
@@ -309,7 +328,7 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
             prof = {}
         for name, p in prof.items():
             metrics[name].update(p)
-    if args.trace_notify:
+    if args.trace_notify and trace:
         metrics["fwd_step"]["notify_trace"] = _notify_trace(ops["fwd_step"], args.trace_notify, barrier)
     for m in metrics.values():
         api = m.get("api_syncs")
@@ -401,10 +420,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[di
     for tokens in (int(v) for v in args.tokens.split(",")):
         inp = _Inputs(rank, tokens, args, dev)
         for sms in sms_list:
-            measured = {}
-            outputs = {}
-            for name, lib in libs:
-                measured[name], outputs[name] = _measure(lib, buffers[name], inp, sms, world, args, barrier)
+            outputs: dict[str, dict] = {}
+            rounds: dict[str, list[dict]] = {name: [] for name, _ in libs}
+            for r in range(args.rounds):  # the libraries take turns, so a slow spell of the machine hits both
+                for name, lib in libs:
+                    m, out = _measure(lib, buffers[name], inp, sms, world, args, barrier, trace=r == 0)
+                    rounds[name].append(m)
+                    outputs.setdefault(name, out)
+            measured = {name: _median_rounds(ms) for name, ms in rounds.items()}
             if len(libs) > 1:
                 oracle, oracle_name = outputs["deep_ep"], "deep_ep"
             else:
