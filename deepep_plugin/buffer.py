@@ -73,13 +73,23 @@ def _check_tensor(t: Any, name: str, *, dtype: Any = None, ndim: Optional[int] =
         raise DeepEPInputError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None:
         dims = t.shape
-        if len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
+        if len(dims) != len(shape) or not _dims_match(dims, shape):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise DeepEPInputError(f"{name} must have shape {want}, got {list(dims)}")
     if device is not None and t.device != device:
         raise DeepEPInputError(f"{name} must be on {device} (where x is), got {t.device}")
     if contiguous and not t.is_contiguous():
         raise DeepEPInputError(f"{name} must be contiguous")
+
+
+def _dims_match(dims: Sequence[int], shape: Sequence[Optional[int]]) -> bool:
+    """``dims`` equals ``shape`` (same length) where ``shape`` is not None. Unrolled for 1 and 2 dims: the hot
+    path's checks are those, and a generator costs more than the comparisons."""
+    if len(shape) == 1:
+        return shape[0] is None or shape[0] == dims[0]
+    if len(shape) == 2:
+        return (shape[0] is None or shape[0] == dims[0]) and (shape[1] is None or shape[1] == dims[1])
+    return all(s is None or s == d for s, d in zip(shape, dims))
 
 
 def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
