@@ -1,13 +1,13 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]``: the benchmarks and
-the fuzzer (programs, not tests)."""
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe} [options]``: the
+benchmarks and the fuzzer (programs, not tests)."""
 
 from __future__ import annotations
 
 import sys
 
 USAGE = (
-    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz} [options]  (--help after the "
-    "name for options)"
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe} [options]  (--help "
+    "after the name for options)"
 )
 
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         from .fuzz import main as run
     elif name in ("low-latency", "low_latency"):
         from .low_latency import main as run
+    elif name in ("graph-moe", "graph_moe"):
+        from .graph_moe import main as run
     else:
         raise SystemExit(f"unknown benchmark {name!r}\n{USAGE}")
     run(rest)

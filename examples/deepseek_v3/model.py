@@ -57,7 +57,8 @@ class ExpertParallel:
             kernels move BF16; the CPU reference moves any dtype.
         sync_free: read nothing from the GPU in the MoE layers (with grouped GEMM experts): dispatch pads to
             ``worst_tokens`` rows, the permutation has a static size and the expert counts stay on the device, so
-            a layer can be captured in a CUDA graph.
+            a layer can be captured in a CUDA graph (``tests/gpu/test_cuda_graph_moe_cuda.py``). On the GPU the
+            experts must run as grouped GEMMs (else the layer raises: the per-expert loop splits on the host).
         worst_tokens: rows a rank can receive at most under ``sync_free``; ``None``: tokens x ``size`` (every
             token of every rank, the worst case when all ranks hold the same number of tokens).
     """
@@ -290,6 +291,12 @@ class MoE(nn.Module):
                 )
             recv_x = timer.backward_start(recv_x, "dispatch/bwd")
         grouped = self.experts.use_grouped_gemm(x)
+        # The per-expert loop splits the rows on the host: on the GPU that reads the counts, which sync_free promises
+        # not to do (on the CPU there is no device to wait for).
+        expect(not (worst and x.is_cuda and not grouped),
+               "ExpertParallel(sync_free=True) on the GPU needs the grouped GEMM experts (ModelConfig.grouped_gemm, "
+               "torch._grouped_mm on an sm90+ GPU, BF16 inputs or BF16 autocast, expert sizes that are multiples of "
+               "8); the per-expert loop would read the expert counts from the GPU")
         align = GROUPED_GEMM_ALIGNMENT if grouped else 1
         rows = None
         if worst:  # the worst case, static (no device read)

@@ -158,7 +158,11 @@ def _progress_bar(total: int, enabled: bool):
 def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     args = parse_args(argv)
     on_cpu = not torch.cuda.is_available()
-    dist.init_process_group("gloo" if on_cpu else "nccl")
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    # Ranks sharing a GPU (more processes than GPUs on this host) talk over gloo: NCCL refuses two ranks on one GPU.
+    shared_gpu = not on_cpu and local_world > torch.cuda.device_count()
+    dist.init_process_group("gloo" if on_cpu or shared_gpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_cpu:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if shared_gpu and rank == 0:
+            print(f"{local_world} ranks share {torch.cuda.device_count()} GPU(s) over gloo: timings not "
+                  "representative", flush=True)
         device = torch.device("cuda")
 
     from megatron.core import parallel_state
