@@ -358,6 +358,17 @@ def test_dispatcher_mode_sync_free_matches_megatron_alltoall(style: str, alignme
     run_distributed(_sync_free_matches, WORLD, style, alignment, 17)
 
 
+def test_sync_free_names_megatron_experts_that_read_the_counts_on_the_host() -> None:
+    """Under sync_free the dispatcher warns about Megatron's own experts that call tokens_per_expert.tolist()."""
+    from types import SimpleNamespace
+
+    from deepep_plugin.integrations.megatron.dispatcher import host_count_reader
+
+    assert "grouped-GEMM" in host_count_reader(SimpleNamespace(moe_grouped_gemm=True), 1)
+    assert "4 local experts" in host_count_reader(SimpleNamespace(moe_grouped_gemm=False), 4)
+    assert host_count_reader(SimpleNamespace(moe_grouped_gemm=False), 1) == ""  # one SequentialMLP expert: no read
+
+
 def test_sync_free_settings_are_checked() -> None:
     from deepep_plugin.errors import DeepEPInputError
     from deepep_plugin.integrations.megatron import PluginSettings

@@ -19,6 +19,9 @@
 #   internode-bench    the internode kernels on emulated nodes (2 of 2 ranks sharing the GPUs there are)
 #   fuzz               random cases through the kernels against the reference ($FUZZ_ARGS, default 1000 cases over
 #                      2, 4 and 8 ranks); writes $OUT/fuzz.json (copy it to benchmarks/results/fuzz.json)
+#   graph-moe          the sync-free MoE layer's step replayed from a CUDA graph against eager, at 256 and 1024
+#                      tokens per rank ($GRAPH_MOE_ARGS); writes $OUT/cuda_graph_moe.json (copy it to
+#                      benchmarks/results/) and $OUT/RESULTS_graph_moe.md; starts and stops the MPS daemon itself
 #   bench              compare intranode-bench low-latency-bench internode-bench
 # Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
 # script at once; any other failing stage makes it exit 1 after the rest have run.
@@ -31,7 +34,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iters 5"}
 LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
 
-ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench"
+ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe"
 requested=${*:-${STAGES:-"build tests recipe bench"}}
 STAGES=" "
 for s in $requested; do
@@ -125,5 +128,15 @@ if stage internode-bench; then
   # 2 nodes of 2 ranks sharing the GPUs there are: correctness-level numbers, labelled EMULATED in RESULTS.md.
   timeout "${BENCH_TIMEOUT:-200}" python3 -m deepep_plugin.bench internode --tokens 512,4096 --sms 8,24 --iters 10 \
     --results "$OUT/RESULTS_internode.md" 2>&1 | tail -8 || rc=1
+fi
+
+if stage graph-moe; then
+  echo "== benchmark: sync-free MoE layer, CUDA-graph replay against eager"
+  # Its own run timeout (ranks killed, MPS stopped) comes before the stage's.
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m deepep_plugin.bench graph-moe --tokens 256,1024 --run-timeout 270 \
+    ${GRAPH_MOE_ARGS:-} \
+    --json "$OUT/cuda_graph_moe.json" --results "$OUT/RESULTS_graph_moe.md" 2>&1 | tee "$OUT/graph_moe.log" \
+    | tail -25 || rc=1
 fi
 exit $rc

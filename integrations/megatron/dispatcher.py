@@ -137,6 +137,19 @@ def _experts_need_cpu_counts(config: Any) -> bool:
     return False
 
 
+def host_count_reader(config: Any, num_local_experts: int) -> str:
+    """Why Megatron's own experts for ``config`` would read ``tokens_per_expert`` on the host ("" when they would
+    not): under ``sync_free`` the dispatcher reads nothing from the GPU, but a layer whose experts call
+    ``tokens_per_expert.tolist()`` still does (megatron-core 0.16.1: ``TEGroupedMLP`` always; ``SequentialMLP``
+    with more than one local expert, to split its rows). Experts of a custom spec are not known here."""
+    if getattr(config, "moe_grouped_gemm", False):
+        return "its grouped-GEMM experts (TEGroupedMLP / GroupedMLP) take tokens_per_expert as a host list"
+    if num_local_experts > 1:
+        return (f"SequentialMLP splits its rows among its {num_local_experts} local experts with "
+                "tokens_per_expert.tolist()")
+    return ""
+
+
 def _ranks_per_node(world: int) -> int:
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if local is not None and local.isdigit() and int(local) > 0 and world % int(local) == 0:
@@ -204,6 +217,13 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         expect(not (settings.sync_free and self.tokens_per_expert_on_cpu),
                "DeepEPPluginTokenDispatcher: sync_free needs experts that take tokens_per_expert on the device "
                "(legacy GroupedMLP without TransformerEngine reads it on the host)")
+        if settings.sync_free:
+            reason = host_count_reader(config, num_local_experts)
+            if reason:
+                logger.warning("deepep_plugin: sync_free: the dispatcher reads nothing from the GPU, but with "
+                               "Megatron's own experts this layer still does: %s. For a CUDA graph, use experts that "
+                               "take tokens_per_expert on the device (SequentialMLP with one local expert, or a "
+                               "spec of your own)", reason)
         self.group_nodes = self._check_group_layout(config)
 
         import deepep_plugin

@@ -56,7 +56,9 @@ class PluginSettings:
         sync_free: ``dispatcher`` mode reads nothing from the GPU in a layer's forward and backward, so the MoE
             layer can be captured in a CUDA graph: dispatch pads its outputs to ``worst_tokens`` rows
             (``num_worst_tokens``), the permutation has a static size and ``tokens_per_expert`` stays on the
-            device (the experts must take it there: TransformerEngine's grouped GEMM).
+            device. The experts must use it there without reading it: of megatron-core's own, only
+            ``SequentialMLP`` with one local expert does (``TEGroupedMLP``, and ``SequentialMLP`` with several local
+            experts, call ``tokens_per_expert.tolist()``; the dispatcher warns when it builds such a layer).
         worst_tokens: rows a rank can receive at most, for ``sync_free``; ``None``: every token of every rank of
             the group (``tokens x EP size``, the true worst case when all ranks hold the same token count).
     """
