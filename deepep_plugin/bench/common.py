@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -74,3 +75,19 @@ def spawn_ranks(worker: Callable[..., Any], world: int, args: Any, name: str, ti
 def rank_device() -> torch.device:
     """In a rank started by :func:`spawn_ranks`: its GPU."""
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def runahead_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
+    """(median GPU us between CUDA events around each call, median host us per call), ``iters`` calls issued back
+    to back so the host runs ahead of the GPU where it can (DeepEP's own tests time this way)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    host = []
+    for i in range(iters):
+        starts[i].record()
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), statistics.median(host) * 1e6

@@ -74,24 +74,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 # Timing helpers (run inside a rank)
 # ----------------------------------------------------------------------------------------------------------
-def _runahead(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
-    """(median GPU us between events around each call, median host us per call), calls back to back."""
-    import torch
-
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    host = []
-    for i in range(iters):
-        starts[i].record()
-        t0 = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - t0)
-        ends[i].record()
-    torch.cuda.synchronize()
-    gpu = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-    return statistics.median(gpu), statistics.median(host) * 1e6
-
-
 def _synced(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> float:
     import torch
 
@@ -265,6 +247,8 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
     """Time every op of ``lib`` on ``inp``; return (metrics, the first outputs of every op)."""
     import torch
 
+    from .common import runahead_us
+
     lib.Buffer.set_num_sms(num_sms)
     dcfg, ccfg = lib.Buffer.get_dispatch_config(world), lib.Buffer.get_combine_config(world)
     E = args.num_experts
@@ -316,7 +300,7 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
             fn()
         torch.cuda.synchronize()
         barrier()
-        gpu, host = _runahead(fn, args.iters)
+        gpu, host = runahead_us(fn, args.iters)
         metrics[name] = {"runahead_us": gpu, "host_us": host,
                          "synced_us": _synced(fn, args.synced_iters, barrier),
                          "blocks_host": _blocks_host(fn, barrier)}

@@ -37,8 +37,6 @@ import datetime
 import json
 import math
 import os
-import statistics
-import time
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -337,22 +335,14 @@ def time_steps(step: Callable[[], Any], warmup: int, iters: int,
                barrier: Optional[Callable[[], Any]] = None) -> Tuple[float, float]:
     """``(median GPU us, median host us)`` per call of ``step`` over ``iters`` back-to-back calls, CUDA events
     recorded around each (the host runs ahead of the GPU where the step lets it), after ``warmup`` calls."""
+    from .common import runahead_us
+
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     if barrier is not None:
         barrier()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    host = []
-    for i in range(iters):
-        starts[i].record()
-        t0 = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - t0)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), statistics.median(host) * 1e6
+    return runahead_us(step, iters)
 
 
 def _measure(layer: nn.Module, args: argparse.Namespace, tokens: int, rank: int, world: int,

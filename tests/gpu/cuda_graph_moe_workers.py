@@ -43,6 +43,7 @@ from typing import Any, Callable, Tuple
 import torch
 import torch.distributed as dist
 from gpu_env import bits, take_device
+from sync_workers import waits_for_gpu
 
 import deepep_plugin as dp
 from deepep_plugin.bench import graph_moe as gm
@@ -83,19 +84,6 @@ def _inputs(seed: int, rank: int, shape: Tuple[int, ...], x_dtype: torch.dtype, 
 # Checks
 
 
-def _returns_before_gpu(fn: Callable[[], Any]) -> bool:
-    """Whether ``fn()`` returned while GPU work queued before it (a sleep kernel) was still running."""
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda._sleep(_SLEEP_CYCLES)
-    done = torch.cuda.Event()
-    done.record()
-    fn()
-    early = not done.query()
-    torch.cuda.synchronize()
-    return early
-
-
 def assert_reads_nothing(step: Callable[[], Any], buffer: dp.Buffer, rank: int, what: str) -> None:
     """``step`` makes no synchronising PyTorch call, no host wait of the kernels, and returns before earlier GPU
     work finishes."""
@@ -109,8 +97,8 @@ def assert_reads_nothing(step: Callable[[], Any], buffer: dp.Buffer, rank: int, 
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert kernels.host_waits() == waits, f"rank {rank}: {what}: the kernels waited on the host for the GPU"
-    assert _returns_before_gpu(step), (f"rank {rank}: {what} returned only after earlier GPU work finished "
-                                       "(a host read)")
+    assert not waits_for_gpu(step, _SLEEP_CYCLES), (
+        f"rank {rank}: {what} returned only after earlier GPU work finished (a host read)")
 
 
 def assert_steps_match(got: gm.StepResult, want: gm.StepResult, rank: int, what: str, exact: bool) -> None:

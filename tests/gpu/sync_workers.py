@@ -24,11 +24,12 @@ from deepep_plugin.fp8 import per_token_cast_to_fp8
 _SLEEP_CYCLES = int(0.2 * 1.98e9)  # ~200 ms on an H200; long enough that a host wait cannot go unnoticed
 
 
-def _blocks(fn: Callable[[], Any]) -> bool:
-    """Whether ``fn()`` waited for GPU work queued before it (a sleep kernel on the current stream)."""
+def waits_for_gpu(fn: Callable[[], Any], sleep_cycles: int = _SLEEP_CYCLES) -> bool:
+    """Whether ``fn()`` waited for GPU work queued before it (a sleep kernel of ``sleep_cycles`` on the current
+    stream; make it outlast ``fn``'s own host time)."""
     torch.cuda.synchronize()
     dist.barrier()
-    torch.cuda._sleep(_SLEEP_CYCLES)
+    torch.cuda._sleep(sleep_cycles)
     done = torch.cuda.Event()
     done.record()
     fn()
@@ -72,7 +73,7 @@ def host_sync_worker(rank: int, world_size: int, *, seed: int) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert kernels.host_waits() == waits, f"rank {rank}: {name} waited on the host for the GPU"
-        assert not _blocks(fn), f"rank {rank}: {name} returned only after earlier GPU work finished (a host read)"
+        assert not waits_for_gpu(fn), f"rank {rank}: {name} returned only after earlier GPU work finished (a host read)"
 
     def fresh() -> Any:
         return buf.dispatch(x, None, per_rank, per_rdma, in_rank, per_expert, idx, w)
@@ -84,7 +85,7 @@ def host_sync_worker(rank: int, world_size: int, *, seed: int) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert kernels.host_waits() == waits + 1, f"rank {rank}: a fresh dispatch should read the GPU exactly once"
-    assert _blocks(fresh), f"rank {rank}: a fresh dispatch returned before its receive counts existed"
+    assert waits_for_gpu(fresh), f"rank {rank}: a fresh dispatch returned before its receive counts existed"
 
 
 def bad_expert_id_worker(rank: int, world_size: int, *, seed: int) -> None:
