@@ -69,8 +69,11 @@ MAILBOX_STATUSES: tuple[Code, ...] = (
     Code(3, "kMailboxBadInput", "an input value was out of range (peer = token, channel = top-k slot, detail = the "
                                 "value, observed = num_experts); the entry selected nothing and the buffer stays "
                                 "consistent"),
+    Code(4, "kMailboxRefused", "an operation was refused before it did any work (detail, observed: what it "
+                               "found); every rank refuses the same one, so no peer waits for it"),
 )
-MAILBOX_EMPTY, MAILBOX_TIMEOUT, MAILBOX_OVERFLOW, MAILBOX_BAD_INPUT = (c.value for c in MAILBOX_STATUSES)
+MAILBOX_EMPTY, MAILBOX_TIMEOUT, MAILBOX_OVERFLOW, MAILBOX_BAD_INPUT, MAILBOX_REFUSED = (
+    c.value for c in MAILBOX_STATUSES)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wait codes: what a kernel waited for (or found wrong) when it reported. Append; never renumber.
@@ -89,6 +92,7 @@ WAITS: tuple[Code, ...] = (
     Code(9, "kWaitBadExpertId", "topk_idx: an expert id outside [-1, num_experts)"),
     Code(64, "kWaitLLDispatchRecv", "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)"),
     Code(65, "kWaitLLCombineRecv", "combine receive: the peer's expert outputs (did it call low_latency_combine?)"),
+    Code(66, "kWaitLLParity", "low-latency parity guard: an op used the same buffer half as the op before it"),
     Code(80, "kWaitBarrier", "the operation barrier (did the peer make the same call?)"),
     Code(81, "kWaitNotify", "dispatch notify: the peer's token counts (did it call dispatch?)"),
     Code(82, "kWaitRingSpace", "dispatch send: free ring slots at the forwarder (its node's readers' consumption)"),

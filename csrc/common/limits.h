@@ -25,6 +25,7 @@ enum MailboxStatus : int32_t {
   kMailboxTimeout = 1,  // a spin-wait ran out of time; the buffer's queues are in an unknown state
   kMailboxOverflow = 2,  // more rows arrived than the output holds (num_worst_tokens too small); no write went out of bounds and the buffer stays consistent
   kMailboxBadInput = 3,  // an input value was out of range (peer = token, channel = top-k slot, detail = the value, observed = num_experts); the entry selected nothing and the buffer stays consistent
+  kMailboxRefused = 4,  // an operation was refused before it did any work (detail, observed: what it found); every rank refuses the same one, so no peer waits for it
 };
 
 enum WaitKind : int32_t {
@@ -40,6 +41,7 @@ enum WaitKind : int32_t {
   kWaitBadExpertId = 9,  // topk_idx: an expert id outside [-1, num_experts)
   kWaitLLDispatchRecv = 64,  // dispatch receive: the peer's tokens (did it call low_latency_dispatch?)
   kWaitLLCombineRecv = 65,  // combine receive: the peer's expert outputs (did it call low_latency_combine?)
+  kWaitLLParity = 66,  // low-latency parity guard: an op used the same buffer half as the op before it
   kWaitBarrier = 80,  // the operation barrier (did the peer make the same call?)
   kWaitNotify = 81,  // dispatch notify: the peer's token counts (did it call dispatch?)
   kWaitRingSpace = 82,  // dispatch send: free ring slots at the forwarder (its node's readers' consumption)
@@ -64,6 +66,7 @@ inline const char* wait_name(int32_t what) {
     case kWaitBadExpertId: return "topk_idx: an expert id outside [-1, num_experts)";
     case kWaitLLDispatchRecv: return "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)";
     case kWaitLLCombineRecv: return "combine receive: the peer's expert outputs (did it call low_latency_combine?)";
+    case kWaitLLParity: return "low-latency parity guard: an op used the same buffer half as the op before it";
     case kWaitBarrier: return "the operation barrier (did the peer make the same call?)";
     case kWaitNotify: return "dispatch notify: the peer's token counts (did it call dispatch?)";
     case kWaitRingSpace: return "dispatch send: free ring slots at the forwarder (its node's readers' consumption)";

@@ -104,7 +104,7 @@ void check_ints(const char* op, const char* name, const at::Tensor& t, int devic
 void barrier_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const BoundLayout& layout) {
   const Env env = make_env("internode_barrier", buffer, epoch, layout, 0, 0, 0);
   c10::cuda::CUDAGuard guard(buffer.device());
-  internode::barrier(env, buffer.stream());
+  internode::barrier(env, buffer.call_stream());
 }
 
 void notify_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const BoundLayout& layout,
@@ -117,7 +117,7 @@ void notify_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const Bou
   a.payload = data<const int>(payload);
   a.received = data<int>(received);
   c10::cuda::CUDAGuard guard(buffer.device());
-  internode::notify(a, buffer.stream());
+  internode::notify(a, buffer.call_stream());
 }
 
 void dispatch_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const BoundLayout& layout, int slots,
@@ -211,7 +211,7 @@ void dispatch_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const B
   a.recv_topk_weights = data_or_null<float>(recv_topk_weights);
   a.recv_src_meta = data_or_null<int>(recv_src_meta);
   c10::cuda::CUDAGuard guard(dev);
-  internode::dispatch(a, buffer.stream());
+  internode::dispatch(a, buffer.call_stream());
 }
 
 void combine_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const BoundLayout& layout, int slots,
@@ -289,7 +289,7 @@ void combine_op(const SymmetricBuffer& buffer, const at::Tensor& epoch, const Bo
   a.combined_x = data<uint16_t>(combined_x);
   a.combined_topk_weights = data_or_null<float>(combined_topk_weights);
   c10::cuda::CUDAGuard guard(dev);
-  internode::combine(a, buffer.stream());
+  internode::combine(a, buffer.call_stream());
 }
 
 }  // namespace

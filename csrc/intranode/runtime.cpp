@@ -10,7 +10,8 @@
 // (deepep_plugin/backends/cuda_intranode.py) costs one bound call per op. Calls are ordered among themselves even
 // when they come from different streams (the ring counters are read at kernel start and written at kernel end):
 // a call on another stream than the previous call's first makes its stream wait for that one (one event), and a
-// call on the same stream costs nothing extra. Under CUDA-graph capture the caller orders the captured calls.
+// call on the same stream costs nothing extra (common/stream_order.h; inside one CUDA-graph capture the wait is
+// captured, between a capture and eager calls the caller orders them).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,6 +36,7 @@
 
 #include "common/mailbox.h"
 #include "common/py_errors.h"
+#include "common/stream_order.h"
 #include "intranode/api.h"
 
 namespace py = pybind11;
@@ -89,7 +91,7 @@ class Runtime {
     std::memset(static_cast<void*>(host_), 0, sizeof(HostPage));
     check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host_, 0),
                "cudaHostGetDevicePointer of the mailbox");
-    check_cuda(cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming), "cudaEventCreate");
+    order_.open();
     check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
     for (auto& p : peers_) p = nullptr;
     for (auto& p : peer_ctrl_) p = nullptr;
@@ -141,12 +143,11 @@ class Runtime {
     if (ctrl_ != nullptr) cudaFree(ctrl_);
     if (work_ != nullptr) cudaFree(work_);
     if (host_ != nullptr) cudaFreeHost(host_);
-    if (order_event_ != nullptr) cudaEventDestroy(order_event_);
+    order_.close();
     buffer_ = nullptr;
     ctrl_ = nullptr;
     work_ = nullptr;
     host_ = nullptr;
-    order_event_ = nullptr;
   }
 
   bool destroyed() const { return destroyed_; }
@@ -387,18 +388,7 @@ class Runtime {
   // The current stream, made to wait for the previous call when that one was enqueued on another stream.
   cudaStream_t call_stream() {
     const cudaStream_t s = c10::cuda::getCurrentCUDAStream(device_).stream();
-    if (s != last_stream_) {
-      if (last_stream_ != nullptr) {
-        cudaStreamCaptureStatus now = cudaStreamCaptureStatusNone, before = cudaStreamCaptureStatusNone;
-        check_cuda(cudaStreamIsCapturing(s, &now), "cudaStreamIsCapturing");
-        check_cuda(cudaStreamIsCapturing(last_stream_, &before), "cudaStreamIsCapturing");
-        if (now == cudaStreamCaptureStatusNone && before == cudaStreamCaptureStatusNone) {
-          check_cuda(cudaEventRecord(order_event_, last_stream_), "cudaEventRecord (call ordering)");
-          check_cuda(cudaStreamWaitEvent(s, order_event_, 0), "cudaStreamWaitEvent (call ordering)");
-        }
-      }
-      last_stream_ = s;
-    }
+    order_.enter(s);
     return s;
   }
 
@@ -534,8 +524,7 @@ class Runtime {
   LayoutWork* work_ = nullptr;
   HostPage* host_ = nullptr;
   HostPage* host_dev_ = nullptr;
-  cudaEvent_t order_event_ = nullptr;
-  cudaStream_t last_stream_ = nullptr;
+  StreamOrder order_;  // the stream of the previous call (call_stream)
   int64_t host_waits_ = 0;
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];

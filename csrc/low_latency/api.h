@@ -12,8 +12,12 @@ namespace ll {
 
 // Wait codes (kWaitLL*) are in common/limits.h.
 
-// int32 words of the workspace (grid-completion counters, low_latency.cu's kWs*), zero between launches.
-constexpr int kWorkspaceInts = 8;
+// Blocks of one low-latency launch at most (num_sms; the parity guard keeps one word per block).
+constexpr int kMaxGrid = 256;
+// int32 words of the workspace: grid-completion counters (low_latency.cu's kWs*, zero between launches), then the
+// parity guard's words (one per block, kWsGuard + b). All zero at creation and after clean_low_latency_buffer.
+constexpr int kGuardOffset = 8;
+constexpr int kWorkspaceInts = kGuardOffset + kMaxGrid;
 
 // Geometry of one call, with the byte offsets of the parity it uses (from Layout, layout.h).
 struct Geometry {
@@ -25,10 +29,11 @@ struct Geometry {
 // What every kernel needs to reach the buffers and report errors.
 struct Env {
   int rank;
+  int parity;                // buffer half of this call (0 or 1): the host's toggle, checked by the parity guard
   int has_rdma_peers;        // some peer is not mapped (no P2P): the kernels use NVSHMEM puts for it
   uint8_t* buffer;           // this rank's symmetric buffer
   uint8_t* const* peers;     // device array [R]: each rank's buffer mapped here (P2P), or null (RDMA)
-  int* workspace;            // device int32 [kWorkspaceInts]: grid-completion counters, zero between launches
+  int* workspace;            // device int32 [kWorkspaceInts]: grid-completion counters and the parity guard
   int* abort_flag;           // device int32: set once any wait of this rank timed out
   Mailbox* mailbox;          // device alias of the host-mapped mailbox
   uint64_t timeout_ns;

@@ -1,7 +1,7 @@
 // Torch glue of the low-latency kernels (registered into deepep_plugin._nvshmem_C): the buffer Layout, and the four
 // launches, which take tensors, check them against the layout (dtype, shape, device, contiguity) and fill the
 // kernels' plain parameter structs (api.h). deepep_plugin/backends/cuda_low_latency.py allocates the outputs and
-// owns the call order (parity, hooks).
+// owns the call order (parity, hooks); the launches are ordered across streams by the buffer (call_stream).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -66,6 +66,7 @@ Env make_env(const char* op, const SymmetricBuffer& buf, const at::Tensor& works
   TensorCheck(workspace, op, "workspace", buf.device()).dtype(at::kInt).shape({kWorkspaceInts}).contiguous();
   Env env{};
   env.rank = buf.rank();
+  env.parity = parity;
   env.has_rdma_peers = buf.has_rdma_peers() ? 1 : 0;
   env.buffer = buf.base();
   env.peers = buf.peer_table();
@@ -192,15 +193,19 @@ CombineArgs make_combine(const char* op, const SymmetricBuffer& buf, const at::T
 }
 
 void check_num_sms(const char* op, int num_sms) {
-  if (num_sms < 1) throw InputError(std::string(op) + ": num_sms must be positive, got " + std::to_string(num_sms));
+  if (num_sms < 1 || num_sms > kMaxGrid)
+    throw InputError(std::string(op) + ": num_sms must be in [1, " + std::to_string(kMaxGrid) + "], got " +
+                     std::to_string(num_sms));
 }
 
 using DispatchLaunch = void (*)(const DispatchArgs&, int, void*);
 using CombineLaunch = void (*)(const CombineArgs&, int, void*);
 
 // One bound function per launch; the send and receive halves of an operation take the same arguments.
+// Each returns the handle of the stream the kernel went to (the current one), so that the caller can tell whether
+// the two halves of an operation ran on different streams.
 template <DispatchLaunch kLaunch>
-void run_dispatch(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
+int64_t run_dispatch(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
                   int parity, const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& recv_x,
                   const OptTensor& recv_scales, const at::Tensor& recv_count, const at::Tensor& recv_info,
                   const at::Tensor& layout_range, const OptTensor& cumulative_stats, const OptTensor& wait_stats,
@@ -210,11 +215,13 @@ void run_dispatch(const char* op, const SymmetricBuffer& buffer, const at::Tenso
                                        recv_count, recv_info, layout_range, cumulative_stats, wait_stats, use_fp8,
                                        round_scale, use_ue8m0);
   c10::cuda::CUDAGuard guard(buffer.device());
-  kLaunch(a, num_sms, buffer.stream());
+  void* stream = buffer.call_stream();
+  kLaunch(a, num_sms, stream);
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(stream));
 }
 
 template <CombineLaunch kLaunch>
-void run_combine(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
+int64_t run_combine(const char* op, const SymmetricBuffer& buffer, const at::Tensor& workspace, const Layout& layout,
                  int parity, const at::Tensor& x, const at::Tensor& recv_info, const at::Tensor& layout_range,
                  const at::Tensor& topk_idx, const at::Tensor& topk_weights, bool zero_copy, const at::Tensor& out,
                  const OptTensor& wait_stats, int num_sms) {
@@ -222,7 +229,9 @@ void run_combine(const char* op, const SymmetricBuffer& buffer, const at::Tensor
   const CombineArgs a = make_combine(op, buffer, workspace, layout, parity, x, recv_info, layout_range, topk_idx,
                                      topk_weights, zero_copy, out, wait_stats);
   c10::cuda::CUDAGuard guard(buffer.device());
-  kLaunch(a, num_sms, buffer.stream());
+  void* stream = buffer.call_stream();
+  kLaunch(a, num_sms, stream);
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(stream));
 }
 
 template <DispatchLaunch kLaunch>
@@ -234,9 +243,9 @@ void def_dispatch(py::module_& m, const char* name) {
              const at::Tensor& recv_count, const at::Tensor& recv_info, const at::Tensor& layout_range,
              const OptTensor& cumulative_stats, const OptTensor& wait_stats, bool use_fp8, bool round_scale,
              bool use_ue8m0, int num_sms) {
-        run_dispatch<kLaunch>(name, buffer, workspace, layout, parity, x, topk_idx, recv_x, recv_scales, recv_count,
-                              recv_info, layout_range, cumulative_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
-                              num_sms);
+        return run_dispatch<kLaunch>(name, buffer, workspace, layout, parity, x, topk_idx, recv_x, recv_scales,
+                                     recv_count, recv_info, layout_range, cumulative_stats, wait_stats, use_fp8,
+                                     round_scale, use_ue8m0, num_sms);
       },
       py::kw_only(), py::arg("buffer"), py::arg("workspace"), py::arg("layout"), py::arg("parity"), py::arg("x"),
       py::arg("topk_idx"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_count"), py::arg("recv_info"),
@@ -252,8 +261,8 @@ void def_combine(py::module_& m, const char* name) {
              const at::Tensor& x, const at::Tensor& recv_info, const at::Tensor& layout_range,
              const at::Tensor& topk_idx, const at::Tensor& topk_weights, bool zero_copy, const at::Tensor& out,
              const OptTensor& wait_stats, int num_sms) {
-        run_combine<kLaunch>(name, buffer, workspace, layout, parity, x, recv_info, layout_range, topk_idx,
-                             topk_weights, zero_copy, out, wait_stats, num_sms);
+        return run_combine<kLaunch>(name, buffer, workspace, layout, parity, x, recv_info, layout_range, topk_idx,
+                                    topk_weights, zero_copy, out, wait_stats, num_sms);
       },
       py::kw_only(), py::arg("buffer"), py::arg("workspace"), py::arg("layout"), py::arg("parity"), py::arg("x"),
       py::arg("recv_info"), py::arg("layout_range"), py::arg("topk_idx"), py::arg("topk_weights"),

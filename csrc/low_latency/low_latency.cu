@@ -46,7 +46,7 @@ constexpr float kAmaxFloor = 1e-4f;
 constexpr int kWsDispatchSend = 0;
 constexpr int kWsDispatchRecv = 1;
 constexpr int kWsCombineRecv = 2;
-static_assert(kWsCombineRecv < kWorkspaceInts, "the workspace holds every counter");
+static_assert(kWsCombineRecv < kGuardOffset, "the workspace holds every counter before the parity guard");
 // Shared memory the dispatch sender may use (it holds two int32 counters per expert).
 constexpr int kMaxSmemBytes = 200 * 1024;
 
@@ -64,6 +64,47 @@ __device__ __forceinline__ ErrorEnv error_env(const Env& env) {
 
 __device__ __forceinline__ uint8_t* signal_ptr(const Env& env, uint8_t* base, int src) {
   return base + env.geo.signal_offset + 4LL * src;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Parity guard. Two consecutive low-latency ops must use different buffer halves: an op writes into its peers'
+// half while they may still be reading the previous op's, and each receiver resets the signal words of its own
+// half once it has read them, so an op that reuses the previous op's half overwrites messages being read and races
+// with that reset (wrong rows, lost signals, a timed-out wait). The host picks the half when a call is issued (or
+// captured), so a CUDA graph holding an odd number of ops, replayed twice in a row or between eager calls, would
+// reuse it.
+//
+// Workspace word kWsGuard + b holds the previous op's parity + 1 (0 after creation or a reset, kGuardRefused once
+// an op was refused). Block b of a send kernel reads word b at its start and, once all its threads have (after a
+// __syncthreads), writes this op's value into words b, b + G, b + 2G, ... (G: its grid): every word sees every op,
+// and no block reads a word that another block of its launch writes. An op with the previous op's parity is
+// refused, and so is every op after it until clean_low_latency_buffer: it does no work. Every rank runs the same
+// sequence of ops, so every rank refuses the same one and no peer waits for it; the op that finds the reuse reports
+// it through the mailbox (kMailboxRefused, kWaitLLParity). A receive kernel only reads its word (its send kernel
+// wrote it) and does nothing when the op was refused. Cost: one load and at most a few stores per block. (Only the
+// first refusal reports; should the mailbox then still hold an earlier report, that one reaches the host instead.)
+constexpr int kWsGuard = kGuardOffset;
+constexpr int kGuardRefused = 3;
+
+// Send kernels, every thread, before the block's first __syncthreads: this block's guard word.
+__device__ __forceinline__ int guard_read(const Env& env) {
+  return ld_volatile(env.workspace + kWsGuard + blockIdx.x);
+}
+
+// Send kernels, every thread, after that __syncthreads: whether this op is refused; writes this op's value.
+__device__ __forceinline__ bool guard_publish(const Env& env, int previous) {
+  const bool refused = previous == kGuardRefused || previous == env.parity + 1;
+  const int value = refused ? kGuardRefused : env.parity + 1;
+  for (int w = blockIdx.x + threadIdx.x * gridDim.x; w < kMaxGrid; w += blockDim.x * gridDim.x)
+    env.workspace[kWsGuard + w] = value;
+  if (refused && previous != kGuardRefused && blockIdx.x == 0 && threadIdx.x == 0)
+    report_error(error_env(env), kMailboxRefused, kWaitLLParity, -1, -1, env.parity, previous - 1);
+  return refused;
+}
+
+// Receive kernels: whether the send kernel refused this op.
+__device__ __forceinline__ bool guard_refused(const Env& env) {
+  return ld_volatile(env.workspace + kWsGuard + blockIdx.x) == kGuardRefused;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -220,9 +261,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(DispatchArgs
       (reinterpret_cast<uintptr_t>(own_slot + per_block * kMaxTopk) + 7) & ~uintptr_t(7));
 
   __shared__ unsigned long long s_first_bad;  // block 0: smallest flat index of an id outside [-1, E)
+  const int guard = guard_read(env);
   for (int i = tid; i < 2 * E + 2 * R; i += kThreads) before_expert[i] = 0;
   if (tid == 0) s_first_bad = ~0ull;
   __syncthreads();
+  if (guard_publish(env, guard)) return;  // refused: nothing sent, no signal (the receive kernel skips too)
 
   // 1. Counts: per expert and per destination rank, over all tokens and over the tokens before this block's.
   // Block 0 also range-checks topk_idx (ids outside [-1, E) select nothing) and reports the first bad one.
@@ -408,6 +451,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(DispatchArgs
   int* begin = reinterpret_cast<int*>(smem_raw);
   int* messages = begin + el * R;
   const long long start = clock64();
+  if (guard_refused(env)) {  // the send kernel refused the op: no rows (so a combine of its handle sends none)
+    if (blockIdx.x == 0) {
+      for (int i = tid; i < el; i += kThreads) a.recv_count[i] = 0;
+      for (int i = tid; i < el * R; i += kThreads) a.layout_range[i] = 0;
+    }
+    return;
+  }
 
   // 1. Wait for every source's "all messages sent" signal (value = messages + 1).
   const ErrorEnv err = error_env(env);
@@ -543,6 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(CombineArgs a
   int* unit_begin = unit_start + units + 1;             // [units]
   int* sent = unit_begin + units;                       // [R]
   int* scratch = sent + R;                              // [kWarps + 1]
+  const int guard = guard_read(env);
 
   for (int u = tid; u < units; u += kThreads) {
     const int64_t lr = a.layout_range[u];  // u = i * R + j, the layout of layout_range
@@ -551,6 +602,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(CombineArgs a
   }
   for (int j = tid; j < R; j += kThreads) sent[j] = 0;
   __syncthreads();
+  if (guard_publish(env, guard)) return;  // refused: nothing sent, no signal (the receive kernel skips too)
   const int rows = block_exclusive_scan(unit_start, units, scratch);
   if (tid == 0) unit_start[units] = rows;
   __syncthreads();
@@ -626,6 +678,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(CombineArgs a
   const int E = g.num_experts;
   int* expected = reinterpret_cast<int*>(smem_raw);
   const long long start = clock64();
+  if (guard_refused(env)) return;  // the send kernel refused the op: out is left as it was
 
   for (int j = tid; j < R; j += kThreads) expected[j] = 0;
   __syncthreads();

@@ -103,6 +103,7 @@ SymmetricBuffer::SymmetricBuffer(int64_t num_bytes, int num_ranks, int device, d
   mailbox_host_ = mailbox_alloc();
   mailbox_device_ = mailbox_device_alias(mailbox_host_);
   upload_peers();
+  order_.open();
   alive_ = true;
 }
 
@@ -111,6 +112,7 @@ void SymmetricBuffer::free() {
   alive_ = false;
   c10::cuda::CUDAGuard guard(device_);
   symmetric_free(base_);  // synchronises the device first, then the world
+  order_.close();
   mailbox_free(mailbox_host_);
   base_ = nullptr;
   mailbox_host_ = mailbox_device_ = nullptr;
@@ -171,7 +173,11 @@ void SymmetricBuffer::clear_abort() {
   abort_.zero_();
 }
 
-void* SymmetricBuffer::stream() const { return c10::cuda::getCurrentCUDAStream(device_).stream(); }
+void* SymmetricBuffer::call_stream() const {
+  const cudaStream_t s = c10::cuda::getCurrentCUDAStream(device_).stream();
+  order_.enter(s);
+  return s;
+}
 
 void SymmetricBuffer::upload_peers() {
   std::vector<int64_t> words(peers_.size());
@@ -223,7 +229,15 @@ PYBIND11_MODULE(_nvshmem_C, m) {
       .def_property("has_rdma_peers", &SymmetricBuffer::has_rdma_peers, &SymmetricBuffer::set_has_rdma_peers)
       .def_property("timeout_s", &SymmetricBuffer::timeout_s, &SymmetricBuffer::set_timeout_s)
       .def("take_report", &SymmetricBuffer::take_report)
-      .def("clear_abort", &SymmetricBuffer::clear_abort);
+      .def("clear_abort", &SymmetricBuffer::clear_abort)
+      .def(
+          "order_current_stream",
+          [](const SymmetricBuffer& b) {
+            b.check("SymmetricBuffer.order_current_stream");
+            c10::cuda::CUDAGuard guard(b.device());
+            b.call_stream();
+          },
+          "make the current stream wait for this buffer's last launch (for work the host enqueues on the buffer)");
 
   deepep::register_low_latency(m);
   deepep::register_internode(m);

@@ -18,6 +18,7 @@
 
 #include "common/mailbox.h"
 #include "common/py_errors.h"
+#include "common/stream_order.h"
 
 namespace deepep {
 namespace nvshmem {
@@ -95,7 +96,9 @@ class __attribute__((visibility("hidden"))) SymmetricBuffer {
     const double ns = timeout_s_ * 1e9;
     return ns >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(ns);
   }
-  void* stream() const;  // the current CUDA stream of the buffer's device
+  // The current CUDA stream of the buffer's device, for a launch: made to wait for the stream of the previous launch
+  // on this buffer when that is another one (common/stream_order.h).
+  void* call_stream() const;
 
  private:
   void upload_peers();
@@ -110,6 +113,7 @@ class __attribute__((visibility("hidden"))) SymmetricBuffer {
   at::Tensor abort_;             // int32 [1] on the device
   Mailbox* mailbox_host_ = nullptr;
   Mailbox* mailbox_device_ = nullptr;
+  mutable StreamOrder order_;  // which stream the last launch went to: call state, not part of the buffer's value
 };
 
 }  // namespace nvshmem

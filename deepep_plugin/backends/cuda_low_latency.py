@@ -25,6 +25,14 @@ What differs from DeepEP V1 (same signatures, same results):
 * **No hangs**: every wait times out (``timeout_s``, from ``DEEPEP_PLUGIN_TIMEOUT_S``) and reports
   ``{rank, peer, what}`` through a host-mapped mailbox; :meth:`LowLatencyRuntime.check_error` raises
   ``DeepEPTimeoutError``. Kernels never ``__trap``.
+* **Calls on different streams are ordered**: a launch on another stream than this Buffer's previous one waits for
+  that one (one event, ``csrc/common/stream_order.h``), so a hook or a combine may run on another stream than its
+  dispatch; the hook then records its tensors on its stream.
+* **Parity guard**: two consecutive ops must use different buffer halves, and the host picks the half when a call is
+  issued, so a CUDA graph holding an odd number of low-latency ops, replayed twice in a row or between eager calls,
+  would reuse one. The kernels check it on the GPU (one word per block, ``csrc/low_latency/low_latency.cu``): such an
+  op and every later one does no work on every rank, and the next call raises ``DeepEPError`` saying what happened
+  and what to do (capture dispatch + combine pairs; ``clean_low_latency_buffer`` restarts).
 * Wait-cost statistics are GPU clock cycles (as DeepEP), measured from the receive kernel's start.
 * NVSHMEM is initialised once per process and kept (NVSHMEM cannot be re-initialised in one process):
   :meth:`LowLatencyRuntime.destroy` frees the symmetric buffer, and a later runtime with the same rank, group
@@ -42,10 +50,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DeepEPBufferTooSmall, DeepEPInputError, DeepEPTimeoutError, expect
+from ..errors import DeepEPBufferTooSmall, DeepEPError, DeepEPInputError, DeepEPTimeoutError, expect
 from ..limits import (
     FP8_GROUP,
     MAILBOX_BAD_INPUT,
+    MAILBOX_REFUSED,
     MAX_LOW_LATENCY_ENTRIES,
     MAX_LOW_LATENCY_TOKENS_PER_RANK,
     MAX_TOPK_LOW_LATENCY,
@@ -117,6 +126,7 @@ class LowLatencyRuntime(SymmetricRuntime):
         self._workspace = torch.zeros(self._c.LL_WORKSPACE_INTS, dtype=torch.int32, device=self.device)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._parity = 0
+        self._refused: Optional[str] = None  # set once the parity guard refused an op (until clean)
         torch.cuda.synchronize(self.device)
         self._c.barrier_all()
 
@@ -145,7 +155,9 @@ class LowLatencyRuntime(SymmetricRuntime):
         self._layouts[key] = layout
         return layout
 
-    def _next_parity(self) -> int:
+    def _next_parity(self, what: str) -> int:
+        if self._refused is not None:
+            raise DeepEPError(f"{what}: {self._refused}")
         parity = self._parity
         self._parity ^= 1
         return parity
@@ -179,7 +191,7 @@ class LowLatencyRuntime(SymmetricRuntime):
         expect(topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
                f"low_latency_dispatch: top-k must be <= {MAX_TOPK_LOW_LATENCY}, got {topk_idx.size(1)}")
         e_loc, slots, dev = layout.num_local_experts, r * n_ll, x.device
-        parity = self._next_parity()
+        parity = self._next_parity("low_latency_dispatch")
         if use_fp8:
             recv_x = torch.empty((e_loc, slots, hidden), dtype=torch.float8_e4m3fn, device=dev)
             groups = hidden // FP8_GROUP
@@ -200,12 +212,13 @@ class LowLatencyRuntime(SymmetricRuntime):
             recv_info=info, layout_range=layout_range, cumulative_stats=cumulative_local_expert_recv_stats,
             wait_stats=dispatch_wait_recv_cost_stats, use_fp8=use_fp8, round_scale=round_scale,
             use_ue8m0=use_ue8m0, num_sms=self._num_sms)
-        self._c.ll_dispatch_send(**args)
+        send_stream = self._c.ll_dispatch_send(**args)
 
         def hook() -> None:
             expect(self._alive, "low_latency_dispatch hook: the low-latency runtime was destroyed")
             expect(bool(args), "low_latency_dispatch hook: a receive hook can be called only once")
-            self._c.ll_dispatch_recv(**args)
+            if self._c.ll_dispatch_recv(**args) != send_stream:
+                _record_on_current_stream(args)
             args.clear()
 
         if not return_recv_hook:
@@ -246,7 +259,7 @@ class LowLatencyRuntime(SymmetricRuntime):
                "low_latency_dispatch (its base tensor carries the combine slots)")
         expect(topk_idx.size(1) <= MAX_TOPK_LOW_LATENCY,
                f"low_latency_combine: top-k must be <= {MAX_TOPK_LOW_LATENCY}, got {topk_idx.size(1)}")
-        parity = self._next_parity()
+        parity = self._next_parity("low_latency_combine")
         num_tokens = topk_idx.size(0)
         result = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
                                                          device=topk_idx.device)
@@ -255,12 +268,13 @@ class LowLatencyRuntime(SymmetricRuntime):
             recv_info=info, layout_range=handle.layout_range, topk_idx=topk_idx.contiguous(),
             topk_weights=topk_weights.to(torch.float32).contiguous(), zero_copy=zero_copy, out=result,
             wait_stats=combine_wait_recv_cost_stats, num_sms=self._num_sms)
-        self._c.ll_combine_send(**args)
+        send_stream = self._c.ll_combine_send(**args)
 
         def hook() -> None:
             expect(self._alive, "low_latency_combine hook: the low-latency runtime was destroyed")
             expect(bool(args), "low_latency_combine hook: a receive hook can be called only once")
-            self._c.ll_combine_recv(**args)
+            if self._c.ll_combine_recv(**args) != send_stream:
+                _record_on_current_stream(args)
             args.clear()
 
         if not return_recv_hook:
@@ -271,16 +285,19 @@ class LowLatencyRuntime(SymmetricRuntime):
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency state on every rank (collective, on the current stream, with barriers).
 
-        Zeroes the signal words of both parities and the kernels' counters, and restarts the buffer toggle at
-        parity 0 on every rank, so ranks that fell out of step (a call that timed out on some ranks only)
-        agree again.
+        Zeroes the signal words of both parities and the kernels' counters and parity guard, and restarts the buffer
+        toggle at parity 0 on every rank, so ranks that fell out of step (a call that timed out on some ranks only,
+        or ops the parity guard refused) agree again. Runs after this Buffer's earlier low-latency calls, whatever
+        their stream.
         """
         layout = self._layout("clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._sym.order_current_stream()
         self._c.barrier_on_stream(device=self.device.index)
         self._buffer[: layout.send_offset(0)].zero_()  # [signal0 | signal1] come first
         self._workspace.zero_()
         self._sym.clear_abort()
         self._parity = 0
+        self._refused = None
         self._c.barrier_on_stream(device=self.device.index)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
@@ -304,15 +321,19 @@ class LowLatencyRuntime(SymmetricRuntime):
 
     def check_error(self) -> None:
         """Raise ``DeepEPTimeoutError`` if a kernel of this rank reported a timed-out wait, ``DeepEPInputError`` if
-        a dispatch met a bad expert id (no device sync).
+        a dispatch met a bad expert id, ``DeepEPError`` if the parity guard refused an op (no device sync).
 
         The report is cleared, so later calls can go on once the caller has recovered (after a timeout the
-        signal words are in an unknown state: call ``clean_low_latency_buffer`` on every rank, or destroy).
+        signal words are in an unknown state: call ``clean_low_latency_buffer`` on every rank, or destroy). After a
+        refusal, low-latency calls raise the same ``DeepEPError`` until ``clean_low_latency_buffer``.
         """
         report = self._take_report()
         if report is None:
             return
         status, rank, peer, what, expected, observed, channel = report
+        if status == MAILBOX_REFUSED:
+            self._refused = _parity_refusal(rank, expected)
+            raise DeepEPError(self._refused)
         if status == MAILBOX_BAD_INPUT:  # the send kernel met an id outside [-1, E): it selected nothing
             raise DeepEPInputError(
                 f"low_latency_dispatch: topk_idx entries must be in [-1, num_experts={observed}) (-1 = unused "
@@ -324,3 +345,25 @@ class LowLatencyRuntime(SymmetricRuntime):
             f"{wait_message(what)} (expected {expected}, last seen {observed}). The peer died, "
             "hung or did not make the same call; call clean_low_latency_buffer() on every rank or destroy the "
             "Buffer (DEEPEP_PLUGIN_TIMEOUT_S sets the timeout)")
+
+
+def _record_on_current_stream(args: dict[str, Any]) -> None:
+    """A receive kernel ran on another stream than its send kernel: keep the call's tensors (allocated on the send's
+    stream) from being reused until the receive kernel is done with them."""
+    stream = torch.cuda.current_stream()
+    for value in args.values():
+        if isinstance(value, torch.Tensor):
+            value.record_stream(stream)
+
+
+def _parity_refusal(rank: int, parity: int) -> str:
+    """What the parity guard's report means, and what to do."""
+    return (
+        f"the low-latency kernels on rank {rank} refused an op that would have used buffer half {parity}, the half "
+        "of the op just before it, and every low-latency op after it (they did no work; their outputs are "
+        "unspecified). The half is chosen on the host when a call is issued or captured, alternating, so this "
+        "happens when a CUDA graph holding an odd number of low-latency ops (dispatch and combine count one each, "
+        "a receive hook belongs to its op) is replayed twice in a row or between eager calls, or when an odd number "
+        "of eager low-latency ops runs between replays. Capture low-latency ops in dispatch + combine pairs and keep "
+        "eager calls between replays in pairs; call clean_low_latency_buffer() on every rank to use this Buffer's "
+        "low-latency kernels again")

@@ -95,8 +95,9 @@ class SymmetricRuntime:
     its peer table, the abort flag its kernels raise, the host-mapped error mailbox). Subclasses set ``_c``,
     ``device``, ``num_ranks`` and ``timeout_s``, join the world, then call :meth:`_open` (collective)."""
 
-    #: The extension both runtimes run on; Buffer orders their calls with events and reads their mailbox through
-    #: ``check_error`` (``orders_streams`` False).
+    #: The extension both runtimes run on. Buffer runs their calls on its comm stream and reads their mailbox through
+    #: ``check_error`` first (``orders_streams`` False); the extension also orders each launch after the buffer's
+    #: previous one when the stream changes (receive hooks, ``clean_low_latency_buffer``: ``SymmetricBuffer``).
     extension: ClassVar[str] = EXTENSION
     orders_streams = False
 
