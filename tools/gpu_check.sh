@@ -22,6 +22,8 @@
 #   graph-moe          the sync-free MoE layer's step replayed from a CUDA graph against eager, at 256 and 1024
 #                      tokens per rank ($GRAPH_MOE_ARGS); writes $OUT/cuda_graph_moe.json (copy it to
 #                      benchmarks/results/) and $OUT/RESULTS_graph_moe.md; starts and stops the MPS daemon itself
+#   sm-rates           per-SM rates of the intranode kernels with 1 rank beside plain bulk and register copies, and the
+#                      two-GPU prediction they give; writes $OUT/sm_rates.json (copy it to benchmarks/results/)
 #   bench              compare intranode-bench low-latency-bench internode-bench
 # Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
 # script at once; any other failing stage makes it exit 1 after the rest have run.
@@ -34,7 +36,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iters 5"}
 LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
 
-ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe"
+ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe sm-rates"
 requested=${*:-${STAGES:-"build tests recipe bench"}}
 STAGES=" "
 for s in $requested; do
@@ -138,5 +140,10 @@ if stage graph-moe; then
     ${GRAPH_MOE_ARGS:-} \
     --json "$OUT/cuda_graph_moe.json" --results "$OUT/RESULTS_graph_moe.md" 2>&1 | tee "$OUT/graph_moe.log" \
     | tail -25 || rc=1
+fi
+if stage sm-rates; then
+  echo "== benchmark: per-SM rates (1 rank) and the two-GPU prediction"
+  timeout "${BENCH_TIMEOUT:-120}" python3 -m deepep_plugin.bench sm-rates --json "$OUT/sm_rates.json" 2>&1 \
+    | tee "$OUT/sm_rates.log" | tail -8 || rc=1
 fi
 exit $rc

@@ -79,6 +79,70 @@ constexpr int kNumWarps = kNumThreads / 32;
 // as long as Q >= 2r - 1.
 constexpr int kRoundTokens = 32;
 
+// Dispatch receiver blocks move rows with the bulk-copy engine through shared memory (dispatch.cu): one driver
+// warp per source rank (the local copy included), each with an equal share of kRecvSmemBytes cut into kRecvStages
+// stages, kRecvStages - 1 of them loading while the oldest is stored out. A stage holds up to kRecvMaxBatch whole
+// messages, or one chunk of a message too large for it (the rows split into equal 16-byte multiples; the last chunk
+// carries the message's metadata). About 89 KB in flight per source at 2 ranks: far more than the 2 KiB per warp
+// that register copies kept in flight, and no registers spent on it.
+constexpr int kRecvSmemBytes = 200 * 1024;
+constexpr int kRecvStages = 8;
+constexpr int kRecvMaxBatch = 8;
+constexpr int kRecvHeaderBytes = 256;  // per source: kRecvStages mbarriers (8 B each), kRecvStages records (16 B)
+
+struct RecvStaging {
+  int group_bytes;  // shared memory of one source's driver warp (header + stages), 128-byte multiple
+  int stage_bytes;  // one stage, 16-byte multiple
+};
+inline RecvStaging recv_staging(int num_ranks) {
+  RecvStaging s;
+  s.group_bytes = kRecvSmemBytes / num_ranks / 128 * 128;
+  s.stage_bytes = (s.group_bytes - kRecvHeaderBytes) / kRecvStages / 16 * 16;
+  return s;
+}
+
+// How a driver cuts a stream of `msg_bytes` messages (`row_bytes` of row data, then metadata) into stages of
+// `stage_bytes`: `batch` whole messages per stage, or (batch 0) each row in chunks of `chunk` bytes (the last one
+// shorter or equal) with the metadata after the last. chunk < 16 means the metadata does not fit a stage.
+struct RecvCut {
+  int batch, chunk;
+};
+inline RecvCut recv_cut(int msg_bytes, int row_bytes, int stage_bytes) {
+  RecvCut c{0, row_bytes};
+  if (msg_bytes <= stage_bytes) {
+    c.batch = stage_bytes / msg_bytes < kRecvMaxBatch ? stage_bytes / msg_bytes : kRecvMaxBatch;
+    return c;
+  }
+  const int cap = (stage_bytes - (msg_bytes - row_bytes)) / 16 * 16;
+  if (cap < 16) {
+    c.chunk = 0;
+    return c;
+  }
+  const int pieces = (row_bytes + cap - 1) / cap;
+  c.chunk = static_cast<int>(align_up(static_cast<size_t>((row_bytes + pieces - 1) / pieces), 16));
+  return c;
+}
+
+// Combine receiver blocks (combine.cu): a producer warp loads, for each token in order, a chunk of the row of every
+// rank that holds a copy (this rank's from x, the others' from the queues) into one of kCombineStages stages with the
+// bulk-copy engine; consumer warp s sums stage s in FP32 and writes the BF16 result. A stage holds R pieces of
+// `chunk` bytes (the row cut into equal 16-byte multiples), so about kCombineStages - 1 tokens' chunks are in flight.
+constexpr int kCombineStages = 8;
+constexpr int kCombineHeaderBytes = 2048;  // full/empty mbarriers, records, per-source counts, a send_head window
+
+struct CombineStaging {
+  int stage_bytes;  // one stage, 16-byte multiple
+  int chunk;        // bytes of one source's piece of a row (16-byte multiple, <= stage_bytes / R)
+};
+inline CombineStaging combine_staging(int num_ranks, int row_bytes) {
+  CombineStaging s;
+  s.stage_bytes = (kRecvSmemBytes - kCombineHeaderBytes) / kCombineStages / 16 * 16;
+  const int cap = s.stage_bytes / num_ranks / 16 * 16;
+  const int pieces = (row_bytes + cap - 1) / cap;
+  s.chunk = static_cast<int>(align_up(static_cast<size_t>((row_bytes + pieces - 1) / pieces), 16));
+  return s;
+}
+
 // Message layouts (bytes; every field 4-byte aligned, slots 16-byte aligned).
 struct DispatchSlot {
   int row_bytes, scales_off, idx_off, weights_off, src_off, slot_bytes;

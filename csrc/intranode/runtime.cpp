@@ -422,6 +422,11 @@ class Runtime {
     }
     const DispatchSlot slot = dispatch_slot(static_cast<int>(row_bytes), S, K);
     check_size("dispatch", C, Q, slot.slot_bytes);
+    if (!dispatch_staging_fits(slot, num_ranks_))
+      throw InputError("dispatch: a message's metadata (" + std::to_string(slot.slot_bytes - slot.row_bytes) +
+                       " bytes: x_scales columns, top-k) does not fit one receiver stage of " +
+                       std::to_string(recv_staging(num_ranks_).stage_bytes) + " bytes at " +
+                       std::to_string(num_ranks_) + " ranks; use fewer x_scales columns");
     return slot;
   }
 
@@ -555,4 +560,21 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("dispatch_cached", &Runtime::dispatch_cached)
       .def("combine", &Runtime::combine)
       .def("read_mailbox", &Runtime::read_mailbox);
+  m.def(
+      "copy_probe",
+      [](const at::Tensor& dst, const at::Tensor& src, int blocks, int mode) {
+        if (!dst.is_cuda() || !src.is_cuda() || dst.device() != src.device() || !dst.is_contiguous() ||
+            !src.is_contiguous() || dst.nbytes() != src.nbytes() || dst.nbytes() % 16 != 0 ||
+            reinterpret_cast<uintptr_t>(dst.data_ptr()) % 16 != 0 ||
+            reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 != 0)
+          throw deepep::InputError("copy_probe: dst and src must be contiguous, 16-byte aligned CUDA tensors on one "
+                                   "device, of equal size in bytes (a multiple of 16)");
+        c10::cuda::CUDAGuard guard(src.device());
+        di::CopyProbeArgs a{static_cast<const uint8_t*>(src.data_ptr()), static_cast<uint8_t*>(dst.data_ptr()),
+                            static_cast<int64_t>(src.nbytes()), mode};
+        di::check_cuda(di::launch_copy_probe(a, blocks, c10::cuda::getCurrentCUDAStream(src.device().index()).stream()),
+                       "copy_probe launch");
+      },
+      py::arg("dst"), py::arg("src"), py::arg("blocks"), py::arg("mode"),
+      "reference copy for bench sm-rates: mode 0 bulk-copy engine through shared-memory stages, 1 register copies");
 }

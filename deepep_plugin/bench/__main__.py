@@ -1,4 +1,4 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe} [options]``: the
+"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe,sm-rates} [options]``: the
 benchmarks and the fuzzer (programs, not tests)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 USAGE = (
-    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe} [options]  (--help "
-    "after the name for options)"
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe,sm-rates} "
+    "[options]  (--help after the name for options)"
 )
 
 
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         from .low_latency import main as run
     elif name in ("graph-moe", "graph_moe"):
         from .graph_moe import main as run
+    elif name in ("sm-rates", "sm_rates"):
+        from .sm_rates import main as run
     else:
         raise SystemExit(f"unknown benchmark {name!r}\n{USAGE}")
     run(rest)

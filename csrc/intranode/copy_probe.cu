@@ -1,0 +1,68 @@
+// Reference copies for the per-SM rate benchmark (deepep_plugin/bench/sm_rates.py): `bytes` from src to dst, split
+// into equal contiguous pieces, one per block, so that a rate per SM can be read off and set beside the dispatch
+// receiver's (which moves the same rows through the same stages, plus the bookkeeping of a message stream).
+//   mode 0 (bulk): warp 0 of each block copies its piece with the bulk-copy engine through kRecvStages shared-memory
+//          stages of kRecvSmemBytes in all (the stages a dispatch receiver has at 1 rank), kRecvStages - 1 loads in
+//          flight.
+//   mode 1 (registers): all 32 warps copy 16-byte vectors, kCopyUnroll loads in flight per lane (vec_copy.cuh).
+#include <cuda_runtime.h>
+
+#include "common/bulk_copy.cuh"
+#include "common/vec_copy.cuh"
+#include "intranode/api.h"
+
+namespace deepep::intranode {
+namespace {
+
+__global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArgs a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int64_t per_block = (a.bytes / gridDim.x + 15) / 16 * 16;
+  const int64_t begin = min(a.bytes, per_block * blockIdx.x), end = min(a.bytes, begin + per_block);
+  if (a.mode == 1) {
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    constexpr int64_t kPiece = 32 * 16 * kCopyUnroll;  // one unrolled step of a warp
+    for (int64_t off = begin + warp * kPiece; off < end; off += warps * kPiece)
+      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(a.dst + off),
+                                           reinterpret_cast<const int4*>(a.src + off),
+                                           static_cast<int>(min(kPiece, end - off) / 16));
+    return;
+  }
+  if (threadIdx.x >= 32) return;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);
+  uint8_t* data = smem + kRecvHeaderBytes;
+  const int stage_bytes = (kRecvSmemBytes - kRecvHeaderBytes) / kRecvStages / 16 * 16;
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < kRecvStages; ++i) mbar_init(bars + i);
+  mbar_init_fence();
+  const uint32_t items = static_cast<uint32_t>((end - begin + stage_bytes - 1) / stage_bytes);
+  auto len_of = [&](uint32_t i) {
+    return static_cast<uint32_t>(min(static_cast<int64_t>(stage_bytes), end - begin - int64_t{i} * stage_bytes));
+  };
+  uint32_t issued = 0;
+  for (uint32_t done = 0; done < items; ++done) {
+    for (; issued < items && issued - done < kRecvStages - 1; ++issued) {
+      bulk_wait_read<1>();
+      const uint32_t s = issued % kRecvStages;
+      mbar_arrive_expect_tx(bars + s, len_of(issued));
+      bulk_load(data + s * stage_bytes, a.src + begin + int64_t(issued) * stage_bytes, len_of(issued), bars + s);
+    }
+    const uint32_t s = done % kRecvStages;
+    mbar_wait(bars + s, (done / kRecvStages) & 1u);
+    bulk_store(a.dst + begin + int64_t(done) * stage_bytes, data + s * stage_bytes, len_of(done));
+    bulk_commit();
+  }
+  bulk_wait_all();
+}
+
+}  // namespace
+
+cudaError_t launch_copy_probe(const CopyProbeArgs& a, int blocks, cudaStream_t stream) {
+  if (a.bytes % 16 != 0 || blocks < 1 || (a.mode != 0 && a.mode != 1)) return cudaErrorInvalidValue;
+  const int smem = a.mode == 0 ? kRecvSmemBytes : 0;
+  cudaError_t e = cudaFuncSetAttribute(copy_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRecvSmemBytes);
+  if (e != cudaSuccess) return e;
+  copy_probe_kernel<<<blocks, kNumThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace deepep::intranode
