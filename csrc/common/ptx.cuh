@@ -45,17 +45,6 @@ __device__ __forceinline__ int ld_acquire_sys(const int* p) {
   return v;
 }
 
-// Relaxed polls: a flag is polled with these and read once more with ld_acquire_sys when the poll succeeds. An
-// acquire load invalidates the SM's L1 (CCTL.IVALL in SASS) and is ordered with every later access, so polling with
-// it costs every other warp of the SM; the relaxed load is a plain strong load at system scope. Reading the flag
-// again with acquire after a relaxed read saw the wanted value is enough: coherence gives the acquire a value at
-// least as new, from the same release sequence.
-__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

@@ -72,15 +72,8 @@ struct DispatchArgs {
   int* send_head;                     // [T, R]; null for a cached dispatch
   int num_rows;                       // rows allocated in the outputs (n_recv, or num_worst_tokens)
   int worst_mode;                     // rows beyond the received count: data, scales, weights 0; ids, src -1
-  // Receiver staging (set by launch_dispatch from the slot and R: recv_staging, recv_cut in buffer_layout.h).
-  RecvStaging staging;
-  RecvCut remote_cut, local_cut;      // queue messages (slot_bytes) and local rows (row_bytes)
 };
-// Returns cudaErrorInvalidValue when a message's metadata does not fit a receiver stage (not for any real shape:
-// the runtime checks it first with dispatch_staging_fits).
 cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
-// Whether the receiver stages of `num_ranks` ranks hold a message of this slot (its metadata within one stage).
-bool dispatch_staging_fits(const DispatchSlot& slot, int num_ranks);
 
 struct CombineArgs {
   Peers peers;
@@ -97,12 +90,12 @@ struct CombineArgs {
   const int* send_head;               // [T, R]
   uint16_t* combined_x;               // [T, H] bf16
   float* combined_topk_weights;       // [T, K]; null when num_topk == 0 or T == 0 (test num_topk, not pointers)
-  CombineStaging staging;             // set by launch_combine (combine_staging in buffer_layout.h)
 };
 cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 
-// Reference copy of the per-SM rate benchmark (copy_probe.cu): `bytes` (a multiple of 16) from src to dst, one
-// contiguous piece per block; mode 0 = bulk-copy engine through the receiver's stages, 1 = 16-byte register copies.
+// Reference copy of the per-SM rate benchmark (copy_probe.cu): `bytes` (a multiple of 16, both pointers 16-byte
+// aligned) from src to dst, one contiguous piece per block; mode 0 = bulk-copy engine through shared-memory stages,
+// 1 = 16-byte register copies by 32 warps.
 struct CopyProbeArgs {
   const uint8_t* src;
   uint8_t* dst;

@@ -1,9 +1,12 @@
 // Reference copies for the per-SM rate benchmark (deepep_plugin/bench/sm_rates.py): `bytes` from src to dst, split
 // into equal contiguous pieces, one per block, so that a rate per SM can be read off and set beside the dispatch
-// receiver's (which moves the same rows through the same stages, plus the bookkeeping of a message stream).
-//   mode 0 (bulk): warp 0 of each block copies its piece with the bulk-copy engine through kRecvStages shared-memory
-//          stages of kRecvSmemBytes in all (the stages a dispatch receiver has at 1 rank), kRecvStages - 1 loads in
-//          flight.
+// receiver's local copy (the same rows, plus a message stream's bookkeeping). The bulk mode is the ceiling of a
+// receiver built on the bulk-copy engine with one issuing thread per SM (an experiment with such receivers, commit
+// "Experiment: intranode receivers on the bulk-copy engine", ran 2.2-3x slower than register copies: this mode tells
+// whether the engine itself, driven so, is the limit).
+//   mode 0 (bulk): lane 0 of each block copies its piece with the bulk-copy engine through kStages shared-memory
+//          stages of kSmemBytes in all, kStages - 1 loads in flight (each stage refilled once the bulk store that
+//          read it has finished reading).
 //   mode 1 (registers): all 32 warps copy 16-byte vectors, kCopyUnroll loads in flight per lane (vec_copy.cuh).
 #include <cuda_runtime.h>
 
@@ -13,6 +16,10 @@
 
 namespace deepep::intranode {
 namespace {
+
+constexpr int kSmemBytes = 200 * 1024;
+constexpr int kStages = 8;
+constexpr int kHeaderBytes = 128;  // the stages' mbarriers
 
 __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -27,12 +34,11 @@ __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArg
                                            static_cast<int>(min(kPiece, end - off) / 16));
     return;
   }
-  if (threadIdx.x >= 32) return;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);
-  uint8_t* data = smem + kRecvHeaderBytes;
-  const int stage_bytes = (kRecvSmemBytes - kRecvHeaderBytes) / kRecvStages / 16 * 16;
   if (threadIdx.x != 0) return;
-  for (int i = 0; i < kRecvStages; ++i) mbar_init(bars + i);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);
+  uint8_t* data = smem + kHeaderBytes;
+  const int stage_bytes = (kSmemBytes - kHeaderBytes) / kStages / 16 * 16;
+  for (int i = 0; i < kStages; ++i) mbar_init(bars + i);
   mbar_init_fence();
   const uint32_t items = static_cast<uint32_t>((end - begin + stage_bytes - 1) / stage_bytes);
   auto len_of = [&](uint32_t i) {
@@ -40,14 +46,14 @@ __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArg
   };
   uint32_t issued = 0;
   for (uint32_t done = 0; done < items; ++done) {
-    for (; issued < items && issued - done < kRecvStages - 1; ++issued) {
+    for (; issued < items && issued - done < kStages - 1; ++issued) {
       bulk_wait_read<1>();
-      const uint32_t s = issued % kRecvStages;
+      const uint32_t s = issued % kStages;
       mbar_arrive_expect_tx(bars + s, len_of(issued));
       bulk_load(data + s * stage_bytes, a.src + begin + int64_t(issued) * stage_bytes, len_of(issued), bars + s);
     }
-    const uint32_t s = done % kRecvStages;
-    mbar_wait(bars + s, (done / kRecvStages) & 1u);
+    const uint32_t s = done % kStages;
+    mbar_wait(bars + s, (done / kStages) & 1u);
     bulk_store(a.dst + begin + int64_t(done) * stage_bytes, data + s * stage_bytes, len_of(done));
     bulk_commit();
   }
@@ -58,8 +64,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArg
 
 cudaError_t launch_copy_probe(const CopyProbeArgs& a, int blocks, cudaStream_t stream) {
   if (a.bytes % 16 != 0 || blocks < 1 || (a.mode != 0 && a.mode != 1)) return cudaErrorInvalidValue;
-  const int smem = a.mode == 0 ? kRecvSmemBytes : 0;
-  cudaError_t e = cudaFuncSetAttribute(copy_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRecvSmemBytes);
+  const int smem = a.mode == 0 ? kSmemBytes : 0;
+  cudaError_t e = cudaFuncSetAttribute(copy_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return e;
   copy_probe_kernel<<<blocks, kNumThreads, smem, stream>>>(a);
   return cudaGetLastError();

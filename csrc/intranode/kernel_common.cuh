@@ -38,8 +38,7 @@ __device__ __forceinline__ void channel_tokens(int num_tokens, int num_channels,
 }
 
 // Whole warp: wait until slot `m` of a sender's Q-slot ring is free (the receiver's head has passed m - Q).
-// `head` caches the last head this warp saw, so the remote word is read only when the cache says "full"; it is
-// polled with relaxed loads and read with acquire once (ptx.cuh: ld_relaxed_sys).
+// `head` caches the last head this warp saw, so the remote word is read only when the cache says "full".
 // Returns false in every lane after a timeout (reported as `what` on peer `dst`, channel `c`).
 __device__ __forceinline__ bool wait_ring_slot(const ErrorEnv& env, const uint64_t* head_word, uint64_t m, int Q,
                                                uint64_t& head, int what, int dst, int c) {
@@ -48,7 +47,7 @@ __device__ __forceinline__ bool wait_ring_slot(const ErrorEnv& env, const uint64
   bool ok = true;
   if (lane == 0)
     ok = spin_until(
-        env, [&] { return ld_relaxed_sys(head_word); }, [&](uint64_t h) { return h + Q > m; }, what, dst, c,
+        env, [&] { return ld_acquire_sys(head_word); }, [&](uint64_t h) { return h + Q > m; }, what, dst, c,
         static_cast<int64_t>(m + 1 - Q));
   ok = __shfl_sync(0xffffffffu, ok, 0);
   if (!ok) return false;

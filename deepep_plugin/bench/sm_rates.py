@@ -9,7 +9,8 @@ warm-up), on one process and one GPU:
   * cached dispatch BF16 and FP8 (bytes = rows x (row bytes + 4 bytes per scale)), and combine BF16 (bytes = rows
     x row bytes);
   * two reference copies of the same bytes by the same number of blocks (``_intranode_C.copy_probe``): the
-    bulk-copy engine through the receiver's shared-memory stages, and 16-byte register copies by 32 warps.
+    bulk-copy engine driven by one thread per block through 8 shared-memory stages (200 KB), and 16-byte register
+    copies by 32 warps (4 loads in flight per lane, as the kernels' copies).
 Rates are GB/s (bytes copied once / time) in all and per receiver block (one per SM).
 
 Prediction for two GPUs at EP2 (top-8 of 256 experts: nearly every token goes to both ranks, so half of a rank's
