@@ -567,8 +567,8 @@ PYBIND11_MODULE(_intranode_C, m) {
         c10::cuda::CUDAGuard guard(src.device());
         di::CopyProbeArgs a{static_cast<const uint8_t*>(src.data_ptr()), static_cast<uint8_t*>(dst.data_ptr()),
                             static_cast<int64_t>(src.nbytes()), mode};
-        di::check_cuda(di::launch_copy_probe(a, blocks, c10::cuda::getCurrentCUDAStream(src.device().index()).stream()),
-                       "copy_probe launch");
+        const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(src.device().index()).stream();
+        di::check_cuda(di::launch_copy_probe(a, blocks, stream), "copy_probe launch");
       },
       py::arg("dst"), py::arg("src"), py::arg("blocks"), py::arg("mode"),
       "reference copy for bench sm-rates: mode 0 bulk-copy engine through shared-memory stages, 1 register copies");
