@@ -39,20 +39,17 @@ class StreamOrder {
     started_ = false;
   }
 
-  // `s` is the stream of this call: make it wait for the previous call's stream when that is another one. Returns
-  // whether the stream changed (the caller may then need Tensor.record_stream for tensors made on the old one).
-  bool enter(cudaStream_t s) {
-    if (started_ && s == last_) return false;
+  // `s` is the stream of this call: make it wait for the previous call's stream when that is another one.
+  void enter(cudaStream_t s) {
+    if (started_ && s == last_) return;
     const bool had_previous = started_;
     const cudaStream_t before = last_;
     last_ = s;
     started_ = true;
-    if (!had_previous || event_ == nullptr) return had_previous;
-    if (same_capture(s, before)) {
+    if (had_previous && event_ != nullptr && same_capture(s, before)) {
       check(cudaEventRecord(event_, before), "cudaEventRecord (call ordering)");
       check(cudaStreamWaitEvent(s, event_, 0), "cudaStreamWaitEvent (call ordering)");
     }
-    return true;
   }
 
  private:
