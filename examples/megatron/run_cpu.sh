@@ -4,6 +4,7 @@
 # Extra arguments are passed through (e.g. --deepep-plugin-mode compat, --train-iters 50).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # runs from a clone, installed or not
 exec torchrun --standalone --nproc-per-node 2 examples/megatron/pretrain_moe.py \
     --num-layers 2 --hidden-size 128 --ffn-hidden-size 256 --num-attention-heads 4 \
     --seq-length 32 --vocab-size 64 --micro-batch-size 4 \

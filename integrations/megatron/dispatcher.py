@@ -42,7 +42,7 @@ import torch
 
 from deepep_plugin.errors import expect
 
-from .settings import PluginSettings
+from .settings import PluginSettings, megatron_num_sms
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         import deepep_plugin
 
         deepep_plugin.Buffer.set_num_sms(settings.num_sms if settings.num_sms is not None
-                                         else getattr(config, "moe_deepep_num_sms", deepep_plugin.Buffer.num_sms))
+                                         else megatron_num_sms(config))
         self._comm_manager = DispatchState()
         self.cudagraph_attrs = ["_comm_manager.token_probs", "_comm_manager.token_indices"]
         self.hidden_shape: Optional[torch.Size] = None

@@ -31,8 +31,23 @@ MODES = ("compat", "dispatcher")
 #: ``auto``: a CPU tensor when the experts need one (legacy ``GroupedMLP``), else on the tokens' device.
 TOKENS_PER_EXPERT_DEVICES = ("auto", "cpu", "device")
 
-#: Megatron's default for ``moe_deepep_num_sms``; a different value there is an explicit user choice.
+#: Megatron's default for ``moe_deepep_num_sms``; a different value there is an explicit user choice. From 0.17 on the
+#: field defaults to ``None`` and ``moe_flex_dispatcher_num_sms`` (also ``None`` by default) replaces it; ``None`` in
+#: both means this value, as in Megatron's own DeepEP manager.
 MEGATRON_DEFAULT_DEEPEP_NUM_SMS = 20
+
+
+def megatron_num_sms(config: Any) -> int:
+    """The SM count a Megatron config asks the DeepEP backend for, on every supported megatron-core.
+
+    ``moe_flex_dispatcher_num_sms`` (0.17+) wins, then ``moe_deepep_num_sms``; where both are missing or ``None``,
+    Megatron's default :data:`MEGATRON_DEFAULT_DEEPEP_NUM_SMS`.
+    """
+    for name in ("moe_flex_dispatcher_num_sms", "moe_deepep_num_sms"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return MEGATRON_DEFAULT_DEEPEP_NUM_SMS
 
 _PREFIX = "deepep_plugin_"
 
@@ -241,11 +256,12 @@ def check_against_megatron(settings: PluginSettings, megatron: Mapping[str, Any]
         expect(backend == "deepep",
                f"deepep_plugin: enabled, but {what} sets moe_flex_dispatcher_backend={backend!r}; the plugin "
                "implements the 'deepep' backend (--moe-flex-dispatcher-backend deepep)")
-    mcore_sms = megatron.get("moe_deepep_num_sms")
-    if settings.num_sms is not None and mcore_sms is not None and mcore_sms != MEGATRON_DEFAULT_DEEPEP_NUM_SMS:
-        expect(mcore_sms == settings.num_sms,
-               f"deepep_plugin: num_sms={settings.num_sms} conflicts with moe_deepep_num_sms={mcore_sms} in {what}; "
-               "set one of them")
+    for key in ("moe_flex_dispatcher_num_sms", "moe_deepep_num_sms"):
+        mcore_sms = megatron.get(key)
+        if settings.num_sms is not None and mcore_sms is not None and mcore_sms != MEGATRON_DEFAULT_DEEPEP_NUM_SMS:
+            expect(mcore_sms == settings.num_sms,
+                   f"deepep_plugin: num_sms={settings.num_sms} conflicts with {key}={mcore_sms} in {what}; "
+                   "set one of them")
     if settings.fp8_dispatch:
         hidden = megatron.get("moe_latent_size") or megatron.get("hidden_size")
         if hidden is not None:
