@@ -219,3 +219,17 @@ def test_sync_free_flags_reach_the_settings() -> None:
         assert settings.sync_free and settings.worst_tokens == 512 and settings.mode == "dispatcher"
     finally:
         dpm.disable()
+
+
+def test_sm_count_follows_megatron_fields_of_every_version() -> None:
+    from types import SimpleNamespace
+
+    from deepep_plugin.integrations.megatron.settings import MEGATRON_DEFAULT_DEEPEP_NUM_SMS, megatron_num_sms
+
+    # 0.16: moe_deepep_num_sms defaults to 20; 0.17+: both fields default to None (Megatron then uses 20).
+    assert megatron_num_sms(SimpleNamespace(moe_deepep_num_sms=20)) == 20
+    assert megatron_num_sms(SimpleNamespace(moe_deepep_num_sms=None, moe_flex_dispatcher_num_sms=None)) == \
+        MEGATRON_DEFAULT_DEEPEP_NUM_SMS
+    assert megatron_num_sms(SimpleNamespace(moe_deepep_num_sms=24, moe_flex_dispatcher_num_sms=None)) == 24
+    assert megatron_num_sms(SimpleNamespace(moe_deepep_num_sms=24, moe_flex_dispatcher_num_sms=16)) == 16
+    assert megatron_num_sms(SimpleNamespace()) == MEGATRON_DEFAULT_DEEPEP_NUM_SMS
