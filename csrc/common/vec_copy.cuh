@@ -41,4 +41,23 @@ __device__ __forceinline__ void warp_copy_v4(int4* __restrict__ dst, const int4*
   for (; i < num_vec; i += 32) st_na_v4(dst + i, load_v4<kLoad>(src + i));
 }
 
+// Like warp_copy_v4 with `kDepth` loads in flight per lane, but a row's tail travels in the last batch as
+// predicated accesses instead of one load-store round trip per 512 bytes: a row of n vectors costs
+// ceil(n / (32 * kDepth)) dependent memory latencies (an FP8 row of 7168 bytes: 2 at depth 8, 4 at depth 4 with
+// warp_copy_v4's 3 + 2 tails). Its accesses carry no "memory" clobber (ptx.cuh's *_free): callers order the copy
+// against flags with their own acquire, barrier and release.
+template <int kDepth, LoadKind kLoad>
+__device__ __forceinline__ void warp_copy_v4_batched(int4* __restrict__ dst, const int4* __restrict__ src,
+                                                     int num_vec) {
+  for (int i = lane_id(); i < num_vec; i += 32 * kDepth) {
+    int4 v[kDepth];
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + u * 32 < num_vec) v[u] = kLoad == LoadKind::kL2 ? ld_cg_v4_free(src + i + u * 32) : ld_nc_v4(src + i + u * 32);
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u)
+      if (i + u * 32 < num_vec) st_na_v4_free(dst + i + u * 32, v[u]);
+  }
+}
+
 }  // namespace deepep

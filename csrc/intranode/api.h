@@ -72,6 +72,10 @@ struct DispatchArgs {
   int* send_head;                     // [T, R]; null for a cached dispatch
   int num_rows;                       // rows allocated in the outputs (n_recv, or num_worst_tokens)
   int worst_mode;                     // rows beyond the received count: data, scales, weights 0; ids, src -1
+  // Tuning (runtime.cpp reads them once from the environment; see dispatch.cu's header):
+  int local_split;                    // 1: this rank's own tokens are copied half by the sender blocks, half by
+                                      //    the receiver blocks; 0: all by the receiver blocks
+  int copy_depth;                     // 16-byte loads in flight per lane in row copies: 4 or 8
 };
 cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
 
@@ -95,7 +99,7 @@ cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 
 // Reference copy of the per-SM rate benchmark (copy_probe.cu): `bytes` (a multiple of 16, both pointers 16-byte
 // aligned) from src to dst, one contiguous piece per block; mode 0 = bulk-copy engine through shared-memory stages,
-// 1 = 16-byte register copies by 32 warps.
+// 1 = 16-byte register copies by 32 warps (4 loads in flight per lane), 2 = the same 8 deep, 3 = 16 warps 16 deep.
 struct CopyProbeArgs {
   const uint8_t* src;
   uint8_t* dst;

@@ -8,6 +8,9 @@
 //          stages of kSmemBytes in all, kStages - 1 loads in flight (each stage refilled once the bulk store that
 //          read it has finished reading).
 //   mode 1 (registers): all 32 warps copy 16-byte vectors, kCopyUnroll loads in flight per lane (vec_copy.cuh).
+//   mode 2 (registers, depth 8): 32 warps, 8 loads in flight per lane (warp_copy_v4_batched), 64 registers a thread.
+//   mode 3 (registers, depth 16): 16 warps, 16 loads in flight per lane: as many bytes in flight per SM as mode 2,
+//          half the warps (tells whether the SM's rate follows bytes in flight or warps).
 #include <cuda_runtime.h>
 
 #include "common/bulk_copy.cuh"
@@ -60,10 +63,31 @@ __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArg
   bulk_wait_all();
 }
 
+// Modes 2 and 3: kWarps warps copy pieces of one batch each (kDepth vectors per lane) from the block's share.
+template <int kDepth, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1) copy_probe_deep_kernel(CopyProbeArgs a) {
+  const int64_t per_block = (a.bytes / gridDim.x + 15) / 16 * 16;
+  const int64_t begin = min(a.bytes, per_block * blockIdx.x), end = min(a.bytes, begin + per_block);
+  const int warp = threadIdx.x / 32;
+  constexpr int64_t kPiece = 32 * 16 * kDepth;
+  for (int64_t off = begin + warp * kPiece; off < end; off += kWarps * kPiece)
+    warp_copy_v4_batched<kDepth, LoadKind::kNonCoherent>(reinterpret_cast<int4*>(a.dst + off),
+                                                         reinterpret_cast<const int4*>(a.src + off),
+                                                         static_cast<int>(min(kPiece, end - off) / 16));
+}
+
 }  // namespace
 
 cudaError_t launch_copy_probe(const CopyProbeArgs& a, int blocks, cudaStream_t stream) {
-  if (a.bytes % 16 != 0 || blocks < 1 || (a.mode != 0 && a.mode != 1)) return cudaErrorInvalidValue;
+  if (a.bytes % 16 != 0 || blocks < 1 || a.mode < 0 || a.mode > 3) return cudaErrorInvalidValue;
+  if (a.mode == 2) {
+    copy_probe_deep_kernel<8, 32><<<blocks, 32 * 32, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+  if (a.mode == 3) {
+    copy_probe_deep_kernel<16, 16><<<blocks, 16 * 32, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   const int smem = a.mode == 0 ? kSmemBytes : 0;
   // The shared-memory limit is raised once per device, outside the launches the benchmark times.
   static bool raised[64] = {};

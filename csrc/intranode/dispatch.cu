@@ -9,12 +9,21 @@
 //       source index} into slot m % Q of queue (c, this rank) in j's buffer (16-byte stores over NVLink).
 //       Before writing message m it waits until head > m - Q (free slot). After each round the group meets at
 //       a named barrier and its leader publishes tail = m_end with st.release.sys into j's buffer.
-//   odd block = receiver of channel c: one warp group per *source* i.
-//       i == this rank: no queue at all: the group copies its own tokens from x straight into the output
-//           (local HBM traffic on SMs that are not pushing over NVLink).
-//       i != this rank: warps wait (lane 0, acquire) until tail > m, copy message m from the local queue to
-//           the output rows (ld.cg: the data came from another GPU), and after each round the leader
-//           publishes head into i's buffer (st.release.sys), which frees the slots.
+//   odd block = receiver of channel c: one warp group per *source* i != this rank: warps wait (lane 0,
+//       acquire) until tail > m, copy message m from the local queue to the output rows (ld.cg: the data came
+//       from another GPU), and after each round the leader publishes head into i's buffer (st.release.sys),
+//       which frees the slots.
+//   This rank's own tokens need no queue: a "local" warp group copies them from x straight into the output.
+//       With local_split (the default) the sender and the receiver block of a channel each have such a group
+//       and take alternate messages: a receiver block moves (R-1) remote streams and half the local one, a
+//       sender block (R-1) remote streams and the other half, so neither waits on the other (without the
+//       split the receivers carry R/(R-1) times the senders' bytes: 2x at EP2). Local groups get warps in
+//       proportion to their bytes, 32/(2R-1) rounded (11 of 32 at EP2, 5 at EP4, 2 at EP8); the remote
+//       groups share the rest evenly. Without the split the receiver block has R equal groups, the local one
+//       among them.
+// Copies: a message's metadata loads are issued before its row copy and stored after it, and a row moves in
+// batches of copy_depth 16-byte loads per lane with the tail predicated into the last batch
+// (warp_copy_v4_batched), so a message costs ceil(row / (512 * depth)) + 1 dependent memory latencies.
 // Output rows: source i's tokens start at rank_prefix_matrix[i - 1][this rank]; its channel c starts
 // recv_channel_prefix_matrix[i][c] rows later; message k of stream (c, i) is the k-th row after that. This
 // is the receive order of the contract (source rank, then source token index).
@@ -42,26 +51,54 @@ __device__ __forceinline__ void source_channel_rows(const DispatchArgs& a, int s
   n = c_end - c_start;
 }
 
-// Writes the per-token metadata (scales, local top-k ids, weights, source index) of `token` for
-// destination rank `dst`, with the warp's lanes. `Store*` functors write one 4-byte value each.
-template <typename StoreScale, typename StoreIdx, typename StoreWeight, typename StoreSrc>
-__device__ __forceinline__ void write_meta(const DispatchArgs& a, int token, int dst, StoreScale store_scale,
-                                           StoreIdx store_idx, StoreWeight store_weight, StoreSrc store_src) {
+// A token's metadata as the warp's lanes hold it between load and store: scales (lane i holds scales i and
+// i + 32; more than 64 scales go through a slow loop in store_meta), local top-k id and weight (lanes < K), and
+// whether this rank owns the expert.
+struct Meta {
+  int32_t s0, s1;
+  int64_t e;
+  float w;
+};
+
+// Issue the loads of `token`'s metadata (all before any use, so they overlap each other and the row copy).
+__device__ __forceinline__ Meta load_meta(const DispatchArgs& a, int token) {
   const int lane = lane_id();
+  Meta m{0, 0, -1, 0.0f};
   if (a.x_scales != nullptr) {
     const int32_t* s = a.x_scales + token * a.scale_stride_token;
-    for (int i = lane; i < a.num_scales; i += 32) store_scale(i, s[i * a.scale_stride_elem]);
+    if (lane < a.num_scales) m.s0 = s[lane * a.scale_stride_elem];
+    if (lane + 32 < a.num_scales) m.s1 = s[(lane + 32) * a.scale_stride_elem];
   }
   if (a.topk_idx != nullptr && lane < a.num_topk) {
-    const int64_t e = a.topk_idx[static_cast<int64_t>(token) * a.num_topk + lane];
+    m.e = a.topk_idx[static_cast<int64_t>(token) * a.num_topk + lane];
+    m.w = a.topk_weights[static_cast<int64_t>(token) * a.num_topk + lane];
+  }
+  return m;
+}
+
+// Write `token`'s metadata for destination rank `dst` (scales, local top-k ids, weights, source index) with the
+// warp's lanes. `Store*` functors write one 4-byte value each.
+template <typename StoreScale, typename StoreIdx, typename StoreWeight, typename StoreSrc>
+__device__ __forceinline__ void store_meta(const DispatchArgs& a, const Meta& m, int token, int dst,
+                                           StoreScale store_scale, StoreIdx store_idx, StoreWeight store_weight,
+                                           StoreSrc store_src) {
+  const int lane = lane_id();
+  if (a.x_scales != nullptr) {
+    if (lane < a.num_scales) store_scale(lane, m.s0);
+    if (lane + 32 < a.num_scales) store_scale(lane + 32, m.s1);
+    const int32_t* s = a.x_scales + token * a.scale_stride_token;
+    for (int i = lane + 64; i < a.num_scales; i += 32) store_scale(i, s[i * a.scale_stride_elem]);
+  }
+  if (a.topk_idx != nullptr && lane < a.num_topk) {
     const int64_t lo = static_cast<int64_t>(dst) * a.num_local_experts;
-    const bool mine = e >= lo && e < lo + a.num_local_experts;
-    store_idx(lane, mine ? static_cast<int>(e - lo) : -1);
-    store_weight(lane, mine ? a.topk_weights[static_cast<int64_t>(token) * a.num_topk + lane] : 0.0f);
+    const bool mine = m.e >= lo && m.e < lo + a.num_local_experts;
+    store_idx(lane, mine ? static_cast<int>(m.e - lo) : -1);
+    store_weight(lane, mine ? m.w : 0.0f);
   }
   if (lane == 0) store_src(token);
 }
 
+template <int kDepth>
 __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst, int group, int group_warps,
                            int warp_in_group) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
@@ -93,10 +130,11 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
       }
       uint8_t* slot = queue + (m % Q) * sl.slot_bytes;
       const uint8_t* src_row = a.x + static_cast<int64_t>(token) * sl.row_bytes;
-      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(slot), reinterpret_cast<const int4*>(src_row),
-                                           sl.row_bytes / 16);
-      write_meta(
-          a, token, dst, [&](int i, int32_t v) { reinterpret_cast<int32_t*>(slot + sl.scales_off)[i] = v; },
+      const Meta meta = load_meta(a, token);
+      warp_copy_v4_batched<kDepth, LoadKind::kNonCoherent>(
+          reinterpret_cast<int4*>(slot), reinterpret_cast<const int4*>(src_row), sl.row_bytes / 16);
+      store_meta(
+          a, meta, token, dst, [&](int i, int32_t v) { reinterpret_cast<int32_t*>(slot + sl.scales_off)[i] = v; },
           [&](int k2, int v) { reinterpret_cast<int32_t*>(slot + sl.idx_off)[k2] = v; },
           [&](int k2, float v) { reinterpret_cast<float*>(slot + sl.weights_off)[k2] = v; },
           [&](int v) { *reinterpret_cast<int32_t*>(slot + sl.src_off) = v; });
@@ -116,28 +154,44 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
   }
 }
 
-// Copy one message (already in local memory, written by a peer) into output row `row`.
+// Copy one message (already in local memory, written by a peer) into output row `row`: metadata loads first,
+// then the row, then the metadata stores.
+template <int kDepth>
 __device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const uint8_t* slot, int row) {
   const DispatchSlot& sl = a.slot;
   const int lane = lane_id();
   const int64_t r = row;
-  warp_copy_v4<LoadKind::kL2>(reinterpret_cast<int4*>(a.recv_x + r * sl.row_bytes),
-                              reinterpret_cast<const int4*>(slot), sl.row_bytes / 16);
-  if (a.recv_scales != nullptr)
-    for (int i = lane; i < a.num_scales; i += 32)
-      a.recv_scales[r * a.num_scales + i] = ld_cg(reinterpret_cast<const int*>(slot + sl.scales_off) + i);
-  if (a.recv_topk_idx != nullptr && lane < a.num_topk) {
-    a.recv_topk_idx[r * a.num_topk + lane] = ld_cg(reinterpret_cast<const int*>(slot + sl.idx_off) + lane);
-    a.recv_topk_weights[r * a.num_topk + lane] = ld_cg(reinterpret_cast<const float*>(slot + sl.weights_off) + lane);
+  const int* scales = reinterpret_cast<const int*>(slot + sl.scales_off);
+  const bool has_scales = a.recv_scales != nullptr, has_topk = a.recv_topk_idx != nullptr && lane < a.num_topk;
+  int s0 = 0, s1 = 0, idx = 0, src = 0;
+  float w = 0.0f;
+  if (has_scales && lane < a.num_scales) s0 = ld_cg(scales + lane);
+  if (has_scales && lane + 32 < a.num_scales) s1 = ld_cg(scales + lane + 32);
+  if (has_topk) {
+    idx = ld_cg(reinterpret_cast<const int*>(slot + sl.idx_off) + lane);
+    w = ld_cg(reinterpret_cast<const float*>(slot + sl.weights_off) + lane);
   }
-  if (a.recv_src_idx != nullptr && lane == 0)
-    a.recv_src_idx[r] = ld_cg(reinterpret_cast<const int*>(slot + sl.src_off));
+  if (a.recv_src_idx != nullptr && lane == 0) src = ld_cg(reinterpret_cast<const int*>(slot + sl.src_off));
+  warp_copy_v4_batched<kDepth, LoadKind::kL2>(reinterpret_cast<int4*>(a.recv_x + r * sl.row_bytes),
+                                              reinterpret_cast<const int4*>(slot), sl.row_bytes / 16);
+  if (has_scales) {
+    int32_t* out = a.recv_scales + r * a.num_scales;
+    if (lane < a.num_scales) out[lane] = s0;
+    if (lane + 32 < a.num_scales) out[lane + 32] = s1;
+    for (int i = lane + 64; i < a.num_scales; i += 32) out[i] = ld_cg(scales + i);
+  }
+  if (has_topk) {
+    a.recv_topk_idx[r * a.num_topk + lane] = idx;
+    a.recv_topk_weights[r * a.num_topk + lane] = w;
+  }
+  if (a.recv_src_idx != nullptr && lane == 0) a.recv_src_idx[r] = src;
 }
 
 __device__ void report_overflow(const DispatchArgs& a, int row) {
   if (lane_id() == 0) report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, a.num_rows);
 }
 
+template <int kDepth>
 __device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, int group_warps, int warp_in_group) {
   const int rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   Header* self = a.peers.ctrl[rank];
@@ -169,7 +223,7 @@ __device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, i
         tail = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->tail[c][src]) : 0ull, 0);
       }
       const int row = row0 + r0 + k;
-      if (row < a.num_rows) store_row_from_slot(a, queue + (m % Q) * a.slot.slot_bytes, row);
+      if (row < a.num_rows) store_row_from_slot<kDepth>(a, queue + (m % Q) * a.slot.slot_bytes, row);
       else report_overflow(a, row);
     }
     // All reads of this round's slots happen before the barrier; the release then frees the slots.
@@ -180,10 +234,16 @@ __device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, i
   if (!failed && warp_in_group == 0 && lane == 0) self->consumed[c][src] = base + n;
 }
 
-// This rank's own tokens: straight from x to the output rows, no queue.
-__device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int group_warps, int warp_in_group) {
+// This rank's own tokens: straight from x to the output rows, no queue. The channel's local messages j = 0, 1, ...
+// are shared by `parts` groups (the sender and the receiver block with local_split, else the receiver block
+// alone): group `part` takes j % parts == part, and its warp w the j with (j / parts) % group_warps == w. Only the
+// receiver block's group (`write_head`) records send_head.
+template <int kDepth>
+__device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int part, int parts, int group_warps,
+                               int warp_in_group, bool write_head) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, lane = lane_id();
   const int row_bytes = a.slot.row_bytes;
+  const int cycle = parts * group_warps, mine = part + parts * warp_in_group;
   int row0, n;
   source_channel_rows(a, rank, c, row0, n);
   int pos = 0;
@@ -192,21 +252,22 @@ __device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int
     const bool valid = t < t1;
     const bool in = valid && a.is_token_in_rank[static_cast<int64_t>(t) * R + rank];
     const unsigned mask = __ballot_sync(0xffffffffu, in);
-    if (a.send_head != nullptr && warp_in_group == 0 && valid)
+    if (write_head && a.send_head != nullptr && warp_in_group == 0 && valid)
       a.send_head[static_cast<int64_t>(t) * R + rank] = in ? pos + __popc(mask & lanemask_lt()) : -1;
     const int n_msgs = __popc(mask);
-    for (int k = (warp_in_group - pos % group_warps + group_warps) % group_warps; k < n_msgs; k += group_warps) {
+    for (int k = ((mine - pos) % cycle + cycle) % cycle; k < n_msgs; k += cycle) {
       const int token = w0 + nth_set_bit(mask, k);
       const int64_t row = row0 + pos + k;
       if (row >= a.num_rows) {
         report_overflow(a, static_cast<int>(row));
         continue;
       }
-      warp_copy_v4<LoadKind::kNonCoherent>(reinterpret_cast<int4*>(a.recv_x + row * row_bytes),
-                                           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * row_bytes),
-                                           row_bytes / 16);
-      write_meta(
-          a, token, rank, [&](int i, int32_t v) { a.recv_scales[row * a.num_scales + i] = v; },
+      const Meta meta = load_meta(a, token);
+      warp_copy_v4_batched<kDepth, LoadKind::kNonCoherent>(
+          reinterpret_cast<int4*>(a.recv_x + row * row_bytes),
+          reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * row_bytes), row_bytes / 16);
+      store_meta(
+          a, meta, token, rank, [&](int i, int32_t v) { a.recv_scales[row * a.num_scales + i] = v; },
           [&](int k2, int v) { a.recv_topk_idx[row * a.num_topk + k2] = v; },
           [&](int k2, float v) { a.recv_topk_weights[row * a.num_topk + k2] = v; },
           [&](int v) {
@@ -215,8 +276,13 @@ __device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int
     }
     pos += n_msgs;
   }
+  (void)n;
 }
 
+// Warps of a block's local group with local_split: 32 / (2R - 1) rounded, all 32 at R == 1.
+__device__ __forceinline__ int local_split_warps(int R) { return (kNumWarps + (2 * R - 1) / 2) / (2 * R - 1); }
+
+template <int kDepth>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels, T = a.num_tokens;
   const int c = blockIdx.x / 2;
@@ -224,48 +290,51 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
   const int warp = threadIdx.x / 32;
   int t0, t1;
   channel_tokens(T, C, c, t0, t1);
+  // Warp roles: remote groups g = 0 .. R-2 (peer g, or g + 1 from this rank on) of `group_warps` warps from warp
+  // 0 on; the local group (`local_warps`) at the end of the block.
+  const int local_warps = a.local_split ? local_split_warps(R) : (is_sender ? 0 : kNumWarps / R);
+  const int group_warps = R > 1 ? (kNumWarps - local_warps) / (R - 1) : 0;
+  const int group = group_warps > 0 ? warp / group_warps : R;
+  const int local_first = kNumWarps - local_warps;
 
-  if (is_sender) {
-    if (R == 1) return;
-    const int groups = R - 1, group_warps = kNumWarps / groups;
-    const int group = warp / group_warps;
-    if (group >= groups) return;
-    const int dst = group < rank ? group : group + 1;
-    run_sender(a, c, t0, t1, dst, group, group_warps, warp % group_warps);
-  } else {
-    if (a.worst_mode) {
-      // Rows past the received count, as the reference and internode paths pad them: data, scales and top-k
-      // weights 0, top-k ids -1 (contract), source index -1. Spread over the receiver blocks; the padding's bytes
-      // are written once (no read), so the cost follows the padding, not num_worst_tokens.
-      const int n = a.rank_prefix_matrix[(R - 1) * R + rank];
-      const int64_t first = min(n, a.num_rows), rows = a.num_rows;
-      const int64_t stride = static_cast<int64_t>(C) * blockDim.x;
-      const int64_t tid = static_cast<int64_t>(c) * blockDim.x + threadIdx.x;
-      const int64_t row_vecs = a.slot.row_bytes / 16;  // row_bytes % 16 == 0 (checked on the host)
-      int4* data = reinterpret_cast<int4*>(a.recv_x);
-      for (int64_t i = first * row_vecs + tid; i < rows * row_vecs; i += stride) data[i] = make_int4(0, 0, 0, 0);
-      if (a.recv_scales != nullptr)
-        for (int64_t i = first * a.num_scales + tid; i < rows * a.num_scales; i += stride) a.recv_scales[i] = 0;
-      if (a.recv_topk_idx != nullptr)
-        for (int64_t i = first * a.num_topk + tid; i < rows * a.num_topk; i += stride) {
-          a.recv_topk_idx[i] = -1;
-          a.recv_topk_weights[i] = 0.0f;
-        }
-      if (a.recv_src_idx != nullptr)
-        for (int64_t i = first + tid; i < rows; i += stride) a.recv_src_idx[i] = -1;
-    }
-    const int group_warps = kNumWarps / R;
-    const int group = warp / group_warps;
-    if (group >= R) return;
-    if (group == rank) run_local_copy(a, c, t0, t1, group_warps, warp % group_warps);
-    else run_receiver(a, c, group, group, group_warps, warp % group_warps);
+  if (!is_sender && a.worst_mode) {
+    // Rows past the received count, as the reference and internode paths pad them: data, scales and top-k
+    // weights 0, top-k ids -1 (contract), source index -1. Spread over the receiver blocks; the padding's bytes
+    // are written once (no read), so the cost follows the padding, not num_worst_tokens.
+    const int n = a.rank_prefix_matrix[(R - 1) * R + rank];
+    const int64_t first = min(n, a.num_rows), rows = a.num_rows;
+    const int64_t stride = static_cast<int64_t>(C) * blockDim.x;
+    const int64_t tid = static_cast<int64_t>(c) * blockDim.x + threadIdx.x;
+    const int64_t row_vecs = a.slot.row_bytes / 16;  // row_bytes % 16 == 0 (checked on the host)
+    int4* data = reinterpret_cast<int4*>(a.recv_x);
+    for (int64_t i = first * row_vecs + tid; i < rows * row_vecs; i += stride) data[i] = make_int4(0, 0, 0, 0);
+    if (a.recv_scales != nullptr)
+      for (int64_t i = first * a.num_scales + tid; i < rows * a.num_scales; i += stride) a.recv_scales[i] = 0;
+    if (a.recv_topk_idx != nullptr)
+      for (int64_t i = first * a.num_topk + tid; i < rows * a.num_topk; i += stride) {
+        a.recv_topk_idx[i] = -1;
+        a.recv_topk_weights[i] = 0.0f;
+      }
+    if (a.recv_src_idx != nullptr)
+      for (int64_t i = first + tid; i < rows; i += stride) a.recv_src_idx[i] = -1;
   }
+  if (warp >= local_first) {
+    const int parts = a.local_split ? 2 : 1, part = a.local_split && !is_sender ? 1 : 0;
+    run_local_copy<kDepth>(a, c, t0, t1, part, parts, local_warps, warp - local_first, !is_sender);
+    return;
+  }
+  if (group >= R - 1) return;  // warps left over by an uneven split
+  const int peer = group < rank ? group : group + 1;
+  if (is_sender) run_sender<kDepth>(a, c, t0, t1, peer, group, group_warps, warp % group_warps);
+  else run_receiver<kDepth>(a, c, peer, group, group_warps, warp % group_warps);
 }
 
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
-  dispatch_kernel<<<2 * a.num_channels, kNumThreads, 0, stream>>>(a);
+  if (a.copy_depth == 8) dispatch_kernel<8><<<2 * a.num_channels, kNumThreads, 0, stream>>>(a);
+  else if (a.copy_depth == 4) dispatch_kernel<4><<<2 * a.num_channels, kNumThreads, 0, stream>>>(a);
+  else return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 

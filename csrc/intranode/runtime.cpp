@@ -23,7 +23,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -47,6 +49,32 @@ namespace {
 void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("deepep_plugin intranode: ") + what + ": " +
                                                  cudaGetErrorString(e));
+}
+
+// Dispatch tuning from the environment, read once per process (dispatch.cu's header says what each does):
+//   DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT  1 (default): sender and receiver blocks share the copy of this rank's own
+//                                       tokens; 0: the receiver blocks copy them all
+//   DEEPEP_PLUGIN_COPY_DEPTH            8 (default) or 4: 16-byte loads in flight per lane in dispatch's row copies
+struct DispatchTuning {
+  int local_split = 1;
+  int copy_depth = 8;
+};
+
+int env_choice(const char* name, int fallback, std::initializer_list<int> allowed) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  std::string text(v);
+  for (int a : allowed)
+    if (text == std::to_string(a)) return a;
+  std::string options;
+  for (int a : allowed) options += (options.empty() ? "" : ", ") + std::to_string(a);
+  throw InputError(std::string(name) + " must be one of " + options + ", got '" + text + "'");
+}
+
+const DispatchTuning& dispatch_tuning() {
+  static const DispatchTuning t{env_choice("DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT", 1, {0, 1}),
+                                env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8})};
+  return t;
 }
 
 // Bad input raises deepep::InputError / BufferTooSmall (common/py_errors.h), which Python receives as
@@ -492,6 +520,8 @@ class Runtime {
     a.send_head = send_head != nullptr ? send_head->data_ptr<int>() : nullptr;
     a.num_rows = static_cast<int>(recv_x.size(0));
     a.worst_mode = worst ? 1 : 0;
+    a.local_split = dispatch_tuning().local_split;
+    a.copy_depth = dispatch_tuning().copy_depth;
     check_cuda(launch_dispatch(a, stream), "dispatch kernel launch");
   }
 
@@ -556,6 +586,16 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("combine", &Runtime::combine)
       .def("read_mailbox", &Runtime::read_mailbox);
   m.def(
+      "dispatch_tuning",
+      [] {
+        const auto& t = di::dispatch_tuning();
+        py::dict d;
+        d["local_split"] = t.local_split;
+        d["copy_depth"] = t.copy_depth;
+        return d;
+      },
+      "dispatch's tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT and DEEPEP_PLUGIN_COPY_DEPTH");
+  m.def(
       "copy_probe",
       [](const at::Tensor& dst, const at::Tensor& src, int blocks, int mode) {
         if (!dst.is_cuda() || !src.is_cuda() || dst.device() != src.device() || !dst.is_contiguous() ||
@@ -571,5 +611,6 @@ PYBIND11_MODULE(_intranode_C, m) {
         di::check_cuda(di::launch_copy_probe(a, blocks, stream), "copy_probe launch");
       },
       py::arg("dst"), py::arg("src"), py::arg("blocks"), py::arg("mode"),
-      "reference copy for bench sm-rates: mode 0 bulk-copy engine through shared-memory stages, 1 register copies");
+      "reference copy for bench sm-rates: mode 0 bulk-copy engine through shared-memory stages, 1 register copies "
+      "(4 loads in flight per lane, 32 warps), 2 (8 in flight, 32 warps), 3 (16 in flight, 16 warps)");
 }

@@ -56,6 +56,23 @@ def test_fp8_dispatch_with_strided_scales(world_size: int) -> None:
                     topk=6, num_sms=8, queue_tokens=64, fp8=True, **SPAWN)
 
 
+@pytest.mark.parametrize("split,depth", [("0", "4"), ("0", "8"), ("1", "4")], ids=["receivers-4", "receivers-8",
+                                                                                 "split-4"])
+@pytest.mark.parametrize("world_size", [2, 3], ids="{}-ranks".format)
+def test_dispatch_tuning_variants(world_size: int, split: str, depth: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default (local split, depth 8) runs in every other test; these are the environment's other choices, on an
+    # odd rank count too (warps left idle by the split) and FP8 with 65 scales (past the 64 held in registers).
+    monkeypatch.setenv("DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT", split)
+    monkeypatch.setenv("DEEPEP_PLUGIN_COPY_DEPTH", depth)
+    run_distributed(w.dispatch_combine_worker, world_size, seed=24, num_tokens=170, hidden=8320, num_experts=24,
+                    topk=8, num_sms=6, queue_tokens=16, fp8=True, **SPAWN)
+
+
+def test_fp8_with_more_scales_than_registers_hold_three_ranks() -> None:
+    run_distributed(w.dispatch_combine_worker, 3, seed=25, num_tokens=130, hidden=8320, num_experts=24, topk=8,
+                    num_sms=4, queue_tokens=16, fp8=True, **SPAWN)
+
+
 @pytest.mark.parametrize("world_size", [2, 4], ids="{}-ranks".format)
 def test_worst_tokens_dispatch_combine_in_cuda_graph(world_size: int) -> None:
     run_distributed(w.worst_tokens_graph_worker, world_size, seed=41, num_tokens=120, hidden=2048, num_experts=32,
