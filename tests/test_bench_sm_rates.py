@@ -27,6 +27,19 @@ def test_prediction_takes_the_slower_side() -> None:
     assert fast["gbps"] == pytest.approx(2 * nvlink_store_gbps(12))
 
 
+def test_local_split_moves_a_quarter_of_the_bytes_from_receivers_to_senders() -> None:
+    row = 7168 * 2
+    plain = predict_ep2(10.0, 24, row, 4096)
+    split = predict_ep2(10.0, 24, row, 4096, local_split=True)
+    assert split["bound"] == "receivers"
+    assert split["us"] == pytest.approx(plain["us"] * 0.75)
+    # Fast copies: the senders' NVLink stores plus their quarter of the local copy set the time.
+    fast = predict_ep2(1000.0, 24, row, 4096, local_split=True)
+    t_send = 4096 * row / (nvlink_store_gbps(12) * 1e9) + 0.5 * 4096 * row / (1000.0 * 12 * 1e9)
+    assert fast["bound"] == "NVLink stores"
+    assert fast["us"] == pytest.approx(t_send * 1e6)
+
+
 def test_listed_in_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
     bench_main.main([])
     assert "sm-rates" in capsys.readouterr().out

@@ -483,7 +483,7 @@ def _fits_count(num_sms: int, world: int, gpus: int, sms_per_gpu: int) -> bool:
 
 def _progress_line(world: int, tokens: int, sms: int, measured: dict) -> str:
     parts = [f"R={world} T={tokens} SMs={sms}"]
-    for op in ("fwd_step", "bwd_step", "dispatch_cached", "combine"):
+    for op in ("fwd_step", "bwd_step", "dispatch_cached", "dispatch_cached_fp8", "combine"):
         mine = measured["deepep_plugin"][op]["runahead_us"]
         if "deep_ep" in measured:
             theirs = measured["deep_ep"][op]["runahead_us"]

@@ -2,16 +2,16 @@
 two NVLink GPUs.
 
 With one rank only the local half of the kernels runs: dispatch copies every token from ``x`` into the output rows
-(the receiver blocks' local copy; the sender blocks have no peer) and combine reads the rows back into the output.
-Those receiver blocks read and write local memory on a real NVLink pair too, so their rate per SM carries over.
-For each SM count (``num_sms``: ``num_sms / 2`` receiver blocks) this times, with CUDA events (median after
-warm-up), on one process and one GPU:
+(the local copy: ``num_sms`` blocks with the local split, DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT=1, the default, else
+the ``num_sms / 2`` receiver blocks) and combine reads the rows back into the output (``num_sms / 2`` receiver
+blocks). Those blocks read and write local memory on a real NVLink pair too, so their rate per SM carries over.
+For each SM count this times, with CUDA events (median after warm-up), on one process and one GPU:
   * cached dispatch BF16 and FP8 (bytes = rows x (row bytes + 4 bytes per scale)), and combine BF16 (bytes = rows
     x row bytes);
-  * two reference copies of the same bytes by the same number of blocks (``_intranode_C.copy_probe``): the
-    bulk-copy engine driven by one thread per block through 8 shared-memory stages (200 KB), and 16-byte register
-    copies by 32 warps (4 loads in flight per lane, as the kernels' copies).
-Rates are GB/s (bytes copied once / time) in all and per receiver block (one per SM).
+  * reference copies of the same bytes by as many blocks as dispatch's local copy uses
+    (``_intranode_C.copy_probe``): the bulk-copy engine driven by one thread per block through 8 shared-memory
+    stages (200 KB), and 16-byte register copies: 32 warps with 4 or 8 loads in flight per lane, 16 warps with 16.
+Rates are GB/s (bytes copied once / time) in all and per copying block (one per SM).
 
 Prediction for two GPUs at EP2 (top-8 of 256 experts: nearly every token goes to both ranks, so half of a rank's
 received bytes are its own): the receiver blocks copy all received bytes at the measured per-SM rate, and the
@@ -49,13 +49,27 @@ def nvlink_store_gbps(sms: int) -> float:
     return points[-1][1]
 
 
-def predict_ep2(rate_per_recv_sm: float, num_sms: int, row_bytes: float, tokens: int) -> dict:
-    """Predicted EP2 dispatch on two NVLink GPUs: every token to both ranks (half of the received bytes local)."""
-    recv_bytes = 2.0 * tokens * row_bytes
-    t_recv = recv_bytes / (rate_per_recv_sm * (num_sms // 2) * 1e9)
-    t_send = tokens * row_bytes / (nvlink_store_gbps(num_sms // 2) * 1e9)
+def predict_ep2(rate_per_recv_sm: float, num_sms: int, row_bytes: float, tokens: int,
+                local_split: bool = False) -> dict:
+    """Predicted EP2 dispatch on two NVLink GPUs: every token to both ranks (half of the received bytes local).
+
+    Without the local split the receiver blocks copy every received byte; with it they copy the remote half and a
+    quarter of the bytes (half the local copy), and the sender blocks copy the other quarter after their NVLink
+    stores (counted one after the other: a bound, since the two share the SM).
+    """
+    half = tokens * row_bytes
+    recv_bytes = 2.0 * half
+    blocks = num_sms // 2
+    t_recv = (1.5 if local_split else 2.0) * half / (rate_per_recv_sm * blocks * 1e9)
+    t_send = half / (nvlink_store_gbps(blocks) * 1e9)
+    if local_split:
+        t_send += 0.5 * half / (rate_per_recv_sm * blocks * 1e9)
     t = max(t_recv, t_send)
     return dict(us=t * 1e6, gbps=recv_bytes / t / 1e9, bound="receivers" if t_recv >= t_send else "NVLink stores")
+
+
+#: Reference copies of ``_intranode_C.copy_probe``: name -> mode.
+PROBES = {"bulk_copy": 0, "register_copy": 1, "register_copy_d8": 2, "register_copy_d16": 3}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -112,45 +126,49 @@ def _measure(rt: Any, ext: Any, args: argparse.Namespace, sms: int, x: torch.Ten
     rt.check_error()
     src = x.view(torch.uint8).reshape(-1)
     dst = torch.empty_like(src)
-    blocks = sms // 2
-    t_bulk = median_ms(lambda: ext.copy_probe(dst, src, blocks, 0), args.warmup, args.iters)
-    assert torch.equal(dst, src), "bulk copy probe"
-    dst.zero_()
-    t_regs = median_ms(lambda: ext.copy_probe(dst, src, blocks, 1), args.warmup, args.iters)
-    assert torch.equal(dst, src), "register copy probe"
+    tuning = ext.dispatch_tuning()
+    split = bool(tuning["local_split"])
+    blocks = sms if split else sms // 2  # blocks of dispatch's local copy (combine: always sms // 2 receivers)
+    t_probe = {}
+    for name, mode in PROBES.items():
+        dst.zero_()
+        t_probe[name] = median_ms(lambda m=mode: ext.copy_probe(dst, src, blocks, m), args.warmup, args.iters)
+        assert torch.equal(dst, src), f"{name} probe"
     bf16 = n * H * 2
     fp8 = n * (H + 4 * (H // 128))
-    rate = {"dispatch_bf16": bf16 / t_bf16 / 1e6, "dispatch_fp8": fp8 / t_fp8 / 1e6,
-            "combine": bf16 / t_comb / 1e6, "bulk_copy": bf16 / t_bulk / 1e6, "register_copy": bf16 / t_regs / 1e6}
-    row = {"num_sms": sms, "receiver_blocks": blocks, "tokens": T, "hidden": H,
-           "us": {"dispatch_bf16": t_bf16 * 1e3, "dispatch_fp8": t_fp8 * 1e3, "combine": t_comb * 1e3,
-                  "bulk_copy": t_bulk * 1e3, "register_copy": t_regs * 1e3},
-           "gbps": rate, "gbps_per_sm": {k: v / blocks for k, v in rate.items()}}
-    row["predicted_ep2_dispatch_bf16"] = predict_ep2(row["gbps_per_sm"]["dispatch_bf16"], sms, H * 2, T)
-    row["predicted_ep2_dispatch_fp8"] = predict_ep2(row["gbps_per_sm"]["dispatch_fp8"], sms, H + 4 * (H // 128), T)
+    t = {"dispatch_bf16": t_bf16, "dispatch_fp8": t_fp8, "combine": t_comb, **t_probe}
+    rate = {k: (fp8 if k == "dispatch_fp8" else bf16) / v / 1e6 for k, v in t.items()}
+    per_sm = {k: v / (sms // 2 if k == "combine" else blocks) for k, v in rate.items()}
+    row = {"num_sms": sms, "receiver_blocks": sms // 2, "copy_blocks": blocks, "tokens": T, "hidden": H,
+           "local_split": split, "copy_depth": tuning["copy_depth"],
+           "us": {k: v * 1e3 for k, v in t.items()}, "gbps": rate, "gbps_per_sm": per_sm}
+    # On two GPUs the copying blocks are sms // 2 receivers (and, with the split, sms // 2 senders as well).
+    row["predicted_ep2_dispatch_bf16"] = predict_ep2(per_sm["dispatch_bf16"], sms, H * 2, T, split)
+    row["predicted_ep2_dispatch_fp8"] = predict_ep2(per_sm["dispatch_fp8"], sms, H + 4 * (H // 128), T, split)
     return row
 
 
 def _line(r: dict) -> str:
     g, p = r["gbps_per_sm"], r["gbps"]
     pb, pf = r["predicted_ep2_dispatch_bf16"], r["predicted_ep2_dispatch_fp8"]
-    return (f"SMs={r['num_sms']} (receiver blocks {r['receiver_blocks']}): GB/s in all (per block) dispatch BF16 "
-            f"{p['dispatch_bf16']:.0f} ({g['dispatch_bf16']:.1f}), FP8 {p['dispatch_fp8']:.0f} "
-            f"({g['dispatch_fp8']:.1f}), combine {p['combine']:.0f} ({g['combine']:.1f}), bulk copy "
-            f"{p['bulk_copy']:.0f} ({g['bulk_copy']:.1f}), register copy {p['register_copy']:.0f} "
-            f"({g['register_copy']:.1f}); EP2 on 2 GPUs predicted: BF16 {pb['gbps']:.0f} GB/s ({pb['us']:.0f} us, "
-            f"{pb['bound']}), FP8 {pf['gbps']:.0f} GB/s ({pf['us']:.0f} us, {pf['bound']})")
+    rates = ", ".join(f"{k} {p[k]:.0f} ({g[k]:.1f})" for k in RATE_KEYS)
+    return (f"SMs={r['num_sms']} (copy blocks {r['copy_blocks']}, local split {int(r['local_split'])}, depth "
+            f"{r['copy_depth']}): GB/s in all (per block) {rates}; EP2 on 2 GPUs predicted: BF16 {pb['gbps']:.0f} "
+            f"GB/s ({pb['us']:.0f} us, {pb['bound']}), FP8 {pf['gbps']:.0f} GB/s ({pf['us']:.0f} us, {pf['bound']})")
+
+
+#: Columns of the line and the table, in order.
+RATE_KEYS = ("dispatch_bf16", "dispatch_fp8", "combine", *PROBES)
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| SMs | dispatch BF16 GB/s (per SM) | dispatch FP8 | combine | bulk copy | register copy | EP2 2-GPU "
-             "prediction BF16 / FP8 GB/s (bound) |", "|" + "---|" * 7]
+    lines = ["| SMs | copy blocks | " + " | ".join(f"{k} GB/s (per SM)" for k in RATE_KEYS) +
+             " | EP2 2-GPU prediction BF16 / FP8 GB/s (bound) |", "|" + "---|" * (len(RATE_KEYS) + 3)]
     for r in rows:
         p, g = r["gbps"], r["gbps_per_sm"]
-        cells = [f"{p[k]:.0f} ({g[k]:.1f})" for k in ("dispatch_bf16", "dispatch_fp8", "combine", "bulk_copy",
-                                                       "register_copy")]
+        cells = [f"{p[k]:.0f} ({g[k]:.1f})" for k in RATE_KEYS]
         pb, pf = r["predicted_ep2_dispatch_bf16"], r["predicted_ep2_dispatch_fp8"]
-        lines.append(f"| {r['num_sms']} | " + " | ".join(cells) +
+        lines.append(f"| {r['num_sms']} | {r['copy_blocks']} | " + " | ".join(cells) +
                      f" | {pb['gbps']:.0f} / {pf['gbps']:.0f} ({pb['bound']} / {pf['bound']}) |")
     return "\n".join(lines)
 
@@ -162,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, device = spawn_ranks(_worker, 1, args, "sm-rates", timeout=600)
     date = datetime.date.today().isoformat()
     out = {"device": device, "date": date, "ranks": 1, "rows": rows,
-           "method": "CUDA-event medians; GB/s = bytes copied once / time; per SM = per receiver block"}
+           "method": "CUDA-event medians; GB/s = bytes copied once / time; per SM = per copying block "
+                                                "(combine: per receiver block)"}
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
