@@ -83,10 +83,10 @@ __device__ __forceinline__ int4 ld_cg_v4(const int4* p) {
   return v;
 }
 
-// Copy-path variants of ld_cg_v4 / ld_nc_v4 / st_na_v4 without a "memory" clobber: the compiler may keep values
-// in registers across them and schedule plain loads and stores around them. Their order among themselves and
-// against the flag accesses above (all asm volatile) is kept; use them only between an acquire and a release
-// that order the data (the barrier and st_release_sys after a copy carry the clobber).
+// Copy-path variants of ld_cg_v4 and st_na_v4 without a "memory" clobber (ld_nc_v4 has none): the compiler may
+// keep values in registers across them and schedule plain loads and stores around them. Their order among
+// themselves and against the flag accesses above (all asm volatile) is kept; use them only between an acquire and a
+// release that order the data (the barrier and st_release_sys after a copy carry the clobber).
 __device__ __forceinline__ int4 ld_cg_v4_free(const int4* p) {
   int4 v;
   asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"

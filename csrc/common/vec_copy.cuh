@@ -53,7 +53,8 @@ __device__ __forceinline__ void warp_copy_v4_batched(int4* __restrict__ dst, con
     int4 v[kDepth];
 #pragma unroll
     for (int u = 0; u < kDepth; ++u)
-      if (i + u * 32 < num_vec) v[u] = kLoad == LoadKind::kL2 ? ld_cg_v4_free(src + i + u * 32) : ld_nc_v4(src + i + u * 32);
+      if (i + u * 32 < num_vec)
+        v[u] = kLoad == LoadKind::kL2 ? ld_cg_v4_free(src + i + u * 32) : ld_nc_v4(src + i + u * 32);
 #pragma unroll
     for (int u = 0; u < kDepth; ++u)
       if (i + u * 32 < num_vec) st_na_v4_free(dst + i + u * 32, v[u]);

@@ -106,6 +106,7 @@ class Runtime {
     if (num_ranks < 1 || num_ranks > kMaxRanks) throw std::invalid_argument("num_ranks must be in [1, 8]");
     if (rank < 0 || rank >= num_ranks) throw std::invalid_argument("rank out of range");
     if (num_nvl_bytes <= 0) throw std::invalid_argument("num_nvl_bytes must be positive");
+    dispatch_tuning();  // a bad DEEPEP_PLUGIN_* tuning value fails here, on every rank, not inside a dispatch
     c10::cuda::CUDAGuard guard(device_);
     check_cuda(cudaMalloc(&buffer_, static_cast<size_t>(num_nvl_bytes)), "cudaMalloc of the NVL buffer");
     check_cuda(cudaMemset(buffer_, 0, static_cast<size_t>(num_nvl_bytes)), "cudaMemset of the NVL buffer");
