@@ -24,10 +24,17 @@ constexpr int kSmemBytes = 200 * 1024;
 constexpr int kStages = 8;
 constexpr int kHeaderBytes = 128;  // the stages' mbarriers
 
+// This block's piece [begin, end) of the bytes: equal 16-byte-aligned pieces, one per block.
+__device__ __forceinline__ void block_piece(const CopyProbeArgs& a, int64_t& begin, int64_t& end) {
+  const int64_t per_block = (a.bytes / gridDim.x + 15) / 16 * 16;
+  begin = min(a.bytes, per_block * blockIdx.x);
+  end = min(a.bytes, begin + per_block);
+}
+
 __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
-  const int64_t per_block = (a.bytes / gridDim.x + 15) / 16 * 16;
-  const int64_t begin = min(a.bytes, per_block * blockIdx.x), end = min(a.bytes, begin + per_block);
+  int64_t begin, end;
+  block_piece(a, begin, end);
   if (a.mode == 1) {
     const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
     constexpr int64_t kPiece = 32 * 16 * kCopyUnroll;  // one unrolled step of a warp
@@ -66,8 +73,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) copy_probe_kernel(CopyProbeArg
 // Modes 2 and 3: kWarps warps copy pieces of one batch each (kDepth vectors per lane) from the block's share.
 template <int kDepth, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 1) copy_probe_deep_kernel(CopyProbeArgs a) {
-  const int64_t per_block = (a.bytes / gridDim.x + 15) / 16 * 16;
-  const int64_t begin = min(a.bytes, per_block * blockIdx.x), end = min(a.bytes, begin + per_block);
+  int64_t begin, end;
+  block_piece(a, begin, end);
   const int warp = threadIdx.x / 32;
   constexpr int64_t kPiece = 32 * 16 * kDepth;
   for (int64_t off = begin + warp * kPiece; off < end; off += kWarps * kPiece)

@@ -521,8 +521,9 @@ class Runtime {
     a.send_head = send_head != nullptr ? send_head->data_ptr<int>() : nullptr;
     a.num_rows = static_cast<int>(recv_x.size(0));
     a.worst_mode = worst ? 1 : 0;
-    a.local_split = dispatch_tuning().local_split;
-    a.copy_depth = dispatch_tuning().copy_depth;
+    const DispatchTuning& tuning = dispatch_tuning();
+    a.local_split = tuning.local_split;
+    a.copy_depth = tuning.copy_depth;
     check_cuda(launch_dispatch(a, stream), "dispatch kernel launch");
   }
 

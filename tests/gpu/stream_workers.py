@@ -10,7 +10,7 @@ before it would start early and read counters that call has not written yet: wro
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,24 @@ def normal_streams_worker(rank: int, world: int, *, kind: str, seed: int) -> Non
     buf.destroy()
 
 
+def check_two_buffers(first: dp.Buffer, second: dp.Buffer, got: tuple, want: list,
+                      same: Callable[[tuple, tuple, str], None], where: str) -> None:
+    """After interleaved ops on two Buffers: no kernel error on either, and each Buffer's results `got[i]` equal what
+    it gave alone (`want[i]`), compared with `same`."""
+    torch.cuda.synchronize()
+    first.runtime.check_error()
+    second.runtime.check_error()
+    same(got[0], want[0], f"{where}, first Buffer")
+    same(got[1], want[1], f"{where}, second Buffer")
+
+
+def destroy_two_buffers(first: dp.Buffer, second: dp.Buffer) -> None:
+    """Every rank done with both Buffers, then both freed (the second first)."""
+    dist.barrier()
+    second.destroy()
+    first.destroy()
+
+
 def normal_two_buffers_worker(rank: int, world: int, *, kind: str, seed: int) -> None:
     """Two Buffers of one group, their dispatches and combines interleaved: each gives what one Buffer gives alone."""
     dev = take_device(rank)
@@ -126,14 +144,8 @@ def normal_two_buffers_worker(rank: int, world: int, *, kind: str, seed: int) ->
         d2 = worst_dispatch(second, cases[1], worst, cfg)
         c2 = combine_rows(second, d2, cfg)
         c1 = combine_rows(first, d1, cfg)
-        torch.cuda.synchronize()
-        first.runtime.check_error()
-        second.runtime.check_error()
-        same_normal((d1, c1), want[0], f"{kind} rank {rank}, round {it}, first Buffer")
-        same_normal((d2, c2), want[1], f"{kind} rank {rank}, round {it}, second Buffer")
-    dist.barrier()
-    second.destroy()
-    first.destroy()
+        check_two_buffers(first, second, ((d1, c1), (d2, c2)), want, same_normal, f"{kind} rank {rank}, round {it}")
+    destroy_two_buffers(first, second)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,11 +257,5 @@ def low_latency_two_buffers_worker(rank: int, world: int, *, seed: int) -> None:
         c2, h2 = ll_combine(second, cases[1], d2, hook=True)
         c1, _ = ll_combine(first, cases[0], d1, hook=False)
         h2()
-        torch.cuda.synchronize()
-        first.runtime.check_error()
-        second.runtime.check_error()
-        same_ll((d1, c1), want[0], f"rank {rank}, round {it}, first Buffer")
-        same_ll((d2, c2), want[1], f"rank {rank}, round {it}, second Buffer")
-    dist.barrier()
-    second.destroy()
-    first.destroy()
+        check_two_buffers(first, second, ((d1, c1), (d2, c2)), want, same_ll, f"rank {rank}, round {it}")
+    destroy_two_buffers(first, second)
