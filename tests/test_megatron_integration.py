@@ -138,6 +138,11 @@ def _dispatcher_matches(rank: int, world: int, style: str, seed: int) -> None:
 
     layer, _ = _compare_with_alltoall(rank, style, seed, plugin=dict(mode="dispatcher"))
     assert type(layer.token_dispatcher) is DeepEPPluginTokenDispatcher
+    # Nothing of the step outlives it: no tensor, no autograd graph (the router's probs would keep its parameters'
+    # gradient accumulators, and the stream they were made on, alive into the next step or a CUDA-graph capture).
+    state = layer.token_dispatcher._comm_manager
+    kept = [name for name in type(state).__slots__ if getattr(state, name) is not None]
+    assert not kept, f"rank {rank}: the dispatcher keeps {kept} after the step"
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

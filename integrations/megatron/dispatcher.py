@@ -99,6 +99,12 @@ class DispatchState:
                  "permutation", "num_recv_tokens_per_expert", "num_received")
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every reference (the layer's end). The probs carry the router's autograd graph: kept past the step,
+        they would keep its parameters' gradient accumulators alive from one step to the next, and those run on the
+        stream current when they were made, e.g. an eager step's default stream inside a later CUDA-graph capture."""
         for name in self.__slots__:
             setattr(self, name, None)
 
@@ -355,5 +361,6 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         return out
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> the layer input's shape [S, B, H]."""
+        """[T, H] -> the layer input's shape [S, B, H]; the step's state is dropped (``DispatchState.clear``)."""
+        self._comm_manager.clear()
         return hidden_states.view(self.hidden_shape)
