@@ -62,6 +62,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trace-notify", type=int, default=0, metavar="N",
                    help="also trace N forward steps: per notify kernel its launch, start and end on every rank, "
                         "and print how far apart the ranks launched and started it (0: off)")
+    p.add_argument("--trace-dir", type=str, default="", metavar="DIR",
+                   help="also profile N forward steps (--trace-notify's N, else 10) and write each rank's host calls "
+                        "and GPU work on the shared host clock to DIR/<lib>_R<ranks>_T<tokens>_S<sms>_r<rank>.json")
     p.add_argument("--no-deepep", action="store_true", help="do not run DeepEP even if importable")
     p.add_argument("--timeout", type=float, default=30.0, help="deepep_plugin's wait timeout (s)")
     p.add_argument("--json", type=str, default="benchmarks/results/intranode_vs_deepep.json")
@@ -170,6 +173,32 @@ def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]
             start = e.start_ns() / 1e3
             out.append((launch_at.get(e.correlation_id(), float("nan")), start, start + e.duration_ns() / 1e3))
     return sorted(out, key=lambda t: t[1])
+
+
+def _step_timeline(fn: Callable[[], Any], iters: int, barrier: Callable[[], None], path: str) -> None:
+    """Profile ``iters`` back-to-back calls of ``fn`` and write, on the host clock every process shares, the
+    ``step::*`` ranges, the launch and sync calls, and every GPU activity (with the correlation id tying a kernel to
+    its launch) as ``{"cpu": [[name, start_us, dur_us, corr]], "gpu": [[name, start_us, dur_us, corr]]}``."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    cpu, gpu = [], []
+    for e in prof.profiler.kineto_results.events():
+        item = [e.name(), e.start_ns() / 1e3, e.duration_ns() / 1e3, e.correlation_id()]
+        if e.device_type() == DeviceType.CUDA:
+            gpu.append(item)
+        elif e.name().startswith("step::") or e.name() in _LAUNCH_CALLS or e.name() in _SYNC_CALLS:
+            cpu.append(item)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"cpu": sorted(cpu, key=lambda t: t[1]), "gpu": sorted(gpu, key=lambda t: t[1])}, f)
 
 
 def notify_skew(traces: list[list[tuple[float, float, float]]]) -> dict[str, float]:
@@ -314,6 +343,19 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
             metrics[name].update(p)
     if args.trace_notify and trace:
         metrics["fwd_step"]["notify_trace"] = _notify_trace(ops["fwd_step"], args.trace_notify, barrier)
+    if args.trace_dir and trace:
+        def fwd_marked() -> Any:
+            from torch.profiler import record_function
+
+            with record_function("step::layout"):
+                a, b, c, d, _ = buf.get_dispatch_layout(idx, E)
+            with record_function("step::dispatch"):
+                rx, _, rw, _, h, _ = buf.dispatch(x, None, a, b, d, c, idx, w, config=dcfg)
+            with record_function("step::combine"):
+                return buf.combine(rx, h, topk_weights=rw, config=ccfg)
+
+        tag = f"{lib.__name__}_R{world}_T{inp.x.size(0)}_S{num_sms}_r{torch.distributed.get_rank()}"
+        _step_timeline(fwd_marked, args.trace_notify or 10, barrier, os.path.join(args.trace_dir, tag + ".json"))
     for m in metrics.values():
         api = m.get("api_syncs")
         m["host_syncs"] = (api if api else 0.0) + (1.0 if m["blocks_host"] and not api else 0.0)
