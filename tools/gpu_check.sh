@@ -25,8 +25,9 @@
 #   sm-rates           per-SM rates of the intranode kernels with 1 rank beside plain bulk and register copies, and the
 #                      two-GPU prediction they give; writes $OUT/sm_rates.json (copy it to benchmarks/results/)
 #   tuning-ab          the intranode dispatch's tunings in one run (default; DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT=0;
-#                      DEEPEP_PLUGIN_COPY_DEPTH=4), compare without DeepEP ($TUNING_ARGS, default 4096 tokens, 12 and
-#                      24 SMs, 2 and 4 ranks); writes $OUT/tuning_<variant>.json
+#                      DEEPEP_PLUGIN_COPY_DEPTH=4; DEEPEP_PLUGIN_EARLY_DISPATCH=1), compare without DeepEP
+#                      ($TUNING_ARGS, default 256, 1024 and 4096 tokens, 12 and 24 SMs, 2 and 4 ranks); writes
+#                      $OUT/tuning_<variant>.json
 #   bench              compare intranode-bench low-latency-bench internode-bench
 # Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
 # script at once; any other failing stage makes it exit 1 after the rest have run.
@@ -38,7 +39,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iters 5"}
 LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
-TUNING_ARGS=${TUNING_ARGS:-"--ranks 2,4 --tokens 4096 --sms 12,24 --iters 10 --synced-iters 1 --warmup 2"}
+TUNING_ARGS=${TUNING_ARGS:-"--ranks 2,4 --tokens 256,1024,4096 --sms 12,24 --iters 10 --synced-iters 1 --warmup 2"}
 
 ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe sm-rates tuning-ab"
 requested=${*:-${STAGES:-"build tests recipe bench"}}
@@ -152,11 +153,12 @@ if stage sm-rates; then
 fi
 if stage tuning-ab; then
   echo "== benchmark: dispatch tunings, same run"
-  for variant in default local-split-0 copy-depth-4; do
+  for variant in default local-split-0 copy-depth-4 early-dispatch-1; do
     case $variant in
       default) tune=() ;;
       local-split-0) tune=(DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT=0) ;;
       copy-depth-4) tune=(DEEPEP_PLUGIN_COPY_DEPTH=4) ;;
+      early-dispatch-1) tune=(DEEPEP_PLUGIN_EARLY_DISPATCH=1) ;;
     esac
     # shellcheck disable=SC2086  # TUNING_ARGS is a word list
     env "${tune[@]}" timeout "${BENCH_TIMEOUT:-90}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \

@@ -55,9 +55,12 @@ void check_cuda(cudaError_t e, const char* what) {
 //   DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT  1 (default): sender and receiver blocks share the copy of this rank's own
 //                                       tokens; 0: the receiver blocks copy them all
 //   DEEPEP_PLUGIN_COPY_DEPTH            8 (default) or 4: 16-byte loads in flight per lane in dispatch's row copies
+//   DEEPEP_PLUGIN_EARLY_DISPATCH        1: a fresh dispatch without num_worst_tokens enqueues its kernel before
+//                                       the host reads the receive count (dispatch_fresh); 0 (default): after
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
+  int early = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 late)
 };
 
 int env_choice(const char* name, int fallback, std::initializer_list<int> allowed) {
@@ -73,7 +76,8 @@ int env_choice(const char* name, int fallback, std::initializer_list<int> allowe
 
 const DispatchTuning& dispatch_tuning() {
   static const DispatchTuning t{env_choice("DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT", 1, {0, 1}),
-                                env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8})};
+                                env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8}),
+                                env_choice("DEEPEP_PLUGIN_EARLY_DISPATCH", 0, {0, 1})};
   return t;
 }
 
@@ -94,6 +98,7 @@ struct HostPage {
   Mailbox mailbox;
   int64_t pad[8];
   int64_t counters[2 + kMaxLocalExperts];  // [0] ready, [1] n_recv, [2 + e] tokens of local expert e
+  OutputDesc out;                          // an early dispatch's outputs (api.h)
 };
 
 // Status of a fresh dispatch's wait for the receive counts (the last element of dispatch_fresh's result).
@@ -239,12 +244,23 @@ class Runtime {
                        " per rank, got " + std::to_string(E));
     const int E_loc = static_cast<int>(E / R);
     const DispatchSlot slot = check_dispatch(x, x_scales, topk_idx, C, queue_tokens);
+    const bool worst = num_worst_tokens > 0;
+    if (!worst) {
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      check_cuda(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device_).stream(), &capturing),
+                 "cudaStreamIsCapturing");
+      if (capturing != cudaStreamCaptureStatusNone)
+        throw InputError("dispatch: a non-cached dispatch without num_worst_tokens reads the receive count on the "
+                         "host, which a CUDA graph capture cannot do; pass num_worst_tokens (or a handle) to capture");
+    }
     const cudaStream_t stream = call_stream();
     const auto ints = x.options().dtype(at::kInt);
     at::Tensor rank_prefix = at::empty({R, R}, ints);
     at::Tensor channel_prefix = at::empty({R, C}, ints);
     at::Tensor recv_channel_prefix = at::empty({R, C}, ints);
-    const bool worst = num_worst_tokens > 0;
+    const int64_t T = x.size(0);
+    const int K = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+    at::Tensor send_head = at::empty({T, R}, ints);  // before notify, like every allocation the kernels need
 
     NotifyArgs n{};
     n.peers = peers();
@@ -268,31 +284,65 @@ class Runtime {
     }
     check_cuda(launch_notify(n, stream), "notify kernel launch");
 
+    // Early dispatch: enqueue the kernel now, with its outputs to come through the host page (api.h: OutputDesc),
+    // so that on the GPU it follows notify at once and its senders fill the queues while the host reads the count.
+    // The outputs are allocated after the launch. That is safe for the caching allocator because nothing else is
+    // enqueued on this stream in between: the count wait below keeps the GIL in this mode (as DeepEP's does), so
+    // no Python thread runs until the outputs are published.
+    const bool early = !worst && dispatch_tuning().early;
+    const int64_t seq = early ? ++out_seq_ : 0;
+    if (early)
+      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
+                             std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
+                             queue_tokens, E_loc, false, timeout_s, stream, &host_dev_->out, seq);
+
     int64_t rows = num_worst_tokens;
     py::list per_expert;
     if (!worst) {
-      const int status = wait_recv_counts(2.0 * timeout_s + 1.0);
-      if (status != kWaitOk) return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(),
-                                                   py::none(), py::none(), py::none(), py::none(), py::none(),
-                                                   status);
+      const int status = wait_recv_counts(2.0 * timeout_s + 1.0, /*keep_gil=*/early);
+      if (status != kWaitOk) {
+        if (early) publish_outputs(seq, nullptr);  // the kernel drops its rows instead of waiting
+        return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(), py::none(), py::none(),
+                              py::none(), py::none(), py::none(), status);
+      }
       const volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
       rows = c[1];
       for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
     }
-    const int64_t T = x.size(0);
-    const int K = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
-    at::Tensor recv_x = at::empty({rows, x.size(1)}, x.options());
+    at::Tensor recv_x, recv_src_idx;
     std::optional<at::Tensor> recv_scales, recv_topk_idx, recv_topk_weights;
-    if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
-    if (topk_idx.has_value()) {
-      recv_topk_idx = at::empty({rows, K}, topk_idx->options());
-      recv_topk_weights = at::empty({rows, K}, topk_weights->options());
+    try {
+      recv_x = at::empty({rows, x.size(1)}, x.options());
+      if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
+      if (topk_idx.has_value()) {
+        recv_topk_idx = at::empty({rows, K}, topk_idx->options());
+        recv_topk_weights = at::empty({rows, K}, topk_weights->options());
+      }
+      recv_src_idx = at::empty({rows}, ints);
+    } catch (...) {
+      // The peers' dispatch goes on regardless: this rank's kernel consumes and drops every row (it has no outputs),
+      // so theirs complete and the queues stay in step; then the allocator's error is raised here.
+      if (early) publish_outputs(seq, nullptr);
+      else
+        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
+                               recv_channel_prefix, std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr,
+                               &send_head, slot, C, queue_tokens, E_loc, false, timeout_s, stream);
+      throw;
     }
-    at::Tensor recv_src_idx = at::empty({rows}, ints);
-    at::Tensor send_head = at::empty({T, R}, ints);
-    launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
-                           recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
-                           queue_tokens, E_loc, worst, timeout_s, stream);
+    if (early) {
+      OutputDesc d{};
+      d.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+      d.recv_scales = ptr_or_null<int32_t>(recv_scales);
+      d.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
+      d.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
+      d.recv_src_idx = recv_src_idx.data_ptr<int>();
+      d.num_rows = rows;
+      publish_outputs(seq, &d);
+    } else {
+      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
+                             recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
+                             queue_tokens, E_loc, worst, timeout_s, stream);
+    }
     const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
     return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
                           rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
@@ -454,13 +504,28 @@ class Runtime {
     return slot;
   }
 
-  // Wait (GIL released) until the notify kernel published the receive counts: kWaitOk, kWaitHostTimeout, or
+  // Hand an early dispatch its outputs (`d`), or, with `d` null, tell it to drop every row: the fields first,
+  // then the sequence number the kernel waits for (x86 keeps stores in order; the fence keeps the compiler's).
+  void publish_outputs(int64_t seq, const OutputDesc* d) {
+    OutputDesc* out = &host_->out;
+    out->recv_x = d != nullptr ? d->recv_x : nullptr;
+    out->recv_scales = d != nullptr ? d->recv_scales : nullptr;
+    out->recv_topk_idx = d != nullptr ? d->recv_topk_idx : nullptr;
+    out->recv_topk_weights = d != nullptr ? d->recv_topk_weights : nullptr;
+    out->recv_src_idx = d != nullptr ? d->recv_src_idx : nullptr;
+    out->num_rows = d != nullptr ? d->num_rows : -1;
+    std::atomic_thread_fence(std::memory_order_release);
+    out->seq = seq;
+  }
+
+  // Wait (GIL released unless keep_gil) until the notify kernel published the receive counts: kWaitOk, kWaitHostTimeout, or
   // kWaitKernelTimeout when a kernel of this rank reported a timeout (a bad-id or overflow report does not stop
   // the wait: the collective goes on and Python raises the report after the dispatch is enqueued).
-  int wait_recv_counts(double timeout_s) {
+  int wait_recv_counts(double timeout_s, bool keep_gil) {
     ++host_waits_;
     int status = kWaitHostTimeout;
-    py::gil_scoped_release release;
+    std::optional<py::gil_scoped_release> release;
+    if (!keep_gil) release.emplace();
     volatile int64_t* ready = reinterpret_cast<volatile int64_t*>(host_->counters);
     const auto start = std::chrono::steady_clock::now();
     for (uint64_t it = 0;; ++it) {
@@ -485,15 +550,17 @@ class Runtime {
     return status;
   }
 
+  // The outputs are the recv_* tensors, or, with `out_desc` (early dispatch), come later through the host page.
   void launch_dispatch_kernel(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                               const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
                               const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix,
-                              const at::Tensor& recv_channel_prefix, const at::Tensor& recv_x,
+                              const at::Tensor& recv_channel_prefix, const std::optional<at::Tensor>& recv_x,
                               const std::optional<at::Tensor>& recv_scales,
                               const std::optional<at::Tensor>& recv_topk_idx,
                               const std::optional<at::Tensor>& recv_topk_weights, at::Tensor* recv_src_idx,
                               at::Tensor* send_head, const DispatchSlot& slot, int C, int Q, int num_local_experts,
-                              bool worst, double timeout_s, cudaStream_t stream) {
+                              bool worst, double timeout_s, cudaStream_t stream,
+                              const OutputDesc* out_desc = nullptr, int64_t out_seq = 0) {
     DispatchArgs a{};
     a.peers = peers();
     a.env = env(timeout_s);
@@ -513,14 +580,16 @@ class Runtime {
     a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     a.rank_prefix_matrix = rank_prefix.data_ptr<int>();
     a.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
-    a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+    a.recv_x = recv_x.has_value() ? static_cast<uint8_t*>(recv_x->data_ptr()) : nullptr;
     a.recv_scales = ptr_or_null<int32_t>(recv_scales);
     a.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
     a.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
     a.recv_src_idx = recv_src_idx != nullptr ? recv_src_idx->data_ptr<int>() : nullptr;
     a.send_head = send_head != nullptr ? send_head->data_ptr<int>() : nullptr;
-    a.num_rows = static_cast<int>(recv_x.size(0));
+    a.num_rows = recv_x.has_value() ? static_cast<int>(recv_x->size(0)) : -1;  // -1: no outputs, rows dropped
     a.worst_mode = worst ? 1 : 0;
+    a.out_desc = out_desc;
+    a.out_seq = out_seq;
     const DispatchTuning& tuning = dispatch_tuning();
     a.local_split = tuning.local_split;
     a.copy_depth = tuning.copy_depth;
@@ -558,6 +627,7 @@ class Runtime {
   HostPage* host_dev_ = nullptr;
   StreamOrder order_;  // the stream of the previous call (call_stream)
   int64_t host_waits_ = 0;
+  int64_t out_seq_ = 0;  // the last early dispatch's OutputDesc sequence number
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];
   bool opened_ = false;
@@ -594,9 +664,11 @@ PYBIND11_MODULE(_intranode_C, m) {
         py::dict d;
         d["local_split"] = t.local_split;
         d["copy_depth"] = t.copy_depth;
+        d["early_dispatch"] = t.early;
         return d;
       },
-      "dispatch's tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT and DEEPEP_PLUGIN_COPY_DEPTH");
+      "dispatch's tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT, DEEPEP_PLUGIN_COPY_DEPTH and "
+      "DEEPEP_PLUGIN_EARLY_DISPATCH");
   m.def(
       "copy_probe",
       [](const at::Tensor& dst, const at::Tensor& src, int blocks, int mode) {
