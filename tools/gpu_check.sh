@@ -12,7 +12,8 @@
 #   tests              the GPU tests: pytest -m gpu on $TESTS (default: tests) $TEST_ARGS   ("test" also works)
 #   recipe             the main job (examples.deepseek_v3.train --preset tiny) on the CUDA backend
 #   compare            deepep_plugin beside DeepEP V1 when `import deep_ep` works (tools/gpu_compare.sh builds it),
-#                      else beside the reference backend; the benchmark starts and stops the MPS daemon itself
+#                      else beside the reference backend; the benchmark starts and stops the MPS daemon itself;
+#                      then `bench timeline` on the step timelines it traced ($OUT/timeline.txt, timeline.json)
 #   intranode-bench    the intranode kernels beside NCCL ($INTRANODE_ARGS); appends to benchmarks/RESULTS.md;
 #                      MPS=1 runs ranks that share a GPU concurrently under MPS (started and stopped here)
 #   low-latency-bench  the low-latency kernels ($LOW_LATENCY_ARGS; ranks time their kernels in turns on one GPU)
@@ -97,8 +98,10 @@ fi
 if stage compare; then
   echo "== benchmark: beside DeepEP V1 (or the reference backend)"
   timeout "${BENCH_TIMEOUT:-200}" python3 -m deepep_plugin.bench compare --ranks 2 --tokens 256,4096 --sms 24 \
-    --json "$OUT/intranode_vs_deepep.json" --plot "$OUT/intranode_vs_deepep.png" \
+    --json "$OUT/intranode_vs_deepep.json" --plot "$OUT/intranode_vs_deepep.png" --trace-dir /tmp/timelines \
     --results "$OUT/RESULTS_compare.md" 2>&1 | grep -E "^R=|compare:|rror" || rc=1
+  # Where each forward step's time goes, per library (host calls, kernels, the count gap, the ranks' notify skew).
+  python3 -m deepep_plugin.bench timeline /tmp/timelines --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.txt"
 fi
 
 if stage intranode-bench; then

@@ -1,12 +1,12 @@
-"""``python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe,sm-rates} [options]``: the
-benchmarks and the fuzzer (programs, not tests)."""
+"""``python -m deepep_plugin.bench NAME [options]``: the benchmarks, the timeline reader and the fuzzer (programs, not
+tests); NAME is one of intranode, internode, low-latency, compare, timeline, fuzz, graph-moe, sm-rates."""
 
 from __future__ import annotations
 
 import sys
 
 USAGE = (
-    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,fuzz,graph-moe,sm-rates} "
+    "usage: python -m deepep_plugin.bench {intranode,internode,low-latency,compare,timeline,fuzz,graph-moe,sm-rates} "
     "[options]  (--help after the name for options)"
 )
 
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         from .internode import main as run
     elif name == "compare":
         from .compare import main as run
+    elif name == "timeline":
+        from .timeline import main as run
     elif name == "fuzz":
         from .fuzz import main as run
     elif name in ("low-latency", "low_latency"):

@@ -1,0 +1,158 @@
+"""Where a forward step's time goes, from the timelines ``compare --trace-dir DIR`` writes.
+
+``python -m deepep_plugin.bench timeline DIR [--json OUT]``
+
+Each file ``<lib>_R<ranks>_T<tokens>_S<sms>_r<rank>.json`` holds one rank's profile of back-to-back forward steps
+(layout + fresh dispatch + combine): the ``step::layout`` / ``step::dispatch`` / ``step::combine`` host ranges, the
+launch calls and every GPU activity with the correlation id that ties it to its launch, all on the host clock that the
+processes of a machine share. Per library and configuration this prints the median over steps (the first step
+left out) of:
+
+* host us of each call, and the step's period on the host and on the GPU;
+* GPU us of each kernel class (layout, notify, dispatch, combine; DeepEP's ``cached_notify_combine`` counts as
+  ``notify_combine``);
+* ``count_gap``: GPU time between the end of notify and the start of dispatch on a rank (the receive-count read on
+  the host, the allocation and the launch: what an early dispatch launch removes);
+* ``launch_to_start`` of dispatch: from its launch call to its start on the GPU (the queue ahead of it);
+* ``notify_start_skew`` / ``notify_end_skew``: how far apart the ranks start and end their notify (a late rank makes
+  the others wait inside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+from typing import Any, Optional
+
+_NAME = re.compile(r"^(?P<lib>.+)_R(?P<ranks>\d+)_T(?P<tokens>\d+)_S(?P<sms>\d+)_r(?P<rank>\d+)\.json$")
+KINDS = ("layout", "notify", "dispatch", "notify_combine", "combine")
+
+
+def kernel_kind(name: str) -> Optional[str]:
+    """The class of a GPU activity by its (demangled) name, or None for anything else (copies, fills)."""
+    low = name.lower()
+    if "notify" in low:
+        return "notify_combine" if "combine" in low else "notify"
+    for kind in ("layout", "combine", "dispatch"):
+        if kind in low:
+            return kind
+    return None
+
+
+def _steps(cpu: list[list[Any]]) -> list[dict[str, tuple[float, float]]]:
+    """Per step, its host ranges ``{"layout": (start, end), ...}``, steps cut at each ``step::layout``."""
+    steps: list[dict[str, tuple[float, float]]] = []
+    for name, start, dur, _corr in cpu:
+        if not name.startswith("step::"):
+            continue
+        part = name[len("step::"):]
+        if part == "layout":
+            steps.append({})
+        if steps:
+            steps[-1][part] = (start, start + dur)
+    return steps
+
+
+def rank_steps(trace: dict[str, list[list[Any]]]) -> list[dict[str, float]]:
+    """One rank's per-step numbers (us; absolute starts kept under ``t_*`` for the cross-rank figures)."""
+    cpu, gpu = trace["cpu"], trace["gpu"]
+    steps = _steps(cpu)
+    launch_at = {corr: start for name, start, _dur, corr in cpu if not name.startswith("step::")}
+    starts = [s["layout"][0] for s in steps]
+    out: list[dict[str, float]] = [{} for _ in steps]
+    for name, start, dur, corr in gpu:
+        kind = kernel_kind(name)
+        launched = launch_at.get(corr)
+        if kind is None or launched is None:
+            continue
+        i = max((k for k, s in enumerate(starts) if s <= launched), default=None)
+        if i is None or f"t_{kind}_start" in out[i]:
+            continue  # the first kernel of its kind in the step
+        out[i][f"t_{kind}_start"] = start
+        out[i][f"t_{kind}_end"] = start + dur
+        out[i][f"gpu_{kind}_us"] = dur
+        out[i][f"launch_to_start_{kind}_us"] = start - launched
+    for i, s in enumerate(steps):
+        row = out[i]
+        for part in ("layout", "dispatch", "combine"):
+            if part in s:
+                row[f"host_{part}_us"] = s[part][1] - s[part][0]
+        if i + 1 < len(steps):
+            row["host_period_us"] = starts[i + 1] - starts[i]
+            if "t_layout_start" in row and "t_layout_start" in out[i + 1]:
+                row["gpu_period_us"] = out[i + 1]["t_layout_start"] - row["t_layout_start"]
+        if "t_notify_end" in row and "t_dispatch_start" in row:
+            row["count_gap_us"] = row["t_dispatch_start"] - row["t_notify_end"]
+    return out
+
+
+def summarize(traces: dict[int, dict[str, list[list[Any]]]]) -> dict[str, float]:
+    """Medians over steps (the first left out) of every per-rank number (mean over ranks) and of the ranks'
+    notify start and end skews."""
+    per_rank = {r: rank_steps(t) for r, t in sorted(traces.items())}
+    n = min(len(s) for s in per_rank.values())
+    summary: dict[str, float] = {}
+    keys = sorted({k for s in per_rank.values() for row in s for k in row if not k.startswith("t_")})
+    for key in keys:
+        values = [statistics.mean(vals) for i in range(1, n)
+                  if (vals := [s[i][key] for s in per_rank.values() if key in s[i]])]
+        if values:
+            summary[key] = statistics.median(values)
+    for edge in ("start", "end"):
+        skews = []
+        for i in range(1, n):
+            t = [s[i].get(f"t_notify_{edge}") for s in per_rank.values()]
+            if all(v is not None for v in t):
+                skews.append(max(t) - min(t))
+        if skews:
+            summary[f"notify_{edge}_skew_us"] = statistics.median(skews)
+    summary["steps"] = float(max(n - 1, 0))
+    return summary
+
+
+def load(directory: str) -> dict[tuple[str, int, int, int], dict[int, dict[str, list[list[Any]]]]]:
+    """``{(lib, ranks, tokens, sms): {rank: trace}}`` of every timeline file in ``directory``."""
+    found: dict[tuple[str, int, int, int], dict[int, dict[str, list[list[Any]]]]] = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        m = _NAME.match(os.path.basename(path))
+        if m is None:
+            continue
+        key = (m["lib"], int(m["ranks"]), int(m["tokens"]), int(m["sms"]))
+        with open(path) as f:
+            found.setdefault(key, {})[int(m["rank"])] = json.load(f)
+    return found
+
+
+_COLUMNS = ("host_period_us", "gpu_period_us", "host_layout_us", "host_dispatch_us", "host_combine_us",
+            "gpu_notify_us", "gpu_dispatch_us", "gpu_combine_us", "count_gap_us", "launch_to_start_dispatch_us",
+            "notify_start_skew_us", "notify_end_skew_us")
+
+
+def table(summaries: dict[tuple[str, int, int, int], dict[str, float]]) -> str:
+    """One line per configuration and library: the columns above (us)."""
+    head = "lib            R     T  SMs " + " ".join(f"{c.replace('_us', ''):>12.12s}" for c in _COLUMNS)
+    lines = [head]
+    for (lib, ranks, tokens, sms), s in sorted(summaries.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
+        cells = " ".join(f"{s[c]:12.1f}" if c in s else f"{'-':>12s}" for c in _COLUMNS)
+        lines.append(f"{lib:14.14s} {ranks:1d} {tokens:5d} {sms:4d} {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m deepep_plugin.bench timeline", description=__doc__.split("\n")[0])
+    p.add_argument("directory", help="the --trace-dir of a compare run")
+    p.add_argument("--json", type=str, default="", help="also write the summaries here")
+    args = p.parse_args(argv)
+    found = load(args.directory)
+    if not found:
+        raise SystemExit(f"timeline: no <lib>_R<ranks>_T<tokens>_S<sms>_r<rank>.json files in {args.directory}")
+    summaries = {key: summarize(traces) for key, traces in found.items()}
+    print(table(summaries))
+    if args.json:
+        rows = [{"lib": k[0], "ranks": k[1], "tokens": k[2], "num_sms": k[3], **v} for k, v in summaries.items()]
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)

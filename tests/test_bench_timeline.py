@@ -1,0 +1,68 @@
+"""``python -m deepep_plugin.bench timeline`` on synthetic timelines of two ranks: kernel classes by name (ours and
+DeepEP's), the per-step numbers, the cross-rank notify skew and the command's table. The timelines themselves come
+from ``compare --trace-dir`` on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from deepep_plugin.bench.timeline import kernel_kind, load, main, rank_steps, summarize
+
+
+def test_kernel_classes_of_both_libraries() -> None:
+    assert kernel_kind("void deepep::intranode::(anonymous namespace)::notify_kernel(deepep::intranode::NotifyArgs)") \
+        == "notify"
+    assert kernel_kind("void deepep::intranode::(anonymous namespace)::dispatch_kernel<8>("
+                       "deepep::intranode::DispatchArgs)") == "dispatch"
+    assert kernel_kind("void deep_ep::intranode::cached_notify_combine<2>(void**, int*, int, int, int, int)") \
+        == "notify_combine"
+    assert kernel_kind("void deep_ep::layout::get_dispatch_layout<256, 32, 8>(long const*, int*)") == "layout"
+    assert kernel_kind("void deep_ep::intranode::combine<__nv_bfloat16, 2, 768, 4096>(int4*)") == "combine"
+    assert kernel_kind("Memset (Device)") is None
+
+
+def _trace(rank: int, steps: int = 4) -> dict:
+    cpu, gpu = [], []
+    for i in range(steps):
+        t0 = 1000.0 * i
+        cpu += [["step::layout", t0, 20.0, -1], ["step::dispatch", t0 + 25, 60.0, -1],
+                ["step::combine", t0 + 90, 25.0, -1]]
+        launches = {"layout": (t0 + 5, 10 * i + 1), "notify": (t0 + 30, 10 * i + 2),
+                    "dispatch": (t0 + 70, 10 * i + 3), "combine": (t0 + 95, 10 * i + 4)}
+        cpu += [["cudaLaunchKernel", at, 3.0, corr] for at, corr in launches.values()]
+        gpu += [["layout_kernel(LayoutArgs)", t0 + 10, 5.0, 10 * i + 1],
+                # rank 1 starts its notify 7 us later; both end together (the early rank waited inside)
+                ["notify_kernel(NotifyArgs)", t0 + 35 + 7 * rank, 25.0 - 7 * rank, 10 * i + 2],
+                ["Memset (Device)", t0 + 61, 1.0, 10 * i + 2],
+                ["dispatch_kernel<8>(DispatchArgs)", t0 + 80, 30.0, 10 * i + 3],
+                ["combine_kernel(CombineArgs)", t0 + 115, 25.0, 10 * i + 4]]
+    return {"cpu": sorted(cpu, key=lambda t: t[1]), "gpu": sorted(gpu, key=lambda t: t[1])}
+
+
+def test_per_step_numbers_and_cross_rank_skew() -> None:
+    steps = rank_steps(_trace(1))
+    assert len(steps) == 4
+    s = steps[1]
+    assert s["host_dispatch_us"] == 60.0 and s["host_period_us"] == 1000.0 and s["gpu_period_us"] == 1000.0
+    assert s["gpu_notify_us"] == 18.0 and s["count_gap_us"] == 20.0 and s["launch_to_start_dispatch_us"] == 10.0
+    summary = summarize({0: _trace(0), 1: _trace(1)})
+    assert summary["steps"] == 3.0
+    assert summary["notify_start_skew_us"] == 7.0 and summary["notify_end_skew_us"] == 0.0
+    assert summary["gpu_notify_us"] == (25.0 + 18.0) / 2  # mean over ranks
+    assert summary["count_gap_us"] == 20.0
+
+
+def test_command_reads_a_trace_dir(tmp_path, capsys) -> None:
+    for lib in ("deepep_plugin", "deep_ep"):
+        for rank in range(2):
+            with open(os.path.join(tmp_path, f"{lib}_R2_T256_S24_r{rank}.json"), "w") as f:
+                json.dump(_trace(rank), f)
+    assert set(load(str(tmp_path))) == {("deepep_plugin", 2, 256, 24), ("deep_ep", 2, 256, 24)}
+    out_json = os.path.join(tmp_path, "summary.json")
+    main([str(tmp_path), "--json", out_json])
+    text = capsys.readouterr().out
+    assert "count_gap" in text and text.count(" 256 ") == 2
+    with open(out_json) as f:
+        rows = json.load(f)["rows"]
+    assert {r["lib"] for r in rows} == {"deepep_plugin", "deep_ep"} and all(r["count_gap_us"] == 20.0 for r in rows)
