@@ -149,13 +149,10 @@ def _profile(ops: dict[str, Callable[[], Any]], iters: int, barrier: Callable[[]
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> list[tuple[float, float, float]]:
-    """(launch, start, end) in us of the host clock for each notify kernel of ``iters`` back-to-back calls.
-
-    The profiler puts CPU and GPU times on the host's clock, which every process of a machine shares, so the lists
-    of two ranks can be compared: a notify that starts far later on one rank makes the others wait in it."""
+def _raw_events(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> list[Any]:
+    """The profiler's raw events of ``iters`` back-to-back calls of ``fn`` (after a sync and a barrier): absolute times
+    on the host clock, and the correlation ids that tie a launch to its GPU work."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -164,8 +161,17 @@ def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    # The raw events carry the correlation ids that tie a launch to its kernel, and absolute times.
-    raw = prof.profiler.kineto_results.events()
+    return list(prof.profiler.kineto_results.events())
+
+
+def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> list[tuple[float, float, float]]:
+    """(launch, start, end) in us of the host clock for each notify kernel of ``iters`` back-to-back calls.
+
+    The profiler puts CPU and GPU times on the host's clock, which every process of a machine shares, so the lists
+    of two ranks can be compared: a notify that starts far later on one rank makes the others wait in it."""
+    from torch.autograd import DeviceType
+
+    raw = _raw_events(fn, iters, barrier)
     launch_at = {e.correlation_id(): e.start_ns() / 1e3 for e in raw if e.name() in _LAUNCH_CALLS}
     out = []
     for e in raw:
@@ -179,18 +185,10 @@ def _step_timeline(fn: Callable[[], Any], iters: int, barrier: Callable[[], None
     """Profile ``iters`` back-to-back calls of ``fn`` and write, on the host clock every process shares, the
     ``step::*`` ranges, the launch and sync calls, and every GPU activity (with the correlation id tying a kernel to
     its launch) as ``{"cpu": [[name, start_us, dur_us, corr]], "gpu": [[name, start_us, dur_us, corr]]}``."""
-    import torch
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    barrier()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
     cpu, gpu = [], []
-    for e in prof.profiler.kineto_results.events():
+    for e in _raw_events(fn, iters, barrier):
         item = [e.name(), e.start_ns() / 1e3, e.duration_ns() / 1e3, e.correlation_id()]
         if e.device_type() == DeviceType.CUDA:
             gpu.append(item)
