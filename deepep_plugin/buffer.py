@@ -238,6 +238,11 @@ class Buffer:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._default_configs: dict[tuple[str, int], Config] = {}
+        # Validation done once (spec: cheap when the inputs are right): per call site, the last handle that passed
+        # _check_handle with the same token count and channels; the tensors of the last get_dispatch_layout, which
+        # a fresh dispatch then needs not check again. Strong references, so an id is never reused meanwhile.
+        self._handle_ok: dict[str, tuple[Any, Optional[int], Optional[int]]] = {}
+        self._layout_ok: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None
         self._op_key = _register_op_key(self)
         self._usable_sms: Optional[tuple[int, str]] = None  # (count, why): see _check_resident
 
@@ -404,6 +409,8 @@ class Buffer:
             dist.barrier(group=self.group)
             self.runtime.destroy()
             self.runtime = None
+        self._handle_ok.clear()
+        self._layout_ok = None
 
     def __del__(self) -> None:
         runtime = getattr(self, "runtime", None)
@@ -522,6 +529,9 @@ class Buffer:
         layout, event = self._run(lambda: target.get_dispatch_layout(topk_idx, num_experts), topk_idx.is_cuda,
                                   previous_event, async_finish, allocate_on_comm_stream, [topk_idx],
                                   target.orders_streams)
+        if layout.num_tokens_per_rdma_rank is None:
+            self._layout_ok = (layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank,
+                               num_experts)
         return (layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
                 layout.is_token_in_rank, event)
 
@@ -562,6 +572,10 @@ class Buffer:
         return data, scales
 
     def _check_handle(self, handle: Any, num_tokens: Optional[int], config: Optional[Config], what: str) -> Handle:
+        channels = config.num_channels if config is not None else None
+        ok = self._handle_ok.get(what)
+        if ok is not None and ok[0] is handle and ok[1] == num_tokens and ok[2] == channels:
+            return handle  # checked by the previous call of this kind, with the same token count and channels
         if not isinstance(handle, (IntranodeHandle, InternodeHandle)):
             raise DeepEPInputError(f"{what}: handle must be the handle a dispatch returned, passed on unchanged "
                                    f"(an IntranodeHandle or InternodeHandle), got {type(handle).__name__}")
@@ -576,11 +590,10 @@ class Buffer:
                                    f"group has {self.group_size}")
         if num_tokens is not None and in_rank.size(0) != num_tokens:
             raise DeepEPInputError(f"{what}: handle was made for {in_rank.size(0)} tokens, x has {num_tokens}")
-        if config is not None:
-            channels = handle_num_channels(handle)
-            if channels != config.num_channels:
-                raise DeepEPInputError(f"{what}: handle was made with num_sms={2 * channels}, config has "
-                                       f"num_sms={config.num_sms}")
+        if config is not None and handle_num_channels(handle) != channels:
+            raise DeepEPInputError(f"{what}: handle was made with num_sms={2 * handle_num_channels(handle)}, config "
+                                   f"has num_sms={config.num_sms}")
+        self._handle_ok[what] = (handle, num_tokens, channels)
         return handle
 
     def _check_resident(self, what: str, num_sms: int, device: torch.device) -> None:
@@ -664,12 +677,19 @@ class Buffer:
                 raise DeepEPInputError(f"dispatch: num_worst_tokens={num_worst_tokens} is smaller than the "
                                        f"{handle_recv_count(handle)} tokens the handle receives")
         else:
-            _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype=torch.int32, shape=[r], device=dev)
-            _check_tensor(is_token_in_rank, "is_token_in_rank", dtype=torch.bool, shape=[num_tokens, r], device=dev)
-            _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype=torch.int32, ndim=1, device=dev)
-            assert num_tokens_per_expert is not None
-            num_experts = num_tokens_per_expert.numel()
-            self._check_num_experts(num_experts)
+            ok = self._layout_ok
+            if (ok is not None and num_tokens_per_rank is ok[0] and num_tokens_per_expert is ok[1]
+                    and is_token_in_rank is ok[2] and is_token_in_rank.size(0) == num_tokens
+                    and is_token_in_rank.device == dev):
+                num_experts = ok[3]  # the tensors of the last get_dispatch_layout, checked when it made them
+            else:
+                _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", dtype=torch.int32, shape=[r], device=dev)
+                _check_tensor(is_token_in_rank, "is_token_in_rank", dtype=torch.bool, shape=[num_tokens, r],
+                              device=dev)
+                _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", dtype=torch.int32, ndim=1, device=dev)
+                assert num_tokens_per_expert is not None
+                num_experts = num_tokens_per_expert.numel()
+                self._check_num_experts(num_experts)
             if self.num_ranks_per_node != r:
                 _check_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtype=torch.int32,
                               shape=[self.num_nodes], device=dev)

@@ -65,6 +65,12 @@ def _check(rank: int, world_size: int) -> None:
         buf.dispatch(me.x, handle=handle, topk_idx=me.topk_idx)
     with pytest.raises(dp.DeepEPInputError, match="handle"):
         buf.combine(me.x, handle=(1, 2, 3))
+    # Checks made once (a handle, the last layout) are made again when what they depend on changes.
+    buf.dispatch(me.x, handle=handle)
+    with pytest.raises(dp.DeepEPInputError, match="handle was made with num_sms"):
+        buf.dispatch(me.x, handle=handle, config=dp.Config(dp.Buffer.get_dispatch_config(world_size).num_sms + 2))
+    with pytest.raises(dp.DeepEPInputError, match="is_token_in_rank must have shape"):
+        buf.dispatch(torch.cat([me.x, me.x]), None, per_rank, per_rdma, in_rank, per_expert)
     small = dp.Buffer(group, 1 << 12, 0)
     with pytest.raises(dp.DeepEPBufferTooSmall, match=r"needs at least \d+ bytes"):
         small.dispatch(me.x, None, per_rank, per_rdma, in_rank, per_expert, me.topk_idx, me.topk_weights)
