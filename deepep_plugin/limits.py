@@ -90,7 +90,6 @@ WAITS: tuple[Code, ...] = (
     Code(7, "kWaitCombineDrain", "combine send: the peer to consume the last rows"),
     Code(8, "kWaitWorstTokens", "dispatch: received rows beyond num_worst_tokens"),
     Code(9, "kWaitBadExpertId", "topk_idx: an expert id outside [-1, num_experts)"),
-    Code(10, "kWaitHostOutputs", "dispatch receive: the host to allocate the outputs (after its receive-count read)"),
     Code(64, "kWaitLLDispatchRecv", "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)"),
     Code(65, "kWaitLLCombineRecv", "combine receive: the peer's expert outputs (did it call low_latency_combine?)"),
     Code(66, "kWaitLLParity", "low-latency parity guard: an op used the same buffer half as the op before it"),

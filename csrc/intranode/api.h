@@ -50,21 +50,6 @@ struct NotifyArgs {
 };
 cudaError_t launch_notify(const NotifyArgs& a, cudaStream_t stream);
 
-// Where a fresh dispatch's outputs are when the host allocates them after the launch ("early" dispatch: the kernel
-// is enqueued before the host has read the receive count, so its senders run while the host waits). It lives in
-// the host-mapped page: the host writes every field, then `seq`; the kernel's receiving warps wait until `seq`
-// equals DispatchArgs::out_seq (one poller per block, the others wait on shared memory) before writing a row.
-struct OutputDesc {
-  uint8_t* recv_x;                    // [num_rows, row_bytes]
-  int32_t* recv_scales;               // [num_rows, S] or null
-  int64_t* recv_topk_idx;             // [num_rows, K] or null
-  float* recv_topk_weights;           // [num_rows, K] or null
-  int* recv_src_idx;                  // [num_rows]
-  int64_t num_rows;                   // rows allocated; -1: the host allocated nothing (it failed), so every
-                                      // message is consumed and dropped, which keeps the queues consistent
-  volatile int64_t seq;               // written last
-};
-
 struct DispatchArgs {
   Peers peers;
   ErrorEnv env;
@@ -88,10 +73,10 @@ struct DispatchArgs {
   int num_rows;                       // rows allocated in the outputs (n_recv, or num_worst_tokens); -1: no
                                       // outputs (their allocation failed): every row is consumed and dropped
   int worst_mode;                     // rows beyond the received count: data, scales, weights 0; ids, src -1
-  // Early dispatch: the recv_* pointers and num_rows above are unset; they come through *out_desc (device alias
-  // of the host-mapped OutputDesc) once its seq equals out_seq. Null: the fields above hold.
-  const OutputDesc* out_desc;
-  int64_t out_seq;
+  int phase;                          // 0: the whole dispatch. A fresh dispatch whose sends all fit in the queues
+                                      // may run as two launches: 1, the senders push every message (no outputs
+                                      // needed: enqueued before the host reads the count); 2, the rest (receivers,
+                                      // local copies, the senders' drain), once the outputs are allocated
   // Tuning (runtime.cpp reads them once from the environment; see dispatch.cu's header):
   int local_split;                    // 1: this rank's own tokens are copied half by the sender blocks, half by
                                       //    the receiver blocks; 0: all by the receiver blocks

@@ -27,10 +27,13 @@
 // Output rows: source i's tokens start at rank_prefix_matrix[i - 1][this rank]; its channel c starts
 // recv_channel_prefix_matrix[i][c] rows later; message k of stream (c, i) is the k-th row after that. This
 // is the receive order of the contract (source rank, then source token index).
-// Early mode (a fresh dispatch without num_worst_tokens, runtime.cpp): the kernel is enqueued right after notify,
-// before the host has read the receive count and allocated the outputs. Senders and the queues run at once; a
-// warp that is about to write its first output row waits for the host's OutputDesc (resolve_outputs), so the
-// host's count read, allocation and launch no longer sit between notify and dispatch on the GPU.
+// Split launch (phase, runtime.cpp: dispatch_fresh with DEEPEP_PLUGIN_EARLY_DISPATCH=1): when every channel's
+// sends fit in its queue (ceil(T / C) <= Q), a fresh dispatch runs as two launches. Phase 1, enqueued right after
+// notify and before the host reads the receive count, runs only the senders: they push every message (no slot can
+// be busy: the previous call drained its queues, and this one needs at most Q slots) and record how many they sent,
+// without waiting for the drain. Phase 2, enqueued once the host has allocated the outputs, runs the rest: the
+// receivers, the local copies and the senders' drain. No kernel ever waits on the host, so a host call that
+// synchronises the device in between (the caching allocator freeing its cache under memory pressure) cannot hang.
 // At the end each sender waits until its streams are drained (head == tail), so queues are empty between
 // kernels (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the whole group
 // leave its loop at the next barrier.
@@ -53,55 +56,6 @@ __device__ __forceinline__ void source_channel_rows(const DispatchArgs& a, int s
   const int c_end = c + 1 < C ? a.recv_channel_prefix_matrix[src * C + c + 1] : src_total;
   row0 = src_start + c_start;
   n = c_end - c_start;
-}
-
-// Where this call's rows go. Every block keeps one copy in shared memory: filled from the arguments at kernel start,
-// or, in early mode (a.out_desc set), from the host's OutputDesc by the first warp that needs it (resolve_outputs).
-struct Outputs {
-  uint8_t* recv_x;
-  int32_t* recv_scales;
-  int64_t* recv_topk_idx;
-  float* recv_topk_weights;
-  int* recv_src_idx;
-  int num_rows;  // -1: drop every row (early mode, the host allocated nothing)
-};
-enum OutputsState : int { kOutUnresolved = 0, kOutPolling = 1, kOutReady = 2, kOutFailed = 3 };
-
-// Whole warp: make `out` (shared) valid, waiting for the host in early mode. One warp of the block polls the
-// host-mapped OutputDesc (its lane 0, bounded like every wait, reported as kWaitHostOutputs); the others wait on
-// `state` in shared memory. Returns false in every lane if the poll failed (timeout or abort).
-__device__ bool resolve_outputs(const DispatchArgs& a, Outputs& out, int& state) {
-  const int lane = lane_id();
-  int st = 0;
-  if (lane == 0) {
-    volatile int* vs = &state;
-    st = *vs;
-    if (st == kOutUnresolved && atomicCAS(&state, kOutUnresolved, kOutPolling) == kOutUnresolved) {
-      const OutputDesc* d = a.out_desc;
-      const uint64_t want = static_cast<uint64_t>(a.out_seq);
-      const bool ok = spin_until(
-          a.env, [&] { return ld_acquire_sys(reinterpret_cast<const uint64_t*>(const_cast<const int64_t*>(&d->seq))); },
-          [&](uint64_t v) { return v == want; }, kWaitHostOutputs, -1, -1, a.out_seq);
-      if (ok) {  // the acquire above orders these reads after the host's writes
-        const volatile OutputDesc* vd = d;
-        out.recv_x = vd->recv_x;
-        out.recv_scales = vd->recv_scales;
-        out.recv_topk_idx = vd->recv_topk_idx;
-        out.recv_topk_weights = vd->recv_topk_weights;
-        out.recv_src_idx = vd->recv_src_idx;
-        out.num_rows = static_cast<int>(vd->num_rows);
-      }
-      __threadfence_block();
-      *vs = ok ? kOutReady : kOutFailed;
-      st = ok ? kOutReady : kOutFailed;
-    }
-    while (st < kOutReady) {  // another warp polls; its wait is bounded, so this one is too
-      __nanosleep(64);
-      st = *vs;
-    }
-    __threadfence_block();
-  }
-  return __shfl_sync(0xffffffffu, st, 0) == kOutReady;
 }
 
 // A token's metadata as the warp's lanes hold it between load and store: scales (lane i holds scales i and
@@ -149,6 +103,15 @@ __device__ __forceinline__ void store_meta(const DispatchArgs& a, const Meta& m,
     store_weight(lane, mine ? m.w : 0.0f);
   }
   if (lane == 0) store_src(token);
+}
+
+// Phase 2 of a split launch: phase 1 pushed the messages and recorded their end in sent[c][dst]; wait for the drain.
+__device__ void run_sender_drain(const DispatchArgs& a, int c, int dst) {
+  Header* self = a.peers.ctrl[a.peers.rank];
+  const uint64_t end = self->sent[c][dst];
+  spin_until(
+      a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
+      kWaitDispatchDrain, dst, c, static_cast<int64_t>(end));
 }
 
 template <int kDepth>
@@ -200,9 +163,11 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
   }
   if (!failed && warp_in_group == 0 && lane == 0) {
     const uint64_t end = base + pos;
-    if (spin_until(
-            a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
-            kWaitDispatchDrain, dst, c, static_cast<int64_t>(end)))
+    if (a.phase == 1)  // the drain is phase 2's (run_sender_drain)
+      self->sent[c][dst] = end;
+    else if (spin_until(
+                 a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
+                 kWaitDispatchDrain, dst, c, static_cast<int64_t>(end)))
       self->sent[c][dst] = end;
   }
 }
@@ -210,13 +175,12 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
 // Copy one message (already in local memory, written by a peer) into output row `row`: metadata loads first,
 // then the row, then the metadata stores.
 template <int kDepth>
-__device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const Outputs& o, const uint8_t* slot,
-                                                    int row) {
+__device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const uint8_t* slot, int row) {
   const DispatchSlot& sl = a.slot;
   const int lane = lane_id();
   const int64_t r = row;
   const int* scales = reinterpret_cast<const int*>(slot + sl.scales_off);
-  const bool has_scales = o.recv_scales != nullptr, has_topk = o.recv_topk_idx != nullptr && lane < a.num_topk;
+  const bool has_scales = a.recv_scales != nullptr, has_topk = a.recv_topk_idx != nullptr && lane < a.num_topk;
   int s0 = 0, s1 = 0, idx = 0, src = 0;
   float w = 0.0f;
   if (has_scales && lane < a.num_scales) s0 = ld_cg(scales + lane);
@@ -225,31 +189,28 @@ __device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const
     idx = ld_cg(reinterpret_cast<const int*>(slot + sl.idx_off) + lane);
     w = ld_cg(reinterpret_cast<const float*>(slot + sl.weights_off) + lane);
   }
-  if (o.recv_src_idx != nullptr && lane == 0) src = ld_cg(reinterpret_cast<const int*>(slot + sl.src_off));
-  warp_copy_v4_batched<kDepth, LoadKind::kL2>(reinterpret_cast<int4*>(o.recv_x + r * sl.row_bytes),
+  if (a.recv_src_idx != nullptr && lane == 0) src = ld_cg(reinterpret_cast<const int*>(slot + sl.src_off));
+  warp_copy_v4_batched<kDepth, LoadKind::kL2>(reinterpret_cast<int4*>(a.recv_x + r * sl.row_bytes),
                                               reinterpret_cast<const int4*>(slot), sl.row_bytes / 16);
   if (has_scales) {
-    int32_t* out = o.recv_scales + r * a.num_scales;
+    int32_t* out = a.recv_scales + r * a.num_scales;
     if (lane < a.num_scales) out[lane] = s0;
     if (lane + 32 < a.num_scales) out[lane + 32] = s1;
     for (int i = lane + 64; i < a.num_scales; i += 32) out[i] = ld_cg(scales + i);
   }
   if (has_topk) {
-    o.recv_topk_idx[r * a.num_topk + lane] = idx;
-    o.recv_topk_weights[r * a.num_topk + lane] = w;
+    a.recv_topk_idx[r * a.num_topk + lane] = idx;
+    a.recv_topk_weights[r * a.num_topk + lane] = w;
   }
-  if (o.recv_src_idx != nullptr && lane == 0) o.recv_src_idx[r] = src;
+  if (a.recv_src_idx != nullptr && lane == 0) a.recv_src_idx[r] = src;
 }
 
-// A row past the outputs: reported (num_worst_tokens too small), unless the host allocated nothing (dropped).
-__device__ void report_overflow(const DispatchArgs& a, const Outputs& o, int row) {
-  if (lane_id() == 0 && o.num_rows >= 0)
-    report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, o.num_rows);
+__device__ void report_overflow(const DispatchArgs& a, int row) {
+  if (lane_id() == 0) report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, a.num_rows);
 }
 
 template <int kDepth>
-__device__ void run_receiver(const DispatchArgs& a, Outputs& o, int& o_state, int c, int src, int group,
-                             int group_warps, int warp_in_group) {
+__device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, int group_warps, int warp_in_group) {
   const int rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   Header* self = a.peers.ctrl[rank];
   Header* remote = a.peers.ctrl[src];
@@ -261,7 +222,7 @@ __device__ void run_receiver(const DispatchArgs& a, Outputs& o, int& o_state, in
   const int bar = 1 + group, bar_threads = group_warps * 32;
   const uint64_t base = self->consumed[c][src];
   uint64_t tail = 0;
-  bool failed = false, have_out = false;
+  bool failed = false;
   for (int r0 = 0; r0 < n; r0 += round) {
     const int m_count = min(round, n - r0);
     for (int k = warp_in_group; k < m_count; k += group_warps) {
@@ -279,13 +240,9 @@ __device__ void run_receiver(const DispatchArgs& a, Outputs& o, int& o_state, in
         }
         tail = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(&self->tail[c][src]) : 0ull, 0);
       }
-      if (!have_out && !(have_out = resolve_outputs(a, o, o_state))) {
-        failed = true;
-        break;
-      }
       const int row = row0 + r0 + k;
-      if (row < o.num_rows) store_row_from_slot<kDepth>(a, o, queue + (m % Q) * a.slot.slot_bytes, row);
-      else report_overflow(a, o, row);
+      if (row < a.num_rows) store_row_from_slot<kDepth>(a, queue + (m % Q) * a.slot.slot_bytes, row);
+      else if (a.num_rows >= 0) report_overflow(a, row);  // num_rows -1: no outputs, the row is dropped
     }
     // All reads of this round's slots happen before the barrier; the release then frees the slots.
     failed = named_barrier_or(bar, bar_threads, failed || aborted(a.env));
@@ -300,15 +257,14 @@ __device__ void run_receiver(const DispatchArgs& a, Outputs& o, int& o_state, in
 // alone): group `part` takes j % parts == part, and its warp w the j with (j / parts) % group_warps == w. Only the
 // receiver block's group (`write_head`) records send_head.
 template <int kDepth>
-__device__ void run_local_copy(const DispatchArgs& a, Outputs& o, int& o_state, int c, int t0, int t1, int part,
-                               int parts, int group_warps, int warp_in_group, bool write_head) {
+__device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int part, int parts, int group_warps,
+                               int warp_in_group, bool write_head) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, lane = lane_id();
   const int row_bytes = a.slot.row_bytes;
   const int cycle = parts * group_warps, mine = part + parts * warp_in_group;
   int row0, n;
   source_channel_rows(a, rank, c, row0, n);
   int pos = 0;
-  bool have_out = false;
   for (int w0 = t0; w0 < t1; w0 += 32) {
     const int t = w0 + lane;
     const bool valid = t < t1;
@@ -320,21 +276,20 @@ __device__ void run_local_copy(const DispatchArgs& a, Outputs& o, int& o_state, 
     for (int k = ((mine - pos) % cycle + cycle) % cycle; k < n_msgs; k += cycle) {
       const int token = w0 + nth_set_bit(mask, k);
       const int64_t row = row0 + pos + k;
-      if (!have_out && !(have_out = resolve_outputs(a, o, o_state))) return;  // reported; the kernel aborts
-      if (row >= o.num_rows) {
-        report_overflow(a, o, static_cast<int>(row));
+      if (row >= a.num_rows) {
+        if (a.num_rows >= 0) report_overflow(a, static_cast<int>(row));  // else no outputs: dropped
         continue;
       }
       const Meta meta = load_meta(a, token);
       warp_copy_v4_batched<kDepth, LoadKind::kNonCoherent>(
-          reinterpret_cast<int4*>(o.recv_x + row * row_bytes),
+          reinterpret_cast<int4*>(a.recv_x + row * row_bytes),
           reinterpret_cast<const int4*>(a.x + static_cast<int64_t>(token) * row_bytes), row_bytes / 16);
       store_meta(
-          a, meta, token, rank, [&](int i, int32_t v) { o.recv_scales[row * a.num_scales + i] = v; },
-          [&](int k2, int v) { o.recv_topk_idx[row * a.num_topk + k2] = v; },
-          [&](int k2, float v) { o.recv_topk_weights[row * a.num_topk + k2] = v; },
+          a, meta, token, rank, [&](int i, int32_t v) { a.recv_scales[row * a.num_scales + i] = v; },
+          [&](int k2, int v) { a.recv_topk_idx[row * a.num_topk + k2] = v; },
+          [&](int k2, float v) { a.recv_topk_weights[row * a.num_topk + k2] = v; },
           [&](int v) {
-            if (o.recv_src_idx != nullptr) o.recv_src_idx[row] = v;
+            if (a.recv_src_idx != nullptr) a.recv_src_idx[row] = v;
           });
     }
     pos += n_msgs;
@@ -359,15 +314,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
   const int group_warps = R > 1 ? (kNumWarps - local_warps) / (R - 1) : 0;
   const int group = group_warps > 0 ? warp / group_warps : R;
   const int local_first = kNumWarps - local_warps;
-  __shared__ Outputs out;
-  __shared__ int out_state;
-  if (threadIdx.x == 0) {
-    out = Outputs{a.recv_x, a.recv_scales, a.recv_topk_idx, a.recv_topk_weights, a.recv_src_idx, a.num_rows};
-    out_state = a.out_desc == nullptr ? kOutReady : kOutUnresolved;
-  }
-  __syncthreads();
 
-  if (!is_sender && a.worst_mode) {  // never early (num_worst_tokens fixes the outputs before the launch)
+  if (!is_sender && a.worst_mode) {
     // Rows past the received count, as the reference and internode paths pad them: data, scales and top-k
     // weights 0, top-k ids -1 (contract), source index -1. Spread over the receiver blocks; the padding's bytes
     // are written once (no read), so the cost follows the padding, not num_worst_tokens.
@@ -388,15 +336,22 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
     if (a.recv_src_idx != nullptr)
       for (int64_t i = first + tid; i < rows; i += stride) a.recv_src_idx[i] = -1;
   }
+  if (a.phase == 1 && (!is_sender || warp >= local_first || aborted(a.env)))
+    return;  // phase 1 is the remote sends alone (and none after a failed notify: its matrices are not written)
   if (warp >= local_first) {
     const int parts = a.local_split ? 2 : 1, part = a.local_split && !is_sender ? 1 : 0;
-    run_local_copy<kDepth>(a, out, out_state, c, t0, t1, part, parts, local_warps, warp - local_first, !is_sender);
+    run_local_copy<kDepth>(a, c, t0, t1, part, parts, local_warps, warp - local_first, !is_sender);
     return;
   }
   if (group >= R - 1) return;  // warps left over by an uneven split
   const int peer = group < rank ? group : group + 1;
-  if (is_sender) run_sender<kDepth>(a, c, t0, t1, peer, group, group_warps, warp % group_warps);
-  else run_receiver<kDepth>(a, out, out_state, c, peer, group, group_warps, warp % group_warps);
+  if (is_sender && a.phase == 2) {
+    if (warp % group_warps == 0 && lane_id() == 0) run_sender_drain(a, c, peer);
+  } else if (is_sender) {
+    run_sender<kDepth>(a, c, t0, t1, peer, group, group_warps, warp % group_warps);
+  } else {
+    run_receiver<kDepth>(a, c, peer, group, group_warps, warp % group_warps);
+  }
 }
 
 }  // namespace

@@ -55,8 +55,9 @@ void check_cuda(cudaError_t e, const char* what) {
 //   DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT  1 (default): sender and receiver blocks share the copy of this rank's own
 //                                       tokens; 0: the receiver blocks copy them all
 //   DEEPEP_PLUGIN_COPY_DEPTH            8 (default) or 4: 16-byte loads in flight per lane in dispatch's row copies
-//   DEEPEP_PLUGIN_EARLY_DISPATCH        1: a fresh dispatch without num_worst_tokens enqueues its kernel before
-//                                       the host reads the receive count (dispatch_fresh); 0 (default): after
+//   DEEPEP_PLUGIN_EARLY_DISPATCH        1: a fresh dispatch without num_worst_tokens whose sends fit in the queues
+//                                       enqueues its senders before the host reads the receive count and the rest
+//                                       after (dispatch.cu: split launch); 0 (default): one launch after the read
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
@@ -98,7 +99,6 @@ struct HostPage {
   Mailbox mailbox;
   int64_t pad[8];
   int64_t counters[2 + kMaxLocalExperts];  // [0] ready, [1] n_recv, [2 + e] tokens of local expert e
-  OutputDesc out;                          // an early dispatch's outputs (api.h)
 };
 
 // Status of a fresh dispatch's wait for the receive counts (the last element of dispatch_fresh's result).
@@ -245,10 +245,12 @@ class Runtime {
     const int E_loc = static_cast<int>(E / R);
     const DispatchSlot slot = check_dispatch(x, x_scales, topk_idx, C, queue_tokens);
     const bool worst = num_worst_tokens > 0;
-    if (!worst) {
+    const cudaStream_t current = c10::cuda::getCurrentCUDAStream(device_).stream();
+    if (!worst && current != nullptr && current != cudaStreamLegacy) {
+      // (The legacy stream never captures, and asking about it while another stream captures would break that
+      // capture: stream_order.h.)
       cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-      check_cuda(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device_).stream(), &capturing),
-                 "cudaStreamIsCapturing");
+      check_cuda(cudaStreamIsCapturing(current, &capturing), "cudaStreamIsCapturing");
       if (capturing != cudaStreamCaptureStatusNone)
         throw InputError("dispatch: a non-cached dispatch without num_worst_tokens reads the receive count on the "
                          "host, which a CUDA graph capture cannot do; pass num_worst_tokens (or a handle) to capture");
@@ -284,27 +286,22 @@ class Runtime {
     }
     check_cuda(launch_notify(n, stream), "notify kernel launch");
 
-    // Early dispatch: enqueue the kernel now, with its outputs to come through the host page (api.h: OutputDesc),
-    // so that on the GPU it follows notify at once and its senders fill the queues while the host reads the count.
-    // The outputs are allocated after the launch. That is safe for the caching allocator because nothing else is
-    // enqueued on this stream in between: the count wait below keeps the GIL in this mode (as DeepEP's does), so
-    // no Python thread runs until the outputs are published.
-    const bool early = !worst && dispatch_tuning().early;
-    const int64_t seq = early ? ++out_seq_ : 0;
-    if (early)
+    // Split launch (dispatch.cu's header): when every channel's sends fit in its queue, the senders' phase is
+    // enqueued now, so the NVLink pushes run while the host reads the count and allocates; the rest follows.
+    const bool split = !worst && dispatch_tuning().early && (T + C - 1) / C <= queue_tokens;
+    if (split)
       launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
                              std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
-                             queue_tokens, E_loc, false, timeout_s, stream, &host_dev_->out, seq);
+                             queue_tokens, E_loc, false, timeout_s, stream, /*phase=*/1);
+    const int phase = split ? 2 : 0;
 
     int64_t rows = num_worst_tokens;
     py::list per_expert;
     if (!worst) {
-      const int status = wait_recv_counts(2.0 * timeout_s + 1.0, /*keep_gil=*/early);
-      if (status != kWaitOk) {
-        if (early) publish_outputs(seq, nullptr);  // the kernel drops its rows instead of waiting
-        return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(), py::none(), py::none(),
-                              py::none(), py::none(), py::none(), status);
-      }
+      const int status = wait_recv_counts(2.0 * timeout_s + 1.0);
+      if (status != kWaitOk) return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(),
+                                                   py::none(), py::none(), py::none(), py::none(), py::none(),
+                                                   status);
       const volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
       rows = c[1];
       for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
@@ -320,29 +317,16 @@ class Runtime {
       }
       recv_src_idx = at::empty({rows}, ints);
     } catch (...) {
-      // The peers' dispatch goes on regardless: this rank's kernel consumes and drops every row (it has no outputs),
-      // so theirs complete and the queues stay in step; then the allocator's error is raised here.
-      if (early) publish_outputs(seq, nullptr);
-      else
-        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
-                               recv_channel_prefix, std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr,
-                               &send_head, slot, C, queue_tokens, E_loc, false, timeout_s, stream);
+      // The peers' dispatch goes on regardless: this rank's kernel consumes and drops every row (it has no
+      // outputs), so theirs complete and the queues stay in step; then the allocator's error is raised here.
+      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
+                             std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
+                             queue_tokens, E_loc, false, timeout_s, stream, phase);
       throw;
     }
-    if (early) {
-      OutputDesc d{};
-      d.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
-      d.recv_scales = ptr_or_null<int32_t>(recv_scales);
-      d.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
-      d.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
-      d.recv_src_idx = recv_src_idx.data_ptr<int>();
-      d.num_rows = rows;
-      publish_outputs(seq, &d);
-    } else {
-      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
-                             recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
-                             queue_tokens, E_loc, worst, timeout_s, stream);
-    }
+    launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
+                           recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
+                           queue_tokens, E_loc, worst, timeout_s, stream, phase);
     const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
     return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
                           rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
@@ -504,28 +488,13 @@ class Runtime {
     return slot;
   }
 
-  // Hand an early dispatch its outputs (`d`), or, with `d` null, tell it to drop every row: the fields first,
-  // then the sequence number the kernel waits for (x86 keeps stores in order; the fence keeps the compiler's).
-  void publish_outputs(int64_t seq, const OutputDesc* d) {
-    OutputDesc* out = &host_->out;
-    out->recv_x = d != nullptr ? d->recv_x : nullptr;
-    out->recv_scales = d != nullptr ? d->recv_scales : nullptr;
-    out->recv_topk_idx = d != nullptr ? d->recv_topk_idx : nullptr;
-    out->recv_topk_weights = d != nullptr ? d->recv_topk_weights : nullptr;
-    out->recv_src_idx = d != nullptr ? d->recv_src_idx : nullptr;
-    out->num_rows = d != nullptr ? d->num_rows : -1;
-    std::atomic_thread_fence(std::memory_order_release);
-    out->seq = seq;
-  }
-
-  // Wait (GIL released unless keep_gil) until the notify kernel published the receive counts: kWaitOk, kWaitHostTimeout, or
+  // Wait (GIL released) until the notify kernel published the receive counts: kWaitOk, kWaitHostTimeout, or
   // kWaitKernelTimeout when a kernel of this rank reported a timeout (a bad-id or overflow report does not stop
   // the wait: the collective goes on and Python raises the report after the dispatch is enqueued).
-  int wait_recv_counts(double timeout_s, bool keep_gil) {
+  int wait_recv_counts(double timeout_s) {
     ++host_waits_;
     int status = kWaitHostTimeout;
-    std::optional<py::gil_scoped_release> release;
-    if (!keep_gil) release.emplace();
+    py::gil_scoped_release release;
     volatile int64_t* ready = reinterpret_cast<volatile int64_t*>(host_->counters);
     const auto start = std::chrono::steady_clock::now();
     for (uint64_t it = 0;; ++it) {
@@ -550,7 +519,8 @@ class Runtime {
     return status;
   }
 
-  // The outputs are the recv_* tensors, or, with `out_desc` (early dispatch), come later through the host page.
+  // The outputs are the recv_* tensors; without them (recv_x absent) every row is consumed and dropped. `phase`:
+  // DispatchArgs::phase.
   void launch_dispatch_kernel(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                               const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
                               const at::Tensor& is_token_in_rank, const at::Tensor& rank_prefix,
@@ -559,8 +529,7 @@ class Runtime {
                               const std::optional<at::Tensor>& recv_topk_idx,
                               const std::optional<at::Tensor>& recv_topk_weights, at::Tensor* recv_src_idx,
                               at::Tensor* send_head, const DispatchSlot& slot, int C, int Q, int num_local_experts,
-                              bool worst, double timeout_s, cudaStream_t stream,
-                              const OutputDesc* out_desc = nullptr, int64_t out_seq = 0) {
+                              bool worst, double timeout_s, cudaStream_t stream, int phase = 0) {
     DispatchArgs a{};
     a.peers = peers();
     a.env = env(timeout_s);
@@ -588,8 +557,7 @@ class Runtime {
     a.send_head = send_head != nullptr ? send_head->data_ptr<int>() : nullptr;
     a.num_rows = recv_x.has_value() ? static_cast<int>(recv_x->size(0)) : -1;  // -1: no outputs, rows dropped
     a.worst_mode = worst ? 1 : 0;
-    a.out_desc = out_desc;
-    a.out_seq = out_seq;
+    a.phase = phase;
     const DispatchTuning& tuning = dispatch_tuning();
     a.local_split = tuning.local_split;
     a.copy_depth = tuning.copy_depth;
@@ -627,7 +595,6 @@ class Runtime {
   HostPage* host_dev_ = nullptr;
   StreamOrder order_;  // the stream of the previous call (call_stream)
   int64_t host_waits_ = 0;
-  int64_t out_seq_ = 0;  // the last early dispatch's OutputDesc sequence number
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];
   bool opened_ = false;

@@ -6,6 +6,7 @@ every process uses GPU ``rank % device_count`` (the tests run 2 and 4 processes 
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -22,9 +23,18 @@ def _config(num_sms: int, queue_tokens: int) -> Config:
     return Config(num_sms, min(6, queue_tokens - 1), queue_tokens)
 
 
+_TUNING_ENV = {"DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT": "local_split", "DEEPEP_PLUGIN_COPY_DEPTH": "copy_depth",
+               "DEEPEP_PLUGIN_EARLY_DISPATCH": "early_dispatch"}
+
+
 def _runtime(rank: int, R: int, cfg: Config, hidden_bytes: int, timeout_s: float = 20.0) -> IntranodeRuntime:
     nbytes = cfg.get_nvl_buffer_size_hint(hidden_bytes, R)
-    return IntranodeRuntime(dist.group.WORLD, rank, R, nbytes, take_device(rank), timeout_s)
+    rt = IntranodeRuntime(dist.group.WORLD, rank, R, nbytes, take_device(rank), timeout_s)
+    tuning = rt._ext.dispatch_tuning()  # a test of a tuning must run it: the environment reached the extension
+    for var, key in _TUNING_ENV.items():
+        if os.environ.get(var):
+            assert tuning[key] == int(os.environ[var]), f"{var}={os.environ[var]} but the kernels run {tuning}"
+    return rt
 
 
 def _check_handle(handle, exp, where: str) -> None:
@@ -291,48 +301,65 @@ def reference_match_worker(rank: int, R: int, *, seed: int, num_tokens: int, hid
 
 
 def failed_output_allocation_worker(rank: int, R: int, *, seed: int, num_tokens: int, hidden: int,
-                                    num_experts: int, topk: int) -> None:
-    """Rank 0 cannot allocate a fresh dispatch's outputs (its allocator is capped below recv_x's size): it raises
-    the allocator's error, its kernel (enqueued before the count read) drops the rows it receives, the other ranks get
-    their exact outputs, and the next dispatch and combine on the same buffer are exact everywhere. Then a
-    count-reading dispatch is refused inside a CUDA-graph capture, before it enqueues anything."""
+                                    num_experts: int, topk: int, queue_tokens: int) -> None:
+    """Rank 0's allocator under pressure while a fresh dispatch allocates its outputs (after the count read, with the
+    senders' phase possibly already running: DEEPEP_PLUGIN_EARLY_DISPATCH):
+
+    0. capped below recv_x's size: rank 0 raises the allocator's error, its kernel drops the rows it receives, the
+       other ranks get their exact outputs;
+    1. capped so that the allocator must free its cache (cudaFree, which waits for the device) and retry: the
+       allocation succeeds, nothing waits on the host from the GPU, so nothing hangs;
+    2. uncapped; combine after each successful round is exact everywhere.
+
+    Then a count-reading dispatch is refused inside a CUDA-graph capture, before it enqueues anything."""
     from deepep_plugin.errors import DeepEPInputError
 
-    cfg = _config(8, 32)
+    cfg = _config(8, queue_tokens)
     rt = _runtime(rank, R, cfg, hidden * 2)
     dev = torch.cuda.current_device()
-    for it in range(2):
+    total = torch.cuda.get_device_properties(dev).total_memory
+    for it in range(3):
         inputs = [make_inputs(seed + it, r, R, num_tokens, hidden, num_experts, topk) for r in range(R)]
         exp = expected_dispatch(inputs, rank, num_experts, cfg.num_channels)
         own = inputs[rank]
         x, idx, wts = own.x.cuda(), own.topk_idx.cuda(), own.topk_weights.cuda()
         lay = rt.get_dispatch_layout(idx, num_experts)
         torch.cuda.synchronize()
-        capped = it == 0 and rank == 0
+        capped = it < 2 and rank == 0
+        retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
         if capped:
-            assert exp.recv_x.numel() * 2 > (8 << 20), "the case must need more than the cap leaves"
+            need = exp.recv_x.numel() * 2
+            assert need > (16 << 20), f"the case must need more than the caps leave, recv_x has {need} bytes"
             torch.cuda.empty_cache()
-            total = torch.cuda.get_device_properties(dev).total_memory
-            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (4 << 20)) / total, dev)
+            if it == 0:
+                headroom = 4 << 20
+            else:  # a free 12 MiB segment in the cache, too small for recv_x: it must be released to make room
+                torch.empty(12 << 20, dtype=torch.uint8, device=dev)
+                headroom = need - (12 << 20) + (6 << 20)
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + headroom) / total, dev)
         try:
             res = rt.dispatch(x, None, None, lay, idx, wts, 1, 0, cfg)
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            assert capped and "out of memory" in str(e).lower(), f"rank {rank}: unexpected error {e!r}"
+            assert capped and it == 0 and "out of memory" in str(e).lower(), f"rank {rank}: unexpected error {e!r}"
             res = None
         finally:
             if capped:
                 torch.cuda.set_per_process_memory_fraction(1.0, dev)
-        assert (res is None) == capped, f"rank {rank}, iteration {it}: the capped allocation did not fail"
+        where = f"rank {rank}, round {it}"
+        assert (res is None) == (capped and it == 0), f"{where}: the allocation should fail only in round 0"
+        if capped and it == 1:
+            assert torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) > retries, (
+                f"{where}: the allocator did not have to free its cache (the case does not test that path)")
         if res is not None:
-            assert torch.equal(bits(res.recv_x), bits(exp.recv_x)), f"rank {rank}, iteration {it}: recv_x differs"
+            assert torch.equal(bits(res.recv_x), bits(exp.recv_x)), f"{where}: recv_x differs"
             assert res.num_recv_tokens_per_expert_list == exp.per_expert
-            _check_handle(res.handle, exp, f"rank {rank}, iteration {it}")
-        if it == 1:  # combine is collective: every rank has a handle only after the uncapped dispatch
+            _check_handle(res.handle, exp, where)
+        if it >= 1:  # combine is collective: every rank has a handle once no dispatch failed
             y = torch.ones(res.recv_x.size(0), hidden, dtype=torch.bfloat16, device="cuda")
             out = rt.combine(y, res.handle, None, None, None, cfg)
             holders = exp.is_token_in_rank.sum(1).float()  # each copy adds 1.0: exact in BF16
             assert torch.equal(out.combined_x.float().cpu(), holders[:, None].expand(-1, hidden)), (
-                f"rank {rank}: combine after the failed dispatch differs")
+                f"{where}: combine differs")
         torch.cuda.synchronize()
         rt.check_error()
         dist.barrier()
@@ -345,16 +372,16 @@ def failed_output_allocation_worker(rank: int, R: int, *, seed: int, num_tokens:
     graph = torch.cuda.CUDAGraph()
     refused = False
     with torch.cuda.stream(stream):
+        graph.capture_begin()
         try:
-            graph.capture_begin()
+            rt.dispatch(x, None, None, lay, idx, wts, 1, 0, cfg)
+        except DeepEPInputError as e:
+            refused = "num_worst_tokens" in str(e)
+        finally:
             try:
-                rt.dispatch(x, None, None, lay, idx, wts, 1, 0, cfg)
-            except DeepEPInputError as e:
-                refused = "num_worst_tokens" in str(e)
-            finally:
                 graph.capture_end()
-        except RuntimeError:
-            pass  # ending an emptied capture may complain; the refusal is what is checked
+            except RuntimeError:
+                pass  # ending an empty capture may complain; the refusal is what is checked
     assert refused, f"rank {rank}: a count-reading dispatch was captured"
     torch.cuda.synchronize()
     dist.barrier()

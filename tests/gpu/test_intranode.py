@@ -68,24 +68,25 @@ def test_dispatch_tuning_variants(world_size: int, split: str, depth: str, monke
                     topk=8, num_sms=6, queue_tokens=16, fp8=True, **SPAWN)
 
 
+@pytest.mark.parametrize("queue_tokens", [128, 64], ids=["all-split", "mixed"])
 @pytest.mark.parametrize("world_size", [2, 3], ids="{}-ranks".format)
-def test_early_dispatch(world_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # DEEPEP_PLUGIN_EARLY_DISPATCH=1: the kernel is enqueued before the host reads the count and gets its outputs
-    # through the host page; a shallow queue (the senders fill it while the host waits), BF16 and FP8 with 65
-    # scales, a rank with no tokens at 3 ranks, three rounds on one buffer.
+def test_early_dispatch(world_size: int, queue_tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DEEPEP_PLUGIN_EARLY_DISPATCH=1: a rank whose sends fit in its queues (ceil(T / 3 channels) <= Q) runs its
+    # senders before the count read and the rest after; with Q = 64 rank 0 (170 tokens) splits and rank 1 (207) does
+    # not. BF16 and FP8 with 65 scales, a rank with no tokens at 3 ranks, three rounds on one buffer.
     monkeypatch.setenv("DEEPEP_PLUGIN_EARLY_DISPATCH", "1")
     for fp8 in (False, True):
         run_distributed(w.dispatch_combine_worker, world_size, seed=26, num_tokens=170, hidden=8320, num_experts=24,
-                        topk=8, num_sms=6, queue_tokens=16, fp8=fp8, repeats=3, **SPAWN)
+                        topk=8, num_sms=6, queue_tokens=queue_tokens, fp8=fp8, repeats=3, **SPAWN)
 
 
-@pytest.mark.parametrize("early", ["0", "1"], ids=["after-count", "early"])
+@pytest.mark.parametrize("early,queue_tokens", [("0", 32), ("1", 256)], ids=["one-launch", "split"])
 @pytest.mark.parametrize("world_size", [2, 3], ids="{}-ranks".format)
-def test_failed_output_allocation_keeps_the_buffer_in_step(world_size: int, early: str,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_allocation_under_memory_pressure_keeps_the_buffer_in_step(world_size: int, early: str, queue_tokens: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPEP_PLUGIN_EARLY_DISPATCH", early)
     run_distributed(w.failed_output_allocation_worker, world_size, seed=27, num_tokens=700, hidden=7168,
-                    num_experts=32, topk=8, **SPAWN)
+                    num_experts=32, topk=8, queue_tokens=queue_tokens, **SPAWN)
 
 
 def test_fp8_with_more_scales_than_registers_hold_three_ranks() -> None:
