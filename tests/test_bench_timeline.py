@@ -53,6 +53,19 @@ def test_per_step_numbers_and_cross_rank_skew() -> None:
     assert summary["count_gap_us"] == 20.0
 
 
+def test_split_launch_dispatch_counts_both_kernels() -> None:
+    trace = _trace(0)
+    for i in range(4):  # a second dispatch kernel per step: phase 1 at once after notify, phase 2 after the count read
+        t0 = 1000.0 * i
+        trace["cpu"].append(["cudaLaunchKernel", t0 + 40, 3.0, 10 * i + 5])
+        trace["gpu"].append(["dispatch_kernel<8>(DispatchArgs)", t0 + 61, 6.0, 10 * i + 5])
+    trace["cpu"].sort(key=lambda t: t[1])
+    trace["gpu"].sort(key=lambda t: t[1])
+    s = rank_steps(trace)[1]
+    assert s["gpu_dispatch_us"] == 36.0 and s["count_gap_us"] == 1.0 and s["split_gap_us"] == 13.0
+    assert s["launch_to_start_dispatch_us"] == 21.0
+
+
 def test_command_reads_a_trace_dir(tmp_path, capsys) -> None:
     for lib in ("deepep_plugin", "deep_ep"):
         for rank in range(2):

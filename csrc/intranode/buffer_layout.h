@@ -18,9 +18,10 @@
 //   s.sent[c][d]      s's own copy of tail, read at kernel start, written at kernel end
 //   d.consumed[c][s]  d's own copy of head, likewise
 // Message number m of a stream lives in slot m % Q. A sender may write message m once head > m - Q; a
-// receiver may read message m once tail > m. Every kernel drains its streams before it ends (senders wait
-// until head == tail), so between kernels every queue is empty: the next call may use another slot size,
-// queue depth or channel count, and no barrier or cleanup pass is needed between calls.
+// receiver may read message m once tail > m. Every call drains its streams before its last kernel ends (senders
+// wait until head == tail; a split-launch dispatch's first kernel leaves that to its second, dispatch.cu), so
+// between calls every queue is empty: the next call may use another slot size, queue depth or channel count, and
+// no barrier or cleanup pass is needed between calls.
 //
 // Plain C++ shared by host and device code.
 #pragma once

@@ -34,8 +34,8 @@
 // without waiting for the drain. Phase 2, enqueued once the host has allocated the outputs, runs the rest: the
 // receivers, the local copies and the senders' drain. No kernel ever waits on the host, so a host call that
 // synchronises the device in between (the caching allocator freeing its cache under memory pressure) cannot hang.
-// At the end each sender waits until its streams are drained (head == tail), so queues are empty between
-// kernels (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the whole group
+// At the end each sender waits until its streams are drained (head == tail; in phase 2 for a split launch), so
+// queues are empty between calls (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the whole group
 // leave its loop at the next barrier.
 #include <cuda_runtime.h>
 
@@ -336,8 +336,12 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
     if (a.recv_src_idx != nullptr)
       for (int64_t i = first + tid; i < rows; i += stride) a.recv_src_idx[i] = -1;
   }
-  if (a.phase == 1 && (!is_sender || warp >= local_first || aborted(a.env)))
-    return;  // phase 1 is the remote sends alone (and none after a failed notify: its matrices are not written)
+  if (a.phase == 1) {  // the remote sends alone, and none after a failed notify (its matrices are not written)
+    __shared__ int leave;  // read once for the block: warps of one group must agree (they meet at named barriers)
+    if (threadIdx.x == 0) leave = aborted(a.env);
+    __syncthreads();
+    if (!is_sender || warp >= local_first || leave) return;
+  }
   if (warp >= local_first) {
     const int parts = a.local_split ? 2 : 1, part = a.local_split && !is_sender ? 1 : 0;
     run_local_copy<kDepth>(a, c, t0, t1, part, parts, local_warps, warp - local_first, !is_sender);

@@ -194,6 +194,8 @@ class Runtime {
 
   // Host waits on the GPU this runtime made (fresh dispatches without num_worst_tokens), for tests.
   int64_t host_waits() const { return host_waits_; }
+  // Fresh dispatches run as a split launch (DEEPEP_PLUGIN_EARLY_DISPATCH=1 and the sends fit), for tests.
+  int64_t split_launches() const { return split_launches_; }
 
   // --- layout --------------------------------------------------------------------------------------------
   // (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool).
@@ -288,7 +290,10 @@ class Runtime {
 
     // Split launch (dispatch.cu's header): when every channel's sends fit in its queue, the senders' phase is
     // enqueued now, so the NVLink pushes run while the host reads the count and allocates; the rest follows.
-    const bool split = !worst && dispatch_tuning().early && (T + C - 1) / C <= queue_tokens;
+    // (After a host timeout of the count read, phase 1 may still push into the peers' queues once notify ends; the
+    // buffer is declared broken then, and destroy() waits for it: phase 1 itself never waits.)
+    const bool split = !worst && dispatch_tuning().early && R > 1 && T > 0 && (T + C - 1) / C <= queue_tokens;
+    split_launches_ += split ? 1 : 0;
     if (split)
       launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
                              std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
@@ -319,9 +324,12 @@ class Runtime {
     } catch (...) {
       // The peers' dispatch goes on regardless: this rank's kernel consumes and drops every row (it has no
       // outputs), so theirs complete and the queues stay in step; then the allocator's error is raised here.
-      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
-                             std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
-                             queue_tokens, E_loc, false, timeout_s, stream, phase);
+      try {
+        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
+                               recv_channel_prefix, std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr,
+                               &send_head, slot, C, queue_tokens, E_loc, false, timeout_s, stream, phase);
+      } catch (...) {  // the allocator's error is the one to report; the peers then time out
+      }
       throw;
     }
     launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
@@ -595,6 +603,7 @@ class Runtime {
   HostPage* host_dev_ = nullptr;
   StreamOrder order_;  // the stream of the previous call (call_stream)
   int64_t host_waits_ = 0;
+  int64_t split_launches_ = 0;
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];
   bool opened_ = false;
@@ -619,6 +628,7 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("destroyed", &Runtime::destroyed)
       .def("local_buffer", &Runtime::local_buffer)
       .def("host_waits", &Runtime::host_waits)
+      .def("split_launches", &Runtime::split_launches)
       .def("layout", &Runtime::layout)
       .def("dispatch_fresh", &Runtime::dispatch_fresh)
       .def("dispatch_cached", &Runtime::dispatch_cached)

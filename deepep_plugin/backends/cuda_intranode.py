@@ -248,6 +248,11 @@ class IntranodeRuntime:
         """How many times this runtime waited on the host for the GPU (the fresh dispatches' count reads)."""
         return int(self._rt.host_waits())
 
+    def split_launches(self) -> int:
+        """How many fresh dispatches ran as a split launch (``DEEPEP_PLUGIN_EARLY_DISPATCH=1``, csrc/intranode/
+        dispatch.cu): the senders enqueued before the count read, the rest after."""
+        return int(self._rt.split_launches())
+
     # ------------------------------------------------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._destroyed:

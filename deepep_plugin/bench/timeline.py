@@ -12,7 +12,9 @@ left out) of:
 * GPU us of each kernel class (layout, notify, dispatch, combine; DeepEP's ``cached_notify_combine`` counts as
   ``notify_combine``);
 * ``count_gap``: GPU time between the end of notify and the start of dispatch on a rank (the receive-count read on
-  the host, the allocation and the launch: what an early dispatch launch removes);
+  the host, the allocation and the launch); with a split launch (``DEEPEP_PLUGIN_EARLY_DISPATCH=1``) the senders'
+  part starts at once, and ``split_gap`` is the GPU time between the end of that part and the start of the rest;
+  a class's kernel us is then the sum of its kernels;
 * ``launch_to_start`` of dispatch: from its launch call to its start on the GPU (the queue ahead of it);
 * ``notify_start_skew`` / ``notify_end_skew``: how far apart the ranks start and end their notify (a late rank makes
   the others wait inside it).
@@ -64,18 +66,25 @@ def rank_steps(trace: dict[str, list[list[Any]]]) -> list[dict[str, float]]:
     launch_at = {corr: start for name, start, _dur, corr in cpu if not name.startswith("step::")}
     starts = [s["layout"][0] for s in steps]
     out: list[dict[str, float]] = [{} for _ in steps]
+    # Per step and class, its kernels in start order: (launch, start, end). A split-launch dispatch has two.
+    kernels: list[dict[str, list[tuple[float, float, float]]]] = [{} for _ in steps]
     for name, start, dur, corr in gpu:
         kind = kernel_kind(name)
         launched = launch_at.get(corr)
         if kind is None or launched is None:
             continue
         i = max((k for k, s in enumerate(starts) if s <= launched), default=None)
-        if i is None or f"t_{kind}_start" in out[i]:
-            continue  # the first kernel of its kind in the step
-        out[i][f"t_{kind}_start"] = start
-        out[i][f"t_{kind}_end"] = start + dur
-        out[i][f"gpu_{kind}_us"] = dur
-        out[i][f"launch_to_start_{kind}_us"] = start - launched
+        if i is not None:
+            kernels[i].setdefault(kind, []).append((launched, start, start + dur))
+    for i, by_kind in enumerate(kernels):
+        for kind, ks in by_kind.items():
+            ks.sort(key=lambda k: k[1])
+            out[i][f"t_{kind}_start"] = ks[0][1]
+            out[i][f"t_{kind}_end"] = ks[-1][2]
+            out[i][f"gpu_{kind}_us"] = sum(end - start for _, start, end in ks)
+            out[i][f"launch_to_start_{kind}_us"] = ks[0][1] - ks[0][0]
+            if kind == "dispatch" and len(ks) > 1:  # split launch: the GPU idle before the second part
+                out[i]["split_gap_us"] = ks[1][1] - ks[0][2]
     for i, s in enumerate(steps):
         row = out[i]
         for part in ("layout", "dispatch", "combine"):
@@ -128,7 +137,8 @@ def load(directory: str) -> dict[tuple[str, int, int, int], dict[int, dict[str, 
 
 
 _COLUMNS = ("host_period_us", "gpu_period_us", "host_layout_us", "host_dispatch_us", "host_combine_us",
-            "gpu_notify_us", "gpu_dispatch_us", "gpu_combine_us", "count_gap_us", "launch_to_start_dispatch_us",
+            "gpu_notify_us", "gpu_dispatch_us", "gpu_combine_us", "count_gap_us", "split_gap_us",
+            "launch_to_start_dispatch_us",
             "notify_start_skew_us", "notify_end_skew_us")
 
 

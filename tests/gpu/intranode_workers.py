@@ -37,6 +37,12 @@ def _runtime(rank: int, R: int, cfg: Config, hidden_bytes: int, timeout_s: float
     return rt
 
 
+def _expect_split(R: int, T: int, C: int, Q: int) -> int:
+    """1 if a fresh dispatch of T tokens must run as a split launch here (runtime.cpp: dispatch_fresh), else 0."""
+    early = os.environ.get("DEEPEP_PLUGIN_EARLY_DISPATCH") == "1"
+    return int(early and R > 1 and T > 0 and -(-T // C) <= Q)
+
+
 def _check_handle(handle, exp, where: str) -> None:
     names = ["rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
              "is_token_in_rank", "send_head"]
@@ -70,6 +76,7 @@ def dispatch_combine_worker(rank: int, R: int, *, seed: int, num_tokens: int, hi
     cfg = _config(num_sms, queue_tokens)
     C = cfg.num_channels
     rt = _runtime(rank, R, cfg, hidden * 2)
+    splits = 0
     for it in range(repeats):
         s = seed + 101 * it
         inputs = [make_inputs(s, r, R, num_tokens, hidden, num_experts, topk) for r in range(R)]
@@ -89,6 +96,8 @@ def dispatch_combine_worker(rank: int, R: int, *, seed: int, num_tokens: int, hi
         lay = rt.get_dispatch_layout(topk_idx, num_experts)
         res = rt.dispatch(x, x_scales, None, lay, topk_idx, topk_weights, alignment, 0, cfg)
         where = f"rank {rank} of {R}, iteration {it}"
+        splits += _expect_split(R, own.x.size(0), C, queue_tokens)
+        assert rt.split_launches() == splits, f"{where}: {rt.split_launches()} split launches, expected {splits}"
         if fp8:
             want_x = torch.cat([(inputs[i].x.float() * 0.5).to(torch.float8_e4m3fn)[exp.recv_from[i]]
                                 for i in range(R)])
@@ -334,9 +343,12 @@ def failed_output_allocation_worker(rank: int, R: int, *, seed: int, num_tokens:
             if it == 0:
                 headroom = 4 << 20
             else:  # a free 12 MiB segment in the cache, too small for recv_x: it must be released to make room
+                before = torch.cuda.memory_reserved(dev)
                 torch.empty(12 << 20, dtype=torch.uint8, device=dev)
+                assert torch.cuda.memory_reserved(dev) == before + (12 << 20), "the 12 MiB block got no segment"
                 headroom = need - (12 << 20) + (6 << 20)
             torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(dev) + headroom) / total, dev)
+        splits = rt.split_launches()
         try:
             res = rt.dispatch(x, None, None, lay, idx, wts, 1, 0, cfg)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -347,6 +359,7 @@ def failed_output_allocation_worker(rank: int, R: int, *, seed: int, num_tokens:
                 torch.cuda.set_per_process_memory_fraction(1.0, dev)
         where = f"rank {rank}, round {it}"
         assert (res is None) == (capped and it == 0), f"{where}: the allocation should fail only in round 0"
+        assert rt.split_launches() - splits == _expect_split(R, own.x.size(0), cfg.num_channels, queue_tokens), where
         if capped and it == 1:
             assert torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) > retries, (
                 f"{where}: the allocator did not have to free its cache (the case does not test that path)")

@@ -84,9 +84,12 @@ def test_early_dispatch(world_size: int, queue_tokens: int, monkeypatch: pytest.
 @pytest.mark.parametrize("world_size", [2, 3], ids="{}-ranks".format)
 def test_allocation_under_memory_pressure_keeps_the_buffer_in_step(world_size: int, early: str, queue_tokens: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The allocator's default configuration: the worker's caps rely on how it rounds, caches and retries.
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        pytest.skip("PYTORCH_CUDA_ALLOC_CONF is set; the memory-pressure cases assume the default caching allocator")
     monkeypatch.setenv("DEEPEP_PLUGIN_EARLY_DISPATCH", early)
     run_distributed(w.failed_output_allocation_worker, world_size, seed=27, num_tokens=700, hidden=7168,
-                    num_experts=32, topk=8, queue_tokens=queue_tokens, **SPAWN)
+                    num_experts=48, topk=8, queue_tokens=queue_tokens, **SPAWN)
 
 
 def test_fp8_with_more_scales_than_registers_hold_three_ranks() -> None:
