@@ -35,8 +35,8 @@
 // receivers, the local copies and the senders' drain. No kernel ever waits on the host, so a host call that
 // synchronises the device in between (the caching allocator freeing its cache under memory pressure) cannot hang.
 // At the end each sender waits until its streams are drained (head == tail; in phase 2 for a split launch), so
-// queues are empty between calls (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the whole group
-// leave its loop at the next barrier.
+// queues are empty between calls (see buffer_layout.h). Every wait is bounded (wait.cuh); a failed wait makes the
+// whole group leave its loop at the next barrier.
 #include <cuda_runtime.h>
 
 #include "common/vec_copy.cuh"
