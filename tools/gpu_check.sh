@@ -164,7 +164,7 @@ if stage tuning-ab; then
       early-dispatch-1) tune=(DEEPEP_PLUGIN_EARLY_DISPATCH=1) ;;
     esac
     # shellcheck disable=SC2086  # TUNING_ARGS is a word list
-    env "${tune[@]}" timeout "${BENCH_TIMEOUT:-90}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \
+    env "${tune[@]}" timeout "${BENCH_TIMEOUT:-150}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \
       $TUNING_ARGS \
       --json "$OUT/tuning_$variant.json" --plot "/tmp/tuning_$variant.png" --results '' 2>&1 \
       | grep -E "^R=|rror|needs" | sed "s/^/$variant: /" || rc=1

@@ -122,10 +122,9 @@ class IntranodeRuntime:
         status, rank, peer, channel, _what, what_name, detail, observed = self._rt.read_mailbox()
         if status == MAILBOX_TIMEOUT:
             where = f"channel {channel}, " if channel >= 0 else ""
-            whom = f"rank {peer}" if peer >= 0 else "its own host"
             self._broken = (
                 f"rank {rank}: timed out after {self.timeout_s:g} s in {what_name} "
-                f"(waiting for {whom}, {where}counter expected {detail}, last seen {observed}). "
+                f"(waiting for rank {peer}, {where}counter expected {detail}, last seen {observed}). "
                 "A peer died, hung, or did not make the same call; or, if every rank made it, not all of the "
                 "kernel's num_sms blocks could be resident at once (another persistent kernel on the GPU, or an MPS "
                 "limit: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). This buffer is unusable now (destroy it)")
