@@ -19,7 +19,8 @@
 #   low-latency-bench  the low-latency kernels ($LOW_LATENCY_ARGS; ranks time their kernels in turns on one GPU)
 #   internode-bench    the internode kernels on emulated nodes (2 of 2 ranks sharing the GPUs there are)
 #   fuzz               random cases through the kernels against the reference ($FUZZ_ARGS, default 1000 cases over
-#                      2, 4 and 8 ranks); writes $OUT/fuzz.json (copy it to benchmarks/results/fuzz.json)
+#                      2, 4 and 8 ranks); writes $OUT/fuzz.json (copy it to benchmarks/results/fuzz.json); the kernels'
+#                      tunings come from the environment (DEEPEP_PLUGIN_EARLY_DISPATCH=1 fuzzes the split launch)
 #   graph-moe          the sync-free MoE layer's step replayed from a CUDA graph against eager, at 256 and 1024
 #                      tokens per rank ($GRAPH_MOE_ARGS); writes $OUT/cuda_graph_moe.json (copy it to
 #                      benchmarks/results/) and $OUT/RESULTS_graph_moe.md; starts and stops the MPS daemon itself

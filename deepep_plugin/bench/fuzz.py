@@ -802,7 +802,8 @@ def _read_logs(log_dir: str, ranks: int) -> tuple[dict, list]:
 
 
 def _replay_command(args: argparse.Namespace, case: int) -> str:
-    parts = ["python -m deepep_plugin.bench fuzz", f"--seed {args.seed}", f"--cases {args.cases}",
+    tunings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")]
+    parts = [*tunings, "python -m deepep_plugin.bench fuzz", f"--seed {args.seed}", f"--cases {args.cases}",
              f"--ranks {args.ranks}", f"--only-case {case}"]
     if args.kinds:
         parts.append(f"--kinds {args.kinds}")
@@ -933,7 +934,10 @@ def run_fuzz(argv: Optional[list] = None) -> dict:
                    timespec="seconds"), "seed": args.seed, "failures": failures, "not_run": skipped,
                "batches_died": died,
                "seconds": round(time.perf_counter() - started, 1), "batches": batch_reports,
-               "command": "python -m deepep_plugin.bench fuzz " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "command": "python -m deepep_plugin.bench fuzz " + " ".join(argv if argv is not None else sys.argv[1:]),
+               # The kernels' tunings come from the environment (e.g. DEEPEP_PLUGIN_EARLY_DISPATCH=1 fuzzes the
+               # split-launch dispatch): a replay needs the same.
+               "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")}}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "w") as f:
