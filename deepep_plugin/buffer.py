@@ -110,6 +110,11 @@ def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "to
            f"{name} entries must be in [-1, num_experts={num_experts}) (-1 = unused slot), got values in [{lo}, {hi}]")
 
 
+def _channel_matrix(handle: Any) -> torch.Tensor:
+    """The handle's per-channel matrix whose width is its channel count (``handle_num_channels``)."""
+    return handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle) else handle.gbl_channel_prefix_matrix
+
+
 def _is_cuda_tensor(x: XType) -> bool:
     return (x[0] if isinstance(x, tuple) else x).is_cuda
 
@@ -238,11 +243,12 @@ class Buffer:
             self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self._comm_stream: Optional[torch.cuda.Stream] = None
         self._default_configs: dict[tuple[str, int], Config] = {}
-        # Validation done once (spec: cheap when the inputs are right): per call site, the last handle that passed
-        # _check_handle with the same token count and channels; the tensors of the last get_dispatch_layout, which
-        # a fresh dispatch then needs not check again. Strong references, so an id is never reused meanwhile.
-        self._handle_ok: dict[str, tuple[Any, Optional[int], Optional[int]]] = {}
-        self._layout_ok: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None
+        # Validation done once (spec: cheap when the inputs are right): per call site, the tensors of the last handle
+        # that passed _check_handle (a handle rebuilt around the same tensors, as autograd does, counts as the same),
+        # with its token count and channels; the tensors of the last get_dispatch_layout, which a fresh dispatch then
+        # needs not check again. Weak references: nothing is kept alive (CUDA-graph pools, autograd) by the checks.
+        self._handle_ok: dict[str, tuple[type, Any, Any, Optional[int], Optional[int]]] = {}
+        self._layout_ok: Optional[tuple[Any, Any, Any, int]] = None
         self._op_key = _register_op_key(self)
         self._usable_sms: Optional[tuple[int, str]] = None  # (count, why): see _check_resident
 
@@ -530,8 +536,8 @@ class Buffer:
                                   previous_event, async_finish, allocate_on_comm_stream, [topk_idx],
                                   target.orders_streams)
         if layout.num_tokens_per_rdma_rank is None:
-            self._layout_ok = (layout.num_tokens_per_rank, layout.num_tokens_per_expert, layout.is_token_in_rank,
-                               num_experts)
+            self._layout_ok = (weakref.ref(layout.num_tokens_per_rank), weakref.ref(layout.num_tokens_per_expert),
+                               weakref.ref(layout.is_token_in_rank), num_experts)
         return (layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.num_tokens_per_expert,
                 layout.is_token_in_rank, event)
 
@@ -574,8 +580,9 @@ class Buffer:
     def _check_handle(self, handle: Any, num_tokens: Optional[int], config: Optional[Config], what: str) -> Handle:
         channels = config.num_channels if config is not None else None
         ok = self._handle_ok.get(what)
-        if ok is not None and ok[0] is handle and ok[1] == num_tokens and ok[2] == channels:
-            return handle  # checked by the previous call of this kind, with the same token count and channels
+        if (ok is not None and type(handle) is ok[0] and ok[1]() is handle.is_token_in_rank
+                and ok[2]() is _channel_matrix(handle) and ok[3] == num_tokens and ok[4] == channels):
+            return handle  # its tensors passed the previous call of this kind, with the same token count and channels
         if not isinstance(handle, (IntranodeHandle, InternodeHandle)):
             raise DeepEPInputError(f"{what}: handle must be the handle a dispatch returned, passed on unchanged "
                                    f"(an IntranodeHandle or InternodeHandle), got {type(handle).__name__}")
@@ -593,7 +600,8 @@ class Buffer:
         if config is not None and handle_num_channels(handle) != channels:
             raise DeepEPInputError(f"{what}: handle was made with num_sms={2 * handle_num_channels(handle)}, config "
                                    f"has num_sms={config.num_sms}")
-        self._handle_ok[what] = (handle, num_tokens, channels)
+        self._handle_ok[what] = (type(handle), weakref.ref(in_rank), weakref.ref(_channel_matrix(handle)), num_tokens,
+                                 channels)
         return handle
 
     def _check_resident(self, what: str, num_sms: int, device: torch.device) -> None:
@@ -678,8 +686,9 @@ class Buffer:
                                        f"{handle_recv_count(handle)} tokens the handle receives")
         else:
             ok = self._layout_ok
-            if (ok is not None and num_tokens_per_rank is ok[0] and num_tokens_per_expert is ok[1]
-                    and is_token_in_rank is ok[2] and is_token_in_rank.size(0) == num_tokens
+            if (ok is not None and num_tokens_per_rank is ok[0]() and num_tokens_per_expert is ok[1]()
+                    and is_token_in_rank is ok[2]() and is_token_in_rank.size(0) == num_tokens
+                    and num_tokens_per_expert.numel() == ok[3] and num_tokens_per_rank.numel() == r
                     and is_token_in_rank.device == dev):
                 num_experts = ok[3]  # the tensors of the last get_dispatch_layout, checked when it made them
             else:

@@ -20,6 +20,7 @@ def test_kernel_classes_of_both_libraries() -> None:
     assert kernel_kind("void deep_ep::layout::get_dispatch_layout<256, 32, 8>(long const*, int*)") == "layout"
     assert kernel_kind("void deep_ep::intranode::combine<__nv_bfloat16, 2, 768, 4096>(int4*)") == "combine"
     assert kernel_kind("Memset (Device)") is None
+    assert kernel_kind("step::dispatch") is None
 
 
 def _trace(rank: int, steps: int = 4) -> dict:
@@ -36,7 +37,9 @@ def _trace(rank: int, steps: int = 4) -> dict:
                 ["notify_kernel(NotifyArgs)", t0 + 35 + 7 * rank, 25.0 - 7 * rank, 10 * i + 2],
                 ["Memset (Device)", t0 + 61, 1.0, 10 * i + 2],
                 ["dispatch_kernel<8>(DispatchArgs)", t0 + 80, 30.0, 10 * i + 3],
-                ["combine_kernel(CombineArgs)", t0 + 115, 25.0, 10 * i + 4]]
+                ["combine_kernel(CombineArgs)", t0 + 115, 25.0, 10 * i + 4],
+                # the profiler's GPU mirror of a host range, whose id may equal a launch's: never a kernel
+                ["step::dispatch", t0 + 35, 75.0, 10 * i + 2]]
     return {"cpu": sorted(cpu, key=lambda t: t[1]), "gpu": sorted(gpu, key=lambda t: t[1])}
 
 
@@ -46,6 +49,8 @@ def test_per_step_numbers_and_cross_rank_skew() -> None:
     s = steps[1]
     assert s["host_dispatch_us"] == 60.0 and s["host_period_us"] == 1000.0 and s["gpu_period_us"] == 1000.0
     assert s["gpu_notify_us"] == 18.0 and s["count_gap_us"] == 20.0 and s["launch_to_start_dispatch_us"] == 10.0
+    assert "split_gap_us" not in s
+    assert "notify_start_skew_us" not in summarize({0: _trace(0)})  # a skew needs two ranks
     summary = summarize({0: _trace(0), 1: _trace(1)})
     assert summary["steps"] == 3.0
     assert summary["notify_start_skew_us"] == 7.0 and summary["notify_end_skew_us"] == 0.0

@@ -98,11 +98,13 @@ fi
 
 if stage compare; then
   echo "== benchmark: beside DeepEP V1 (or the reference backend)"
+  rm -rf /tmp/timelines  # a warm machine keeps an earlier call's files
   timeout "${BENCH_TIMEOUT:-200}" python3 -m deepep_plugin.bench compare --ranks 2 --tokens 256,4096 --sms 24 \
     --json "$OUT/intranode_vs_deepep.json" --plot "$OUT/intranode_vs_deepep.png" --trace-dir /tmp/timelines \
     --results "$OUT/RESULTS_compare.md" 2>&1 | grep -E "^R=|compare:|rror" || rc=1
   # Where each forward step's time goes, per library (host calls, kernels, the count gap, the ranks' notify skew).
-  python3 -m deepep_plugin.bench timeline /tmp/timelines --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.txt"
+  python3 -m deepep_plugin.bench timeline /tmp/timelines --json "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.txt" \
+    || rc=1
 fi
 
 if stage intranode-bench; then
@@ -165,7 +167,7 @@ if stage tuning-ab; then
       early-dispatch-1) tune=(DEEPEP_PLUGIN_EARLY_DISPATCH=1) ;;
     esac
     # shellcheck disable=SC2086  # TUNING_ARGS is a word list
-    env "${tune[@]}" timeout "${BENCH_TIMEOUT:-150}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \
+    env "${tune[@]}" timeout "${BENCH_TIMEOUT:-110}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \
       $TUNING_ARGS \
       --json "$OUT/tuning_$variant.json" --plot "/tmp/tuning_$variant.png" --results '' 2>&1 \
       | grep -E "^R=|rror|needs" | sed "s/^/$variant: /" || rc=1

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -802,7 +803,7 @@ def _read_logs(log_dir: str, ranks: int) -> tuple[dict, list]:
 
 
 def _replay_command(args: argparse.Namespace, case: int) -> str:
-    tunings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")]
+    tunings = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")]
     parts = [*tunings, "python -m deepep_plugin.bench fuzz", f"--seed {args.seed}", f"--cases {args.cases}",
              f"--ranks {args.ranks}", f"--only-case {case}"]
     if args.kinds:

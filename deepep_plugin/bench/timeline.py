@@ -37,6 +37,8 @@ KINDS = ("layout", "notify", "dispatch", "notify_combine", "combine")
 def kernel_kind(name: str) -> Optional[str]:
     """The class of a GPU activity by its (demangled) name, or None for anything else (copies, fills)."""
     low = name.lower()
+    if low.startswith("step::"):
+        return None  # the GPU mirror of a host range (record_function), not a kernel
     if "notify" in low:
         return "notify_combine" if "combine" in low else "notify"
     for kind in ("layout", "combine", "dispatch"):
@@ -111,7 +113,7 @@ def summarize(traces: dict[int, dict[str, list[list[Any]]]]) -> dict[str, float]
                   if (vals := [s[i][key] for s in per_rank.values() if key in s[i]])]
         if values:
             summary[key] = statistics.median(values)
-    for edge in ("start", "end"):
+    for edge in ("start", "end") if len(per_rank) > 1 else ():
         skews = []
         for i in range(1, n):
             t = [s[i].get(f"t_notify_{edge}") for s in per_rank.values()]

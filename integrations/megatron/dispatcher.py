@@ -357,7 +357,7 @@ class DeepEPPluginTokenDispatcher(_base_class()):  # type: ignore[misc]
         expect(state.handle is not None, "DeepEPPluginTokenDispatcher.token_combine: no dispatch handle; "
                                          "token_dispatch must run before token_combine")
         out = ep_autograd.combine(state.buffer, hidden_states.contiguous(), state.handle)
-        state.handle, state.buffer = None, None
+        state.clear()  # nothing reads the state after combine (combine_postprocess clears it too: it may run alone)
         return out
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,7 @@ def test_compare_writes_rows_and_timelines(tmp_path) -> None:
     for key in ("gpu_layout_us", "gpu_notify_us", "gpu_dispatch_us", "gpu_combine_us", "count_gap_us",
                 "host_dispatch_us", "gpu_period_us", "notify_start_skew_us"):
         assert key in summary, f"{key} missing from the timeline summary {summary}"
+    # Plausible: dispatch starts after notify ends; the kernels of a step fit in its period.
+    assert summary["count_gap_us"] >= 0, summary
+    busy = sum(summary[f"gpu_{k}_us"] for k in ("layout", "notify", "dispatch", "combine"))
+    assert busy < summary["gpu_period_us"] * 1.05, summary
