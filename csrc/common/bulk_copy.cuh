@@ -6,10 +6,8 @@
 // to global memory; stores are grouped (commit_group) and waited for by group (wait_group, or wait_group.read, which
 // only waits until the engine has read the shared memory, so the stage may be refilled). One thread issues; no
 // registers hold the data, so the bytes in flight per SM are bounded by shared memory, not by the register file.
-//
-// Proxies: the copy engine is the "async proxy". Data that another agent wrote with ordinary stores (a peer GPU
-// over NVLink) and that this thread has acquired must be made visible to the async proxy with
-// fence_proxy_async_global() before a bulk load reads it.
+// (Only the per-SM rate probe uses it, copy_probe.cu, on data no other agent writes. Data a peer GPU wrote with
+// ordinary stores would first need fence.proxy.async after its acquire: the copy engine is another proxy.)
 #pragma once
 
 #include <cstdint>
@@ -20,8 +18,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Barrier of one arrival per phase (the issuing thread's arrive.expect_tx, or a consumer's arrive); for loads the
-// engine's byte count completes the phase.
+// Barrier of one arrival per phase (the issuing thread's arrive.expect_tx); the engine's byte count completes it.
 __device__ __forceinline__ void mbar_init(uint64_t* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
@@ -29,11 +26,6 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar) {
 // After mbar_init, before the copy engine may use the barrier.
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
-// A plain arrival (a consumer releasing a stage; or a producer completing a phase that carries no bytes).
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -54,19 +46,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
   } while (!done);
-}
-
-// Whether the phase with parity `parity` has completed, without waiting.
-__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n\t.reg .pred p;\n\t"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-      "selp.u32 %0, 1, 0, p;\n\t}"
-      : "=r"(done)
-      : "r"(smem_addr(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
 }
 
 __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar) {
@@ -92,11 +71,5 @@ __device__ __forceinline__ void bulk_wait_read() {
 
 // Wait until every committed group of this thread is complete (its writes performed).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-
-// Order this thread's generic-proxy accesses to global memory (and what it acquired) before its later async-proxy
-// accesses, and the other way round.
-__device__ __forceinline__ void fence_proxy_async_global() {
-  asm volatile("fence.proxy.async.global;" ::: "memory");
-}
 
 }  // namespace deepep
