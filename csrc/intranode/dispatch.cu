@@ -105,11 +105,10 @@ __device__ __forceinline__ void store_meta(const DispatchArgs& a, const Meta& m,
   if (lane == 0) store_src(token);
 }
 
-// Phase 2 of a split launch: phase 1 pushed the messages and recorded their end in sent[c][dst]; wait for the drain.
-__device__ void run_sender_drain(const DispatchArgs& a, int c, int dst) {
-  Header* self = a.peers.ctrl[a.peers.rank];
-  const uint64_t end = self->sent[c][dst];
-  spin_until(
+// One thread: wait until dst has consumed stream (c, dst) up to message `end` (the sender's drain).
+__device__ bool wait_drained(const DispatchArgs& a, int c, int dst, uint64_t end) {
+  const Header* self = a.peers.ctrl[a.peers.rank];
+  return spin_until(
       a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
       kWaitDispatchDrain, dst, c, static_cast<int64_t>(end));
 }
@@ -163,11 +162,7 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
   }
   if (!failed && warp_in_group == 0 && lane == 0) {
     const uint64_t end = base + pos;
-    if (a.phase == 1)  // the drain is phase 2's (run_sender_drain)
-      self->sent[c][dst] = end;
-    else if (spin_until(
-                 a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
-                 kWaitDispatchDrain, dst, c, static_cast<int64_t>(end)))
+    if (a.phase == 1 || wait_drained(a, c, dst, end))  // phase 1 leaves the drain to phase 2
       self->sent[c][dst] = end;
   }
 }
@@ -205,8 +200,10 @@ __device__ __forceinline__ void store_row_from_slot(const DispatchArgs& a, const
   if (a.recv_src_idx != nullptr && lane == 0) a.recv_src_idx[r] = src;
 }
 
+// A row past the outputs: num_worst_tokens was too small (reported), or there are no outputs (num_rows -1: dropped).
 __device__ void report_overflow(const DispatchArgs& a, int row) {
-  if (lane_id() == 0) report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, a.num_rows);
+  if (lane_id() == 0 && a.num_rows >= 0)
+    report_error(a.env, kMailboxOverflow, kWaitWorstTokens, -1, -1, row + 1, a.num_rows);
 }
 
 template <int kDepth>
@@ -242,7 +239,7 @@ __device__ void run_receiver(const DispatchArgs& a, int c, int src, int group, i
       }
       const int row = row0 + r0 + k;
       if (row < a.num_rows) store_row_from_slot<kDepth>(a, queue + (m % Q) * a.slot.slot_bytes, row);
-      else if (a.num_rows >= 0) report_overflow(a, row);  // num_rows -1: no outputs, the row is dropped
+      else report_overflow(a, row);
     }
     // All reads of this round's slots happen before the barrier; the release then frees the slots.
     failed = named_barrier_or(bar, bar_threads, failed || aborted(a.env));
@@ -277,7 +274,7 @@ __device__ void run_local_copy(const DispatchArgs& a, int c, int t0, int t1, int
       const int token = w0 + nth_set_bit(mask, k);
       const int64_t row = row0 + pos + k;
       if (row >= a.num_rows) {
-        if (a.num_rows >= 0) report_overflow(a, static_cast<int>(row));  // else no outputs: dropped
+        report_overflow(a, static_cast<int>(row));
         continue;
       }
       const Meta meta = load_meta(a, token);
@@ -349,8 +346,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
   }
   if (group >= R - 1) return;  // warps left over by an uneven split
   const int peer = group < rank ? group : group + 1;
-  if (is_sender && a.phase == 2) {
-    if (warp % group_warps == 0 && lane_id() == 0) run_sender_drain(a, c, peer);
+  if (is_sender && a.phase == 2) {  // phase 1 pushed the messages and recorded their end in sent[c][peer]
+    if (warp % group_warps == 0 && lane_id() == 0) wait_drained(a, c, peer, a.peers.ctrl[rank]->sent[c][peer]);
   } else if (is_sender) {
     run_sender<kDepth>(a, c, t0, t1, peer, group, group_warps, warp % group_warps);
   } else {
