@@ -292,12 +292,23 @@ class Runtime {
     // enqueued now, so the NVLink pushes run while the host reads the count and allocates; the rest follows.
     // (After a host timeout of the count read, phase 1 may still push into the peers' queues once notify ends; the
     // buffer is declared broken then, and destroy() waits for it: phase 1 itself never waits.)
+    at::Tensor recv_x, recv_src_idx;
+    std::optional<at::Tensor> recv_scales, recv_topk_idx, recv_topk_weights;
+    // The dispatch kernel of this call, in `phase`; without outputs it consumes and drops every row.
+    auto launch = [&](bool with_outputs, int phase) {
+      if (with_outputs)
+        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
+                               recv_channel_prefix, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+                               &recv_src_idx, &send_head, slot, C, queue_tokens, E_loc, worst, timeout_s, stream,
+                               phase);
+      else
+        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
+                               recv_channel_prefix, std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr,
+                               &send_head, slot, C, queue_tokens, E_loc, false, timeout_s, stream, phase);
+    };
     const bool split = !worst && dispatch_tuning().early && R > 1 && T > 0 && (T + C - 1) / C <= queue_tokens;
     split_launches_ += split ? 1 : 0;
-    if (split)
-      launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
-                             std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr, &send_head, slot, C,
-                             queue_tokens, E_loc, false, timeout_s, stream, /*phase=*/1);
+    if (split) launch(/*with_outputs=*/false, /*phase=*/1);
     const int phase = split ? 2 : 0;
 
     int64_t rows = num_worst_tokens;
@@ -311,8 +322,6 @@ class Runtime {
       rows = c[1];
       for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
     }
-    at::Tensor recv_x, recv_src_idx;
-    std::optional<at::Tensor> recv_scales, recv_topk_idx, recv_topk_weights;
     try {
       recv_x = at::empty({rows, x.size(1)}, x.options());
       if (x_scales.has_value()) recv_scales = at::empty({rows, x_scales->size(1)}, x_scales->options());
@@ -325,16 +334,12 @@ class Runtime {
       // The peers' dispatch goes on regardless: this rank's kernel consumes and drops every row (it has no
       // outputs), so theirs complete and the queues stay in step; then the allocator's error is raised here.
       try {
-        launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix,
-                               recv_channel_prefix, std::nullopt, std::nullopt, std::nullopt, std::nullopt, nullptr,
-                               &send_head, slot, C, queue_tokens, E_loc, false, timeout_s, stream, phase);
+        launch(/*with_outputs=*/false, phase);
       } catch (...) {  // the allocator's error is the one to report; the peers then time out
       }
       throw;
     }
-    launch_dispatch_kernel(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, recv_channel_prefix,
-                           recv_x, recv_scales, recv_topk_idx, recv_topk_weights, &recv_src_idx, &send_head, slot, C,
-                           queue_tokens, E_loc, worst, timeout_s, stream, phase);
+    launch(/*with_outputs=*/true, phase);
     const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
     return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
                           rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
