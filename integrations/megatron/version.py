@@ -5,11 +5,12 @@ constructor, ``fused_a2a``'s ``FusedDispatch``/``FusedCombine`` and its ``EventH
 appeared in core_v0.13 and is unchanged up to the 0.20 development line. Tested: 0.16.1 in CI (CPU, Python 3.11);
 0.19.2 (Python 3.12) on the CPU tests and on one H100 on 2026-12-07: the GPU layer tests against Megatron's
 all-to-all dispatcher that ran (``tests/gpu/test_megatron_cuda.py``: dispatcher mode 5 of 5, compat mode 3 of 4) and
-the Megatron recipe on the kernels pass. From 0.17 on
-the SM count lives in ``moe_flex_dispatcher_num_sms`` and both it and ``moe_deepep_num_sms`` default to ``None``
-(``settings.megatron_num_sms`` reads either). Not passing on 0.19.2: capturing the sync-free MoE layer's backward
-in a CUDA graph (``tests/gpu/test_cuda_graph_moe_cuda.py``'s Megatron case: an op of the backward touches the legacy
-stream, ``cudaErrorStreamCaptureImplicit``); the plain recipe's layer captures and replays.
+the Megatron recipe on the kernels pass. From 0.17 on the SM count lives in ``moe_flex_dispatcher_num_sms`` and
+both it and ``moe_deepep_num_sms`` default to ``None`` (``settings.megatron_num_sms`` reads either). Not passing on
+0.19.2 on 2026-12-07: capturing the sync-free MoE layer's backward in a CUDA graph
+(``tests/gpu/test_cuda_graph_moe_cuda.py``'s Megatron case, ``cudaErrorStreamCaptureImplicit``); the plain recipe's
+layer captures and replays. The likely cause, the dispatcher keeping the step's routing probs (and with them the
+router's gradient accumulators and their first stream) past the layer, is fixed since; the GPU test has not run again.
 """
 
 from __future__ import annotations
