@@ -23,6 +23,7 @@ left out) of:
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import json
 import os
@@ -75,8 +76,8 @@ def rank_steps(trace: dict[str, list[list[Any]]]) -> list[dict[str, float]]:
         launched = launch_at.get(corr)
         if kind is None or launched is None:
             continue
-        i = max((k for k, s in enumerate(starts) if s <= launched), default=None)
-        if i is not None:
+        i = bisect.bisect_right(starts, launched) - 1  # the last step begun before the launch
+        if i >= 0:
             kernels[i].setdefault(kind, []).append((launched, start, start + dur))
     for i, by_kind in enumerate(kernels):
         for kind, ks in by_kind.items():
