@@ -90,6 +90,8 @@ WAITS: tuple[Code, ...] = (
     Code(7, "kWaitCombineDrain", "combine send: the peer to consume the last rows"),
     Code(8, "kWaitWorstTokens", "dispatch: received rows beyond num_worst_tokens"),
     Code(9, "kWaitBadExpertId", "topk_idx: an expert id outside [-1, num_experts)"),
+    Code(10, "kWaitCombineRound", "combine receive: an earlier round of the channel to be released by the "
+                                  "channel's other block (shared rounds)"),
     Code(64, "kWaitLLDispatchRecv", "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)"),
     Code(65, "kWaitLLCombineRecv", "combine receive: the peer's expert outputs (did it call low_latency_combine?)"),
     Code(66, "kWaitLLParity", "low-latency parity guard: an op used the same buffer half as the op before it"),

@@ -39,6 +39,7 @@ enum WaitKind : int32_t {
   kWaitCombineDrain = 7,  // combine send: the peer to consume the last rows
   kWaitWorstTokens = 8,  // dispatch: received rows beyond num_worst_tokens
   kWaitBadExpertId = 9,  // topk_idx: an expert id outside [-1, num_experts)
+  kWaitCombineRound = 10,  // combine receive: an earlier round of the channel to be released by the channel's other block (shared rounds)
   kWaitLLDispatchRecv = 64,  // dispatch receive: the peer's tokens (did it call low_latency_dispatch?)
   kWaitLLCombineRecv = 65,  // combine receive: the peer's expert outputs (did it call low_latency_combine?)
   kWaitLLParity = 66,  // low-latency parity guard: an op used the same buffer half as the op before it
@@ -64,6 +65,7 @@ inline const char* wait_name(int32_t what) {
     case kWaitCombineDrain: return "combine send: the peer to consume the last rows";
     case kWaitWorstTokens: return "dispatch: received rows beyond num_worst_tokens";
     case kWaitBadExpertId: return "topk_idx: an expert id outside [-1, num_experts)";
+    case kWaitCombineRound: return "combine receive: an earlier round of the channel to be released by the channel's other block (shared rounds)";
     case kWaitLLDispatchRecv: return "dispatch receive: the peer's tokens (did it call low_latency_dispatch?)";
     case kWaitLLCombineRecv: return "combine receive: the peer's expert outputs (did it call low_latency_combine?)";
     case kWaitLLParity: return "low-latency parity guard: an op used the same buffer half as the op before it";

@@ -99,6 +99,8 @@ struct CombineArgs {
   const int* send_head;               // [T, R]
   uint16_t* combined_x;               // [T, H] bf16
   float* combined_topk_weights;       // [T, K]; null when num_topk == 0 or T == 0 (test num_topk, not pointers)
+  // Tuning (runtime.cpp, from DEEPEP_PLUGIN_COMBINE_SHARE; combine.cu's header):
+  int share_rounds;                   // 1: a channel's sender block, its sends done, takes reduction rounds too
 };
 cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 

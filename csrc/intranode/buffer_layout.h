@@ -1,7 +1,7 @@
 // Layout of one rank's two device allocations, both cudaMalloc'ed by the host runtime and mapped into every
 // peer of the node with CUDA IPC, and the tuning constants of the intranode kernels.
 //
-//   control block (struct Header, ~107 KiB, its own allocation so that the user's num_nvl_bytes is all queue
+//   control block (struct Header, ~109 KiB, its own allocation so that the user's num_nvl_bytes is all queue
 //                 space and the size hint of Config always suffices): abort flag, notify barrier, queue
 //                 counters; fixed size, so its layout never depends on a call's channel count or row size.
 //   NVL buffer    (num_nvl_bytes): receive queues, one fixed region of num_nvl_bytes / R (rounded down to 16)
@@ -40,6 +40,16 @@ constexpr int kMaxExperts = kMaxRanks * kMaxLocalExperts;
 // token counts to that destination [C], and its per-expert counts for the destination's experts [E_loc].
 constexpr int kNotifyInts = kMaxRanks + kMaxChannels + kMaxLocalExperts;
 
+// A channel's reduction rounds in a combine with shared rounds (combine.cu): this rank's own, never touched by
+// peers. Zero between calls (the second of the channel's two blocks to finish clears it), so CUDA-graph
+// replays find the same state.
+struct CombineRounds {
+  unsigned claimed;   // rounds handed out so far (atomicAdd by either block)
+  unsigned released;  // rounds whose queue slots have been freed, in order
+  unsigned finished;  // blocks of the channel that have left the reduction
+  unsigned pad;
+};
+
 struct alignas(128) Header {
   int abort_flag;                      // raised by the first timed-out wait of this rank (never cleared)
   int pad0[31];
@@ -51,6 +61,7 @@ struct alignas(128) Header {
   uint64_t head[kMaxChannels][kMaxRanks];
   uint64_t sent[kMaxChannels][kMaxRanks];
   uint64_t consumed[kMaxChannels][kMaxRanks];
+  CombineRounds combine_rounds[kMaxChannels];
 };
 
 // Scratch of get_dispatch_layout (its own device allocation, this rank's only): the blocks add their counts

@@ -10,11 +10,25 @@
 //   even block = sender: one warp group per remote destination i (the rank that owns the tokens). Its rows
 //       are contiguous: [rank_prefix(i) + recv_channel_prefix[i][c], + count). Same rounds, flow control and
 //       release protocol as the dispatch sender; each message = {row, top-k weights}.
-//   odd block = receiver: tokens of channel c, one warp per token, 32 tokens per round. For token t the
-//       warp reads send_head[t][*]; for each rank j that received t it takes the row from its own x (j ==
-//       this rank, row rank_prefix(me) + recv_channel_prefix[me][c] + send_head[t][me]) or from queue (c, j)
-//       after waiting for tail > message; accumulates in FP32 and writes the BF16 result. After each round
+//   odd block = receiver: tokens of channel c in rounds of 32, one warp per token. For token t the warp
+//       reads send_head[t][*]; for each rank j that received t it takes the row from its own x (j == this
+//       rank, row rank_prefix(me) + recv_channel_prefix[me][c] + send_head[t][me]) or from queue (c, j) after
+//       waiting for tail > message; accumulates in FP32 and writes the BF16 result. After each round
 //       (__syncthreads_or) thread j publishes head for stream (c, j) = messages of the round's tokens.
+// Shared rounds (share_rounds; DEEPEP_PLUGIN_COMBINE_SHARE=1, the default). The receiver reads h + 1 rows per token (h
+// holders: about 2 at 2 ranks, top-8 of 256) where the sender moves about 2 (R - 1) p rows (p: the chance a
+// peer holds the token), so at 2 ranks the receiver block has about 1.5x the sender's bytes and finishes last.
+// With shared rounds the sender block, once its sends are out, takes reduction rounds as well: either block
+// claims the channel's next round with an atomicAdd on CombineRounds::claimed (this rank's control block), and
+// rounds are released in order: the block that finished round r waits until round r - 1 is released
+// (CombineRounds::released, acquire), publishes the heads through round r (the last message of the round's
+// tokens + 1, so a round with no message from j publishes nothing) and releases r. No wait can close a cycle:
+// the lowest unreleased round is always held by a block that is not waiting for a release, the heads cover every
+// round before it, and its messages fit in the ring as in the unshared case (Q >= 2 rounds - 1, kRoundTokens);
+// a later round only waits for it. The second block to leave records the streams' consumed counts and clears
+// CombineRounds for the next call. Where the senders are the
+// slower side (4 ranks and more), the sender block finds no round left and nothing changes but one atomic per
+// round. The output is the same either way: a token's sum is computed by one warp in the same order.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -38,7 +52,23 @@ __device__ __forceinline__ void source_channel_rows(const CombineArgs& a, int sr
   n = c_end - c_start;
 }
 
-__device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int group_warps, int warp_in_group) {
+// Leader of dst's sender group, after its sends: waits until dst has consumed every row of this call and
+// records the stream's end (so the next call starts from an empty queue).
+__device__ void drain_sends(const CombineArgs& a, int c, int dst) {
+  Header* self = a.peers.ctrl[a.peers.rank];
+  int row0, n;
+  source_channel_rows(a, dst, c, row0, n);
+  const uint64_t end = self->sent[c][dst] + n;
+  if (spin_until(
+          a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
+          kWaitCombineDrain, dst, c, static_cast<int64_t>(end)))
+    self->sent[c][dst] = end;
+}
+
+// Pushes this rank's rows of channel c back to `dst`. Returns false (in the whole group) after a failed wait.
+// With `drain`, the group's leader then waits until dst has consumed them all and records the stream's end.
+__device__ bool run_sender(const CombineArgs& a, int c, int dst, int group, int group_warps, int warp_in_group,
+                           bool drain) {
   const int rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   const CombineSlot& sl = a.slot;
   Header* self = a.peers.ctrl[rank];
@@ -71,160 +101,227 @@ __device__ void run_sender(const CombineArgs& a, int c, int dst, int group, int 
     if (failed) break;
     if (warp_in_group == 0 && lane == 0) st_release_sys(&remote->tail[c][rank], base + r0 + m_count);
   }
-  if (!failed && warp_in_group == 0 && lane == 0) {
-    const uint64_t end = base + n;
-    if (spin_until(
-            a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
-            kWaitCombineDrain, dst, c, static_cast<int64_t>(end)))
-      self->sent[c][dst] = end;
-  }
+  if (!failed && drain && warp_in_group == 0 && lane == 0) drain_sends(a, c, dst);
+  return !failed;
 }
 
-__device__ void run_receiver(const CombineArgs& a, int c, int t0, int t1) {
+// Messages of stream (c, j -> this rank) in this call: the tokens of channel c this rank sent to j in dispatch.
+__device__ __forceinline__ int channel_messages(const CombineArgs& a, int j, int c) {
+  const int* cp = a.channel_prefix_matrix + j * a.num_channels;  // inclusive prefix over channels
+  return cp[c] - (c > 0 ? cp[c - 1] : 0);
+}
+
+// Per-block tables of the reduction, in shared memory (registers stay for the accumulators).
+struct ReduceTables {
+  uint64_t base[kMaxRanks];                   // stream (c, j): messages consumed before this call
+  const uint8_t* queue[kMaxRanks];            // queue (c, j) in this rank's buffer
+  const int4* row[kNumWarps][kMaxRanks];      // per warp: where the current token's copy from j lives
+  const float* weight[kNumWarps][kMaxRanks];  // and its top-k weights
+  int head[kNumWarps][kMaxRanks];             // per warp: send_head[t][j] of its token (-1: none)
+  int round;                                  // the round this block claimed (shared rounds)
+};
+
+// One warp: token t's sum over its copies. Lane j < R also caches the last tail it saw of stream (c, j) in
+// `tail`. Returns false in every lane after a failed wait.
+__device__ bool reduce_token(const CombineArgs& a, int c, int t, int64_t local_row0, ReduceTables& tb, int warp,
+                             uint64_t& tail) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
+  const int vec_per_row = a.hidden / 8;
+  Header* self = a.peers.ctrl[rank];
+  // Lane j locates token t's copy from rank j (waiting for it if it is still in flight).
+  bool ok = true;
+  if (lane < R) {
+    const int j = lane;
+    const int sh = a.send_head[static_cast<int64_t>(t) * R + j];
+    const int4* row = nullptr;
+    const float* w = nullptr;
+    if (sh >= 0 && j == rank) {
+      const int64_t r = local_row0 + sh;
+      row = reinterpret_cast<const int4*>(a.x) + r * vec_per_row;
+      if (a.num_topk > 0) w = a.topk_weights + r * a.num_topk;
+    } else if (sh >= 0) {
+      const uint64_t m = tb.base[j] + sh;
+      if (tail <= m) {
+        ok = spin_until(
+            a.env, [&] { return ld_acquire_sys(&self->tail[c][j]); }, [&](uint64_t v) { return v > m; },
+            kWaitCombineTokens, j, c, static_cast<int64_t>(m + 1));
+        if (ok) tail = ld_acquire_sys(&self->tail[c][j]);
+      }
+      const uint8_t* slot = tb.queue[j] + (m % Q) * a.slot.slot_bytes;
+      row = reinterpret_cast<const int4*>(slot);
+      if (a.num_topk > 0) w = reinterpret_cast<const float*>(slot + a.slot.weights_off);
+    }
+    tb.row[warp][j] = row;
+    tb.weight[warp][j] = w;
+    tb.head[warp][j] = sh;
+  }
+  if (__any_sync(0xffffffffu, !ok)) return false;
+  __syncwarp();
+  const int64_t out_row = static_cast<int64_t>(t) * vec_per_row;
+  // Two 16-byte vectors per lane per step; all sources' loads of a step are issued before the adds.
+  for (int v = lane; v < vec_per_row; v += 64) {
+    const bool has2 = v + 32 < vec_per_row;
+    float acc0[8], acc1[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc0[i] = acc1[i] = 0.0f;
+    if (a.bias0 != nullptr) {
+      const int4* b = reinterpret_cast<const int4*>(a.bias0) + out_row;
+      add_bf16x8(acc0, ld_nc_v4(b + v));
+      if (has2) add_bf16x8(acc1, ld_nc_v4(b + v + 32));
+    }
+    if (a.bias1 != nullptr) {
+      const int4* b = reinterpret_cast<const int4*>(a.bias1) + out_row;
+      add_bf16x8(acc0, ld_nc_v4(b + v));
+      if (has2) add_bf16x8(acc1, ld_nc_v4(b + v + 32));
+    }
+    for (int j0 = 0; j0 < R; j0 += 2) {
+      const int4* p0 = tb.row[warp][j0];
+      const int4* p1 = j0 + 1 < R ? tb.row[warp][j0 + 1] : nullptr;
+      int4 x00, x01, x10, x11;
+      if (p0 != nullptr) {
+        x00 = ld_cg_v4(p0 + v);
+        if (has2) x01 = ld_cg_v4(p0 + v + 32);
+      }
+      if (p1 != nullptr) {
+        x10 = ld_cg_v4(p1 + v);
+        if (has2) x11 = ld_cg_v4(p1 + v + 32);
+      }
+      if (p0 != nullptr) {
+        add_bf16x8(acc0, x00);
+        if (has2) add_bf16x8(acc1, x01);
+      }
+      if (p1 != nullptr) {
+        add_bf16x8(acc0, x10);
+        if (has2) add_bf16x8(acc1, x11);
+      }
+    }
+    int4* out = reinterpret_cast<int4*>(a.combined_x) + out_row;
+    st_na_v4(out + v, to_bf16x8(acc0));
+    if (has2) st_na_v4(out + v + 32, to_bf16x8(acc1));
+  }
+  if (a.num_topk > 0 && lane < a.num_topk) {
+    float w = 0.0f;
+    for (int j = 0; j < R; ++j) {
+      const float* p = tb.weight[warp][j];
+      if (p != nullptr) w += ld_cg(p + lane);
+    }
+    a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + lane] = w;
+  }
+  return true;
+}
+
+// Warp 0, shared rounds: once round r - 1 is released, free the slots of round r's messages (`count` tokens,
+// their send_head rows in tb.head) and release r. Returns false in every lane after a failed wait.
+__device__ bool release_round(const CombineArgs& a, int c, int r, int count, ReduceTables& tb,
+                              CombineRounds* work) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, lane = lane_id();
+  bool ok = true;
+  if (lane == 0 && r > 0)
+    ok = spin_until(
+        a.env, [&] { return ld_acquire_gpu(&work->released); },
+        [&](unsigned v) { return v >= static_cast<unsigned>(r); }, kWaitCombineRound, rank, c, r);
+  __syncwarp();  // orders lane 0's acquire before the other lanes' releases
+  if (!__shfl_sync(0xffffffffu, ok, 0)) return false;
+  if (lane < R && lane != rank) {
+    int last = -1;  // send_head grows with the token within a stream: the round's last message is the max
+    for (int w = 0; w < count; ++w) last = max(last, tb.head[w][lane]);
+    if (last >= 0) st_release_sys(&a.peers.ctrl[lane]->head[c][rank], tb.base[lane] + last + 1);
+  }
+  __syncwarp();
+  if (lane == 0) st_release_gpu(&work->released, static_cast<unsigned>(r + 1));
+  return true;
+}
+
+// A block's part of channel c's reduction: every round in order (shared == false: the receiver block alone),
+// or the rounds it claims (shared == true: both blocks of the channel; see the header).
+__device__ void run_reducer(const CombineArgs& a, int c, bool shared) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, C = a.num_channels;
-  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int warp = threadIdx.x / 32;
   Header* self = a.peers.ctrl[rank];
   const int round = round_tokens(Q);
-  const int vec_per_row = a.hidden / 8;
+  int t0, t1;
+  channel_tokens(a.num_tokens, C, c, t0, t1);
+  const int num_rounds = (t1 - t0 + round - 1) / round;
 
-  // Per-source constants (stream base = messages consumed before this call, queue), and per-warp tables of
-  // where the current token's copies live; tables in shared memory keep registers for the accumulators.
-  __shared__ uint64_t base_s[kMaxRanks];
-  __shared__ const uint8_t* queue_s[kMaxRanks];
-  __shared__ const int4* row_s[kNumWarps][kMaxRanks];
-  __shared__ const float* weight_s[kNumWarps][kMaxRanks];
+  __shared__ ReduceTables tb;
   if (threadIdx.x < R) {
-    base_s[threadIdx.x] = self->consumed[c][threadIdx.x];
-    queue_s[threadIdx.x] =
+    tb.base[threadIdx.x] = self->consumed[c][threadIdx.x];
+    tb.queue[threadIdx.x] =
         queue_base(a.peers.buffers[rank], c, threadIdx.x, a.peers.region_bytes, Q, a.slot.slot_bytes);
   }
-  const int local_row0 = (rank == 0 ? 0 : a.rank_prefix_matrix[(rank - 1) * R + rank]) +
-                         a.recv_channel_prefix_matrix[rank * C + c];
+  const int64_t local_row0 = (rank == 0 ? 0 : a.rank_prefix_matrix[(rank - 1) * R + rank]) +
+                             a.recv_channel_prefix_matrix[rank * C + c];
+  CombineRounds* work = &self->combine_rounds[c];
   __syncthreads();
 
   uint64_t tail = 0;  // lane j < R: last seen tail of stream (c, j)
-  int consumed = 0;   // thread j < R: messages of stream (c, j) consumed so far in this call
+  int consumed = 0;   // thread j < R, unshared rounds: messages of stream (c, j) consumed so far in this call
   bool failed = false;
-
-  for (int w0 = t0; w0 < t1; w0 += round) {
-    const int t = w0 + warp;
-    if (warp < round && t < t1 && !failed) {
-      // Lane j locates token t's copy from rank j (waiting for it if it is still in flight).
-      bool ok = true;
-      if (lane < R) {
-        const int j = lane;
-        const int sh = a.send_head[static_cast<int64_t>(t) * R + j];
-        const int4* row = nullptr;
-        const float* w = nullptr;
-        if (sh >= 0 && j == rank) {
-          const int64_t r = local_row0 + sh;
-          row = reinterpret_cast<const int4*>(a.x) + r * vec_per_row;
-          if (a.num_topk > 0) w = a.topk_weights + r * a.num_topk;
-        } else if (sh >= 0) {
-          const uint64_t m = base_s[j] + sh;
-          if (tail <= m) {
-            ok = spin_until(
-                a.env, [&] { return ld_acquire_sys(&self->tail[c][j]); }, [&](uint64_t v) { return v > m; },
-                kWaitCombineTokens, j, c, static_cast<int64_t>(m + 1));
-            if (ok) tail = ld_acquire_sys(&self->tail[c][j]);
-          }
-          const uint8_t* slot = queue_s[j] + (m % Q) * a.slot.slot_bytes;
-          row = reinterpret_cast<const int4*>(slot);
-          if (a.num_topk > 0) w = reinterpret_cast<const float*>(slot + a.slot.weights_off);
-        }
-        row_s[warp][j] = row;
-        weight_s[warp][j] = w;
-      }
-      if (__any_sync(0xffffffffu, !ok)) {
-        failed = true;
-      } else {
-        __syncwarp();
-        const int64_t out_row = static_cast<int64_t>(t) * vec_per_row;
-        // Two 16-byte vectors per lane per step; all sources' loads of a step are issued before the adds.
-        for (int v = lane; v < vec_per_row; v += 64) {
-          const bool has2 = v + 32 < vec_per_row;
-          float acc0[8], acc1[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc0[i] = acc1[i] = 0.0f;
-          if (a.bias0 != nullptr) {
-            const int4* b = reinterpret_cast<const int4*>(a.bias0) + out_row;
-            add_bf16x8(acc0, ld_nc_v4(b + v));
-            if (has2) add_bf16x8(acc1, ld_nc_v4(b + v + 32));
-          }
-          if (a.bias1 != nullptr) {
-            const int4* b = reinterpret_cast<const int4*>(a.bias1) + out_row;
-            add_bf16x8(acc0, ld_nc_v4(b + v));
-            if (has2) add_bf16x8(acc1, ld_nc_v4(b + v + 32));
-          }
-          for (int j0 = 0; j0 < R; j0 += 2) {
-            const int4* p0 = row_s[warp][j0];
-            const int4* p1 = j0 + 1 < R ? row_s[warp][j0 + 1] : nullptr;
-            int4 x00, x01, x10, x11;
-            if (p0 != nullptr) {
-              x00 = ld_cg_v4(p0 + v);
-              if (has2) x01 = ld_cg_v4(p0 + v + 32);
-            }
-            if (p1 != nullptr) {
-              x10 = ld_cg_v4(p1 + v);
-              if (has2) x11 = ld_cg_v4(p1 + v + 32);
-            }
-            if (p0 != nullptr) {
-              add_bf16x8(acc0, x00);
-              if (has2) add_bf16x8(acc1, x01);
-            }
-            if (p1 != nullptr) {
-              add_bf16x8(acc0, x10);
-              if (has2) add_bf16x8(acc1, x11);
-            }
-          }
-          int4* out = reinterpret_cast<int4*>(a.combined_x) + out_row;
-          st_na_v4(out + v, to_bf16x8(acc0));
-          if (has2) st_na_v4(out + v + 32, to_bf16x8(acc1));
-        }
-        if (a.num_topk > 0 && lane < a.num_topk) {
-          float w = 0.0f;
-          for (int j = 0; j < R; ++j) {
-            const float* p = weight_s[warp][j];
-            if (p != nullptr) w += ld_cg(p + lane);
-          }
-          a.combined_topk_weights[static_cast<int64_t>(t) * a.num_topk + lane] = w;
-        }
-      }
+  for (int k = 0;; ++k) {
+    int r = k;
+    if (shared) {
+      if (threadIdx.x == 0) tb.round = static_cast<int>(atomicAdd(&work->claimed, 1u));
+      failed = __syncthreads_or(failed || aborted(a.env));  // also: warp 0's release of the previous round
+      if (failed) break;
+      r = tb.round;
     }
-    // All reads of this round happen before the barrier; thread j then frees stream j's slots.
+    if (r >= num_rounds) break;
+    const int w0 = t0 + r * round, w1 = min(w0 + round, t1);
+    if (warp < w1 - w0 && !reduce_token(a, c, w0 + warp, local_row0, tb, warp, tail)) failed = true;
+    // All reads of this round happen before the barrier; then its slots are freed.
     failed = __syncthreads_or(failed || aborted(a.env));
     if (failed) break;
-    if (threadIdx.x < R && static_cast<int>(threadIdx.x) != rank) {
+    if (shared) {
+      if (warp == 0 && !release_round(a, c, r, w1 - w0, tb, work)) failed = true;
+    } else if (threadIdx.x < R && static_cast<int>(threadIdx.x) != rank) {
       const int j = threadIdx.x;
-      const int w1 = min(w0 + round, t1);
       int n = 0;
       for (int tt = w0; tt < w1; ++tt) n += a.send_head[static_cast<int64_t>(tt) * R + j] >= 0;
       if (n > 0) {
         consumed += n;
-        st_release_sys(&a.peers.ctrl[j]->head[c][rank], base_s[j] + consumed);
+        st_release_sys(&a.peers.ctrl[j]->head[c][rank], tb.base[j] + consumed);
       }
     }
   }
-  if (!failed && threadIdx.x < R && static_cast<int>(threadIdx.x) != rank)
-    self->consumed[c][threadIdx.x] = base_s[threadIdx.x] + consumed;
+  if (failed) return;
+  if (!shared) {
+    if (threadIdx.x < R && static_cast<int>(threadIdx.x) != rank)
+      self->consumed[c][threadIdx.x] = tb.base[threadIdx.x] + consumed;
+    return;
+  }
+  // Leaving: the channel's second block to leave (both have read `consumed` by now) records the streams' ends
+  // and clears the round state for the next call.
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&work->finished, 1u) == 1u) {
+      __threadfence();
+      for (int j = 0; j < R; ++j)
+        if (j != rank) self->consumed[c][j] = tb.base[j] + channel_messages(a, j, c);
+      work->claimed = 0;
+      work->released = 0;
+      work->finished = 0;
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kNumThreads, 1) combine_kernel(CombineArgs a) {
   const int R = a.peers.num_ranks, rank = a.peers.rank;
   const int c = blockIdx.x / 2;
+  const bool shared = a.share_rounds != 0;
+  const bool sender = (blockIdx.x % 2) == 0;
   const int warp = threadIdx.x / 32;
-  if ((blockIdx.x % 2) == 0) {
-    if (R == 1) return;
-    const int groups = R - 1, group_warps = kNumWarps / groups;
-    const int group = warp / group_warps;
-    if (group >= groups) return;
-    const int dst = group < rank ? group : group + 1;
-    run_sender(a, c, dst, group, group_warps, warp % group_warps);
-  } else {
-    int t0, t1;
-    channel_tokens(a.num_tokens, a.num_channels, c, t0, t1);
-    run_receiver(a, c, t0, t1);
+  const int groups = R - 1, group_warps = groups > 0 ? kNumWarps / groups : kNumWarps;
+  const int group = warp / group_warps;
+  const int dst = !sender || group >= groups ? -1 : group < rank ? group : group + 1;  // -1: no sends
+  if (sender) {
+    if (!shared && dst < 0) return;
+    const bool ok = dst < 0 || run_sender(a, c, dst, group, group_warps, warp % group_warps, !shared);
+    if (!shared) return;
+    // Every send of this block is out: help with the reduction (one call site for both roles), then drain.
+    if (__syncthreads_or(!ok || aborted(a.env))) return;
   }
+  run_reducer(a, c, shared);
+  if (dst >= 0 && warp % group_warps == 0 && lane_id() == 0 && !aborted(a.env)) drain_sends(a, c, dst);
 }
 
 }  // namespace

@@ -58,10 +58,14 @@ void check_cuda(cudaError_t e, const char* what) {
 //   DEEPEP_PLUGIN_EARLY_DISPATCH        1: a fresh dispatch without num_worst_tokens whose sends fit in the queues
 //                                       enqueues its senders before the host reads the receive count and the rest
 //                                       after (dispatch.cu: split launch); 0 (default): one launch after the read
+//   DEEPEP_PLUGIN_COMBINE_SHARE         1 (default): a combine channel's sender block, its sends out, takes
+//                                       reduction rounds too (combine.cu: shared rounds); 0: the receiver block
+//                                       does them all
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
   int early = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 late)
+  int combine_share = 1;  // measured on an H100, 2 and 4 ranks (RESULTS.md, 2026-12-07 night)
 };
 
 int env_choice(const char* name, int fallback, std::initializer_list<int> allowed) {
@@ -78,7 +82,8 @@ int env_choice(const char* name, int fallback, std::initializer_list<int> allowe
 const DispatchTuning& dispatch_tuning() {
   static const DispatchTuning t{env_choice("DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT", 1, {0, 1}),
                                 env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8}),
-                                env_choice("DEEPEP_PLUGIN_EARLY_DISPATCH", 0, {0, 1})};
+                                env_choice("DEEPEP_PLUGIN_EARLY_DISPATCH", 0, {0, 1}),
+                                env_choice("DEEPEP_PLUGIN_COMBINE_SHARE", 1, {0, 1})};
   return t;
 }
 
@@ -415,6 +420,7 @@ class Runtime {
     a.send_head = send_head.data_ptr<int>();
     a.combined_x = static_cast<uint16_t*>(combined_x.data_ptr());
     a.combined_topk_weights = ptr_or_null<float>(combined_w);
+    a.share_rounds = dispatch_tuning().combine_share;
     check_cuda(launch_combine(a, stream), "combine kernel launch");
     leave();
     return py::make_tuple(combined_x, opt(combined_w));
@@ -647,10 +653,11 @@ PYBIND11_MODULE(_intranode_C, m) {
         d["local_split"] = t.local_split;
         d["copy_depth"] = t.copy_depth;
         d["early_dispatch"] = t.early;
+        d["combine_share"] = t.combine_share;
         return d;
       },
-      "dispatch's tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT, DEEPEP_PLUGIN_COPY_DEPTH and "
-      "DEEPEP_PLUGIN_EARLY_DISPATCH");
+      "the kernels' tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT, DEEPEP_PLUGIN_COPY_DEPTH, "
+      "DEEPEP_PLUGIN_EARLY_DISPATCH and DEEPEP_PLUGIN_COMBINE_SHARE");
   m.def(
       "copy_probe",
       [](const at::Tensor& dst, const at::Tensor& src, int blocks, int mode) {

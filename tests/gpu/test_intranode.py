@@ -80,6 +80,22 @@ def test_early_dispatch(world_size: int, queue_tokens: int, monkeypatch: pytest.
                         topk=8, num_sms=6, queue_tokens=queue_tokens, fp8=fp8, repeats=3, **SPAWN)
 
 
+@pytest.mark.parametrize("share,world_size,queue_tokens", [
+    ("1", 2, 16), ("1", 3, 16), ("1", 4, 16), ("1", 2, 256), ("1", 4, 256), ("0", 2, 16), ("0", 4, 256)],
+    ids=["shared-2-ranks-ring-wraps", "shared-3-ranks-ring-wraps", "shared-4-ranks-ring-wraps",
+         "shared-2-ranks-deep-queue", "shared-4-ranks-deep-queue", "receivers-2-ranks-ring-wraps",
+         "receivers-4-ranks-deep-queue"])
+def test_combine_round_sharing(share: str, world_size: int, queue_tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DEEPEP_PLUGIN_COMBINE_SHARE=1 (the default): a combine channel's sender block takes reduction rounds once its
+    # sends are out; rounds are claimed by either block and released in order. 0: the receiver block does them all.
+    # Two combines per iteration (without and with biases) and three iterations on one buffer: the round state must
+    # be clear between calls; 16 slots: the ring wraps many times with rounds of 8; 4 ranks: idle sender warps
+    # (32 = 3 x 10 + 2).
+    monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SHARE", share)
+    run_distributed(w.dispatch_combine_worker, world_size, seed=28, num_tokens=480, hidden=2048, num_experts=48,
+                    topk=8, num_sms=6, queue_tokens=queue_tokens, repeats=3, **SPAWN)
+
+
 @pytest.mark.parametrize("early,queue_tokens", [("0", 32), ("1", 256)], ids=["one-launch", "split"])
 @pytest.mark.parametrize("world_size", [2, 3], ids="{}-ranks".format)
 def test_allocation_under_memory_pressure_keeps_the_buffer_in_step(world_size: int, early: str, queue_tokens: int,
