@@ -6,11 +6,11 @@ appeared in core_v0.13 and is unchanged up to the 0.20 development line. Tested:
 0.19.2 (Python 3.12) on the CPU tests and on one H100 on 2026-12-07: the GPU layer tests against Megatron's
 all-to-all dispatcher that ran (``tests/gpu/test_megatron_cuda.py``: dispatcher mode 5 of 5, compat mode 3 of 4) and
 the Megatron recipe on the kernels pass. From 0.17 on the SM count lives in ``moe_flex_dispatcher_num_sms`` and
-both it and ``moe_deepep_num_sms`` default to ``None`` (``settings.megatron_num_sms`` reads either). Not passing on
-0.19.2 on 2026-12-07: capturing the sync-free MoE layer's backward in a CUDA graph
-(``tests/gpu/test_cuda_graph_moe_cuda.py``'s Megatron case, ``cudaErrorStreamCaptureImplicit``); the plain recipe's
-layer captures and replays. The likely cause, the dispatcher keeping the step's routing probs (and with them the
-router's gradient accumulators and their first stream) past the layer, is fixed since; the GPU test has not run again.
+both it and ``moe_deepep_num_sms`` default to ``None`` (``settings.megatron_num_sms`` reads either). The sync-free
+MoE layer (dispatcher mode) captured in a CUDA graph, forward and backward, and replayed on new inputs equals eager on
+0.19.2 (``tests/gpu/test_cuda_graph_moe_cuda.py``, one H100, 2026-12-07 night), since the dispatcher drops the step's
+routing probs at the end of the layer: kept, they held the router's gradient accumulators, and with them the first
+eager step's legacy stream, into the capture (``cudaErrorStreamCaptureImplicit``).
 """
 
 from __future__ import annotations
