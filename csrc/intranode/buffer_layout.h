@@ -42,7 +42,8 @@ constexpr int kNotifyInts = kMaxRanks + kMaxChannels + kMaxLocalExperts;
 
 // A channel's reduction rounds in a combine with shared rounds (combine.cu): this rank's own, never touched by
 // peers. Zero between calls (the second of the channel's two blocks to finish clears it), so CUDA-graph
-// replays find the same state.
+// replays find the same state. A call that times out leaves it as it was (like the queue counters): the abort
+// flag is never cleared, so no later call runs on this buffer.
 struct CombineRounds {
   unsigned claimed;   // rounds handed out so far (atomicAdd by either block)
   unsigned released;  // rounds whose queue slots have been freed, in order

@@ -80,20 +80,23 @@ def test_early_dispatch(world_size: int, queue_tokens: int, monkeypatch: pytest.
                         topk=8, num_sms=6, queue_tokens=queue_tokens, fp8=fp8, repeats=3, **SPAWN)
 
 
-@pytest.mark.parametrize("share,world_size,queue_tokens", [
-    ("1", 2, 16), ("1", 3, 16), ("1", 4, 16), ("1", 2, 256), ("1", 4, 256), ("0", 2, 16), ("0", 4, 256)],
+@pytest.mark.parametrize("share,world_size,queue_tokens,num_tokens,num_sms", [
+    ("1", 2, 16, 480, 6), ("1", 3, 16, 480, 6), ("1", 4, 16, 480, 6), ("1", 2, 256, 480, 6), ("1", 4, 256, 480, 6),
+    ("1", 3, 4, 130, 6), ("1", 2, 64, 3, 16), ("0", 2, 16, 480, 6), ("0", 4, 256, 480, 6)],
     ids=["shared-2-ranks-ring-wraps", "shared-3-ranks-ring-wraps", "shared-4-ranks-ring-wraps",
-         "shared-2-ranks-deep-queue", "shared-4-ranks-deep-queue", "receivers-2-ranks-ring-wraps",
-         "receivers-4-ranks-deep-queue"])
-def test_combine_round_sharing(share: str, world_size: int, queue_tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+         "shared-2-ranks-deep-queue", "shared-4-ranks-deep-queue", "shared-3-ranks-rounds-of-2",
+         "shared-2-ranks-empty-channels", "receivers-2-ranks-ring-wraps", "receivers-4-ranks-deep-queue"])
+def test_combine_round_sharing(share: str, world_size: int, queue_tokens: int, num_tokens: int, num_sms: int,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     # DEEPEP_PLUGIN_COMBINE_SHARE=1 (the default): a combine channel's sender block takes reduction rounds once its
     # sends are out; rounds are claimed by either block and released in order. 0: the receiver block does them all.
     # Two combines per iteration (without and with biases) and three iterations on one buffer: the round state must
-    # be clear between calls; 16 slots: the ring wraps many times with rounds of 8; 4 ranks: idle sender warps
+    # be clear between calls, and each stream's recorded end right. 16 slots: the ring wraps many times with rounds
+    # of 8; 4 slots: rounds of 2; 3 tokens on 8 channels: channels without tokens; 4 ranks: idle sender warps
     # (32 = 3 x 10 + 2).
     monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SHARE", share)
-    run_distributed(w.dispatch_combine_worker, world_size, seed=28, num_tokens=480, hidden=2048, num_experts=48,
-                    topk=8, num_sms=6, queue_tokens=queue_tokens, repeats=3, **SPAWN)
+    run_distributed(w.dispatch_combine_worker, world_size, seed=28, num_tokens=num_tokens, hidden=2048,
+                    num_experts=48, topk=8, num_sms=num_sms, queue_tokens=queue_tokens, repeats=3, **SPAWN)
 
 
 @pytest.mark.parametrize("early,queue_tokens", [("0", 32), ("1", 256)], ids=["one-launch", "split"])
