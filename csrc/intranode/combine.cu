@@ -105,6 +105,14 @@ __device__ bool run_sender(const CombineArgs& a, int c, int dst, int group, int 
   return !failed;
 }
 
+// Messages of stream (c, j -> this rank) in this call: the tokens of channel c this rank sent to j in dispatch
+// (the handle's channel_prefix_matrix, which notify computed from the same routing as send_head; Buffer takes only
+// handles its dispatch returned).
+__device__ __forceinline__ int channel_messages(const CombineArgs& a, int j, int c) {
+  const int* cp = a.channel_prefix_matrix + j * a.num_channels;  // inclusive prefix over channels
+  return cp[c] - (c > 0 ? cp[c - 1] : 0);
+}
+
 // Per-block tables of the reduction, in shared memory (registers stay for the accumulators).
 struct ReduceTables {
   uint64_t base[kMaxRanks];                   // stream (c, j): messages consumed before this call
@@ -113,7 +121,6 @@ struct ReduceTables {
   const float* weight[kNumWarps][kMaxRanks];  // and its top-k weights
   int head[kNumWarps][kMaxRanks];             // per warp: send_head[t][j] of its token (-1: none)
   int round;                                  // the round this block claimed (shared rounds)
-  int second;                                 // this block is the channel's second to leave (shared rounds)
 };
 
 // One warp: token t's sum over its copies. Lane j < R also caches the last tail it saw of stream (c, j) in
@@ -284,32 +291,18 @@ __device__ void run_reducer(const CombineArgs& a, int c, bool shared) {
       self->consumed[c][threadIdx.x] = tb.base[threadIdx.x] + consumed;
     return;
   }
-  // Leaving: the channel's second block to leave (both have read `consumed` by now) records the streams' ends and
-  // clears the round state for the next call. A stream's end comes from send_head, as its heads did: warp j finds
-  // the channel's last token with a message from j.
+  // Leaving: the channel's second block to leave (both have read `consumed` by now) records the streams' ends
+  // and clears the round state for the next call.
   if (threadIdx.x == 0) {
     __threadfence();
-    const bool second = atomicAdd(&work->finished, 1u) == 1u;
-    __threadfence();
-    tb.second = second ? 1 : 0;
-  }
-  __syncthreads();
-  if (tb.second == 0) return;
-  if (warp < R && warp != rank) {
-    const int j = warp, lane = lane_id();
-    int last = -1;
-    for (int hi = t1 - 1; hi >= t0 && last < 0; hi -= 32) {
-      const int t = hi - lane;
-      const int sh = t >= t0 ? a.send_head[static_cast<int64_t>(t) * R + j] : -1;
-      const unsigned found = __ballot_sync(0xffffffffu, sh >= 0);
-      if (found != 0) last = __shfl_sync(0xffffffffu, sh, __ffs(found) - 1);  // lowest lane = latest token
+    if (atomicAdd(&work->finished, 1u) == 1u) {
+      __threadfence();
+      for (int j = 0; j < R; ++j)
+        if (j != rank) self->consumed[c][j] = tb.base[j] + channel_messages(a, j, c);
+      work->claimed = 0;
+      work->released = 0;
+      work->finished = 0;
     }
-    if (lane == 0) self->consumed[c][j] = tb.base[j] + last + 1;
-  }
-  if (threadIdx.x == 0) {
-    work->claimed = 0;
-    work->released = 0;
-    work->finished = 0;
   }
 }
 
