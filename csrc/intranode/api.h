@@ -99,8 +99,9 @@ struct CombineArgs {
   const int* send_head;               // [T, R]
   uint16_t* combined_x;               // [T, H] bf16
   float* combined_topk_weights;       // [T, K]; null when num_topk == 0 or T == 0 (test num_topk, not pointers)
-  // Tuning (runtime.cpp, from DEEPEP_PLUGIN_COMBINE_SHARE; combine.cu's header):
+  // Tuning (runtime.cpp, from DEEPEP_PLUGIN_COMBINE_SHARE and _SMALL_ROUNDS; combine.cu):
   int share_rounds;                   // 1: a channel's sender block, its sends done, takes reduction rounds too
+  int small_rounds;                   // 1: channels of fewer than 32 tokens use 2 or 4 warps per token
 };
 cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 

@@ -29,6 +29,8 @@
 // CombineRounds for the next call. Where the senders are the
 // slower side (4 ranks and more), the sender block finds no round left and nothing changes but one atomic per
 // round. The output is the same either way: a token's sum is computed by one warp in the same order.
+// Small rounds (small_rounds, DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1, opt-in): see run_reducer. The sum of each
+// vector is still taken over the sources in the same order, so the output does not change either.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -123,10 +125,11 @@ struct ReduceTables {
   int round;                                  // the round this block claimed (shared rounds)
 };
 
-// One warp: token t's sum over its copies. Lane j < R also caches the last tail it saw of stream (c, j) in
-// `tail`. Returns false in every lane after a failed wait.
-__device__ bool reduce_token(const CombineArgs& a, int c, int t, int64_t local_row0, ReduceTables& tb, int warp,
-                             uint64_t& tail) {
+// One warp: part `part` of `parts` of token t's sum over its copies (pairs of 32 16-byte vectors, every parts-th
+// pair; the top-k weights in part 0). Lane j < R also caches the last tail it saw of stream (c, j) in `tail`.
+// Returns false in every lane after a failed wait.
+__device__ bool reduce_token(const CombineArgs& a, int c, int t, int part, int parts, int64_t local_row0,
+                             ReduceTables& tb, int warp, uint64_t& tail) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, lane = lane_id();
   const int vec_per_row = a.hidden / 8;
   Header* self = a.peers.ctrl[rank];
@@ -161,7 +164,7 @@ __device__ bool reduce_token(const CombineArgs& a, int c, int t, int64_t local_r
   __syncwarp();
   const int64_t out_row = static_cast<int64_t>(t) * vec_per_row;
   // Two 16-byte vectors per lane per step; all sources' loads of a step are issued before the adds.
-  for (int v = lane; v < vec_per_row; v += 64) {
+  for (int v = lane + 64 * part; v < vec_per_row; v += 64 * parts) {
     const bool has2 = v + 32 < vec_per_row;
     float acc0[8], acc1[8];
 #pragma unroll
@@ -201,7 +204,7 @@ __device__ bool reduce_token(const CombineArgs& a, int c, int t, int64_t local_r
     st_na_v4(out + v, to_bf16x8(acc0));
     if (has2) st_na_v4(out + v + 32, to_bf16x8(acc1));
   }
-  if (a.num_topk > 0 && lane < a.num_topk) {
+  if (part == 0 && a.num_topk > 0 && lane < a.num_topk) {
     float w = 0.0f;
     for (int j = 0; j < R; ++j) {
       const float* p = tb.weight[warp][j];
@@ -212,8 +215,8 @@ __device__ bool reduce_token(const CombineArgs& a, int c, int t, int64_t local_r
   return true;
 }
 
-// Warp 0, shared rounds: once round r - 1 is released, free the slots of round r's messages (`count` tokens,
-// their send_head rows in tb.head) and release r. Returns false in every lane after a failed wait.
+// Warp 0, shared rounds: once round r - 1 is released, free the slots of round r's messages (the send_head rows
+// of its tokens are in tb.head[0, count)) and release r. Returns false in every lane after a failed wait.
 __device__ bool release_round(const CombineArgs& a, int c, int r, int count, ReduceTables& tb,
                               CombineRounds* work) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, lane = lane_id();
@@ -240,9 +243,13 @@ __device__ void run_reducer(const CombineArgs& a, int c, bool shared) {
   const int R = a.peers.num_ranks, rank = a.peers.rank, Q = a.queue_tokens, C = a.num_channels;
   const int warp = threadIdx.x / 32;
   Header* self = a.peers.ctrl[rank];
-  const int round = round_tokens(Q);
   int t0, t1;
   channel_tokens(a.num_tokens, C, c, t0, t1);
+  // Small rounds (a.small_rounds): a channel of fewer than 32 tokens gives each token 2 (16-31 tokens) or 4 (fewer)
+  // warps, so its reduction takes half or a quarter of the dependent steps, and a round covers 16 or 8 tokens, so
+  // that with shared rounds the sender block has a round to take.
+  const int parts = a.small_rounds == 0 || t1 - t0 >= 32 ? 1 : t1 - t0 >= 16 ? 2 : 4;
+  const int round = min(round_tokens(Q), kNumWarps / parts);
   const int num_rounds = (t1 - t0 + round - 1) / round;
 
   __shared__ ReduceTables tb;
@@ -269,12 +276,14 @@ __device__ void run_reducer(const CombineArgs& a, int c, bool shared) {
     }
     if (r >= num_rounds) break;
     const int w0 = t0 + r * round, w1 = min(w0 + round, t1);
-    if (warp < w1 - w0 && !reduce_token(a, c, w0 + warp, local_row0, tb, warp, tail)) failed = true;
+    if (warp / parts < w1 - w0 &&
+        !reduce_token(a, c, w0 + warp / parts, warp % parts, parts, local_row0, tb, warp, tail))
+      failed = true;
     // All reads of this round happen before the barrier; then its slots are freed.
     failed = __syncthreads_or(failed || aborted(a.env));
     if (failed) break;
     if (shared) {
-      if (warp == 0 && !release_round(a, c, r, w1 - w0, tb, work)) failed = true;
+      if (warp == 0 && !release_round(a, c, r, (w1 - w0) * parts, tb, work)) failed = true;
     } else if (threadIdx.x < R && static_cast<int>(threadIdx.x) != rank) {
       const int j = threadIdx.x;
       int n = 0;

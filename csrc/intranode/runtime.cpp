@@ -61,11 +61,14 @@ void check_cuda(cudaError_t e, const char* what) {
 //   DEEPEP_PLUGIN_COMBINE_SHARE         1 (default): a combine channel's sender block, its sends out, takes
 //                                       reduction rounds too (combine.cu: shared rounds); 0: the receiver block
 //                                       does them all
+//   DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS  1: a combine channel of fewer than 32 tokens reduces each token with 2 or 4
+//                                       warps in rounds of 16 or 8 tokens (combine.cu: run_reducer); 0 (default)
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
   int early = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 late)
   int combine_share = 1;  // measured on an H100, 2 and 4 ranks (RESULTS.md, 2026-12-07 night)
+  int combine_small_rounds = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 night)
 };
 
 int env_choice(const char* name, int fallback, std::initializer_list<int> allowed) {
@@ -83,7 +86,8 @@ const DispatchTuning& dispatch_tuning() {
   static const DispatchTuning t{env_choice("DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT", 1, {0, 1}),
                                 env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8}),
                                 env_choice("DEEPEP_PLUGIN_EARLY_DISPATCH", 0, {0, 1}),
-                                env_choice("DEEPEP_PLUGIN_COMBINE_SHARE", 1, {0, 1})};
+                                env_choice("DEEPEP_PLUGIN_COMBINE_SHARE", 1, {0, 1}),
+                                env_choice("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", 0, {0, 1})};
   return t;
 }
 
@@ -421,6 +425,7 @@ class Runtime {
     a.combined_x = static_cast<uint16_t*>(combined_x.data_ptr());
     a.combined_topk_weights = ptr_or_null<float>(combined_w);
     a.share_rounds = dispatch_tuning().combine_share;
+    a.small_rounds = dispatch_tuning().combine_small_rounds;
     check_cuda(launch_combine(a, stream), "combine kernel launch");
     leave();
     return py::make_tuple(combined_x, opt(combined_w));
@@ -654,10 +659,11 @@ PYBIND11_MODULE(_intranode_C, m) {
         d["copy_depth"] = t.copy_depth;
         d["early_dispatch"] = t.early;
         d["combine_share"] = t.combine_share;
+        d["combine_small_rounds"] = t.combine_small_rounds;
         return d;
       },
       "the kernels' tuning as read from DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT, DEEPEP_PLUGIN_COPY_DEPTH, "
-      "DEEPEP_PLUGIN_EARLY_DISPATCH and DEEPEP_PLUGIN_COMBINE_SHARE");
+      "DEEPEP_PLUGIN_EARLY_DISPATCH, DEEPEP_PLUGIN_COMBINE_SHARE and DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS");
   m.def(
       "copy_probe",
       [](const at::Tensor& dst, const at::Tensor& src, int blocks, int mode) {

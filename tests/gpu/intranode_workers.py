@@ -24,7 +24,8 @@ def _config(num_sms: int, queue_tokens: int) -> Config:
 
 
 _TUNING_ENV = {"DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT": "local_split", "DEEPEP_PLUGIN_COPY_DEPTH": "copy_depth",
-               "DEEPEP_PLUGIN_EARLY_DISPATCH": "early_dispatch", "DEEPEP_PLUGIN_COMBINE_SHARE": "combine_share"}
+               "DEEPEP_PLUGIN_EARLY_DISPATCH": "early_dispatch", "DEEPEP_PLUGIN_COMBINE_SHARE": "combine_share",
+               "DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS": "combine_small_rounds"}
 
 
 def _runtime(rank: int, R: int, cfg: Config, hidden_bytes: int, timeout_s: float = 20.0) -> IntranodeRuntime:
