@@ -10,7 +10,8 @@
 //   even block = sender: one warp group per remote destination i (the rank that owns the tokens). Its rows
 //       are contiguous: [rank_prefix(i) + recv_channel_prefix[i][c], + count). Same rounds, flow control and
 //       release protocol as the dispatch sender; each message = {row, top-k weights}.
-//   odd block = receiver: tokens of channel c in rounds of 32, one warp per token. For token t the warp
+//   odd block = receiver: tokens of channel c in rounds of 32, one warp per token (small rounds: 2 or 4 warps per
+//       token, each a share of the row's vectors, in rounds of 16 or 8; see run_reducer). For token t the warp
 //       reads send_head[t][*]; for each rank j that received t it takes the row from its own x (j == this
 //       rank, row rank_prefix(me) + recv_channel_prefix[me][c] + send_head[t][me]) or from queue (c, j) after
 //       waiting for tail > message; accumulates in FP32 and writes the BF16 result. After each round
@@ -28,7 +29,8 @@
 // a later round only waits for it. The second block to leave records the streams' consumed counts and clears
 // CombineRounds for the next call. Where the senders are the
 // slower side (4 ranks and more), the sender block finds no round left and nothing changes but one atomic per
-// round. The output is the same either way: a token's sum is computed by one warp in the same order.
+// round. The output is the same either way: a token's sum is computed by one warp (small rounds: each vector by one
+// warp) in the same order.
 // Small rounds (small_rounds, DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1, opt-in): see run_reducer. The sum of each
 // vector is still taken over the sources in the same order, so the output does not change either.
 #include <cuda_bf16.h>
