@@ -321,15 +321,12 @@ class Runtime {
     const int phase = split ? 2 : 0;
 
     int64_t rows = num_worst_tokens;
-    py::list per_expert;
     if (!worst) {
       const int status = wait_recv_counts(2.0 * timeout_s + 1.0);
       if (status != kWaitOk) return py::make_tuple(py::none(), py::none(), py::none(), py::none(), py::none(),
                                                    py::none(), py::none(), py::none(), py::none(), py::none(),
                                                    status);
-      const volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
-      rows = c[1];
-      for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
+      rows = reinterpret_cast<volatile int64_t*>(host_->counters)[1];
     }
     try {
       recv_x = at::empty({rows, x.size(1)}, x.options());
@@ -349,6 +346,13 @@ class Runtime {
       throw;
     }
     launch(/*with_outputs=*/true, phase);
+    // The per-expert list (E_loc Python ints) is built once the kernel is on its way, not in the GPU's idle gap
+    // between notify and dispatch; only notify writes the counters, and the next one is a later call's.
+    py::list per_expert;
+    if (!worst) {
+      const volatile int64_t* c = reinterpret_cast<volatile int64_t*>(host_->counters);
+      for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
+    }
     const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
     return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
                           rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
