@@ -84,3 +84,42 @@ def test_command_reads_a_trace_dir(tmp_path, capsys) -> None:
     with open(out_json) as f:
         rows = json.load(f)["rows"]
     assert {r["lib"] for r in rows} == {"deepep_plugin", "deep_ep"} and all(r["count_gap_us"] == 20.0 for r in rows)
+
+
+class _Event:
+    """A profiler event with only the methods torch 2.11's Kineto events have (no ``activity_type``)."""
+
+    def __init__(self, name: str, start_us: float, dur_us: float, corr: int, cuda: bool) -> None:
+        self._v = (name, start_us, dur_us, corr, cuda)
+
+    def name(self) -> str:
+        return self._v[0]
+
+    def start_ns(self) -> int:
+        return int(self._v[1] * 1000)
+
+    def duration_ns(self) -> int:
+        return int(self._v[2] * 1000)
+
+    def correlation_id(self) -> int:
+        return self._v[3]
+
+    def device_type(self):  # noqa: ANN201 - torch.autograd.DeviceType
+        from torch.autograd import DeviceType
+
+        return DeviceType.CUDA if self._v[4] else DeviceType.CPU
+
+
+def test_timeline_records_from_events_without_activity_type() -> None:
+    # What compare --trace-dir keeps of a profile, on events as old as the GPU machine's torch gives them (the first
+    # GPU run failed on every timeline: it asked for activity_type).
+    from deepep_plugin.bench.compare import timeline_records
+
+    events = [_Event("step::dispatch", 30.0, 50.0, 7, False), _Event("cudaLaunchKernel", 35.0, 4.0, 11, False),
+              _Event("aten::empty", 36.0, 1.0, 12, False), _Event("cudaStreamSynchronize", 40.0, 9.0, 13, False),
+              _Event("step::layout", 10.0, 15.0, 5, False), _Event("notify_kernel", 41.0, 10.0, 11, True),
+              _Event("step::dispatch", 30.5, 49.0, 99, True)]
+    rec = timeline_records(events)
+    assert rec["cpu"] == [["step::layout", 10.0, 15.0, 5], ["step::dispatch", 30.0, 50.0, 7],
+                          ["cudaLaunchKernel", 35.0, 4.0, 11], ["cudaStreamSynchronize", 40.0, 9.0, 13]]
+    assert rec["gpu"] == [["notify_kernel", 41.0, 10.0, 11]]  # the GPU mirror of step::dispatch is left out

@@ -181,27 +181,33 @@ def _notify_trace(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]
     return sorted(out, key=lambda t: t[1])
 
 
-def _step_timeline(fn: Callable[[], Any], iters: int, barrier: Callable[[], None], path: str) -> None:
-    """Profile ``iters`` back-to-back calls of ``fn`` and write, on the host clock every process shares, the
-    ``step::*`` ranges, the launch and sync calls, and every GPU activity (with the correlation id tying a kernel to
-    its launch) as ``{"cpu": [[name, start_us, dur_us, corr]], "gpu": [[name, start_us, dur_us, corr]]}``. Host times
-    are taken under the profiler, which records every ATen op: they run longer than unprofiled calls, the more so
-    the more ops a library's Python issues."""
+def timeline_records(events: Any) -> dict[str, list[list[Any]]]:
+    """The ``{"cpu": [...], "gpu": [...]}`` of a step timeline from the profiler's raw events: the ``step::*`` host
+    ranges, the launch and sync calls, and every GPU activity but the mirrors of the ``step::*`` ranges, each as
+    ``[name, start_us, dur_us, correlation_id]`` sorted by start. Uses only the event methods every supported torch
+    has (name, start_ns, duration_ns, correlation_id, device_type: torch 2.11's have no ``activity_type``)."""
     from torch.autograd import DeviceType
 
     cpu, gpu = [], []
-    for e in _raw_events(fn, iters, barrier):
+    for e in events:
         item = [e.name(), e.start_ns() / 1e3, e.duration_ns() / 1e3, e.correlation_id()]
         if e.device_type() == DeviceType.CUDA:
             # Not the GPU mirrors of the step::* ranges: their ids come from another counter than the launches'.
-            # (By name: torch 2.11's events have no activity_type.)
             if not e.name().startswith("step::"):
                 gpu.append(item)
         elif e.name().startswith("step::") or e.name() in _LAUNCH_CALLS or e.name() in _SYNC_CALLS:
             cpu.append(item)
+    return {"cpu": sorted(cpu, key=lambda t: t[1]), "gpu": sorted(gpu, key=lambda t: t[1])}
+
+
+def _step_timeline(fn: Callable[[], Any], iters: int, barrier: Callable[[], None], path: str) -> None:
+    """Profile ``iters`` back-to-back calls of ``fn`` and write their :func:`timeline_records` to ``path`` (times on
+    the host clock every process shares). Host times are taken under the profiler, which records every ATen op:
+    they run longer than unprofiled calls, the more so the more ops a library's Python issues."""
+    records = timeline_records(_raw_events(fn, iters, barrier))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"cpu": sorted(cpu, key=lambda t: t[1]), "gpu": sorted(gpu, key=lambda t: t[1])}, f)
+        json.dump(records, f)
 
 
 def notify_skew(traces: list[list[tuple[float, float, float]]]) -> dict[str, float]:
