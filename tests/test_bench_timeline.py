@@ -56,6 +56,10 @@ def test_per_step_numbers_and_cross_rank_skew() -> None:
     assert summary["notify_start_skew_us"] == 7.0 and summary["notify_end_skew_us"] == 0.0
     assert summary["gpu_notify_us"] == (25.0 + 18.0) / 2  # mean over ranks
     assert summary["count_gap_us"] == 20.0
+    # Per rank: from its notify's end (t0 + 60) to its next notify's launch (t0 + 1030).
+    assert s["host_chain_us"] == 970.0
+    assert summary["r0_host_chain_us"] == summary["r1_host_chain_us"] == 970.0
+    assert summary["r1_gpu_notify_us"] == 18.0 and summary["r0_host_dispatch_us"] == 60.0
 
 
 def test_split_launch_dispatch_counts_both_kernels() -> None:
@@ -80,7 +84,7 @@ def test_command_reads_a_trace_dir(tmp_path, capsys) -> None:
     out_json = os.path.join(tmp_path, "summary.json")
     main([str(tmp_path), "--json", out_json])
     text = capsys.readouterr().out
-    assert "count_gap" in text and text.count(" 256 ") == 2
+    assert "count_gap" in text and "host_chain" in text and text.count(" 256 ") == 2 + 4  # + a line per rank
     with open(out_json) as f:
         rows = json.load(f)["rows"]
     assert {r["lib"] for r in rows} == {"deepep_plugin", "deep_ep"} and all(r["count_gap_us"] == 20.0 for r in rows)

@@ -17,7 +17,10 @@ left out) of:
   a class's kernel us is then the sum of its kernels;
 * ``launch_to_start`` of dispatch: from its launch call to its start on the GPU (the queue ahead of it);
 * ``notify_start_skew`` / ``notify_end_skew``: how far apart the ranks start and end their notify (a late rank makes
-  the others wait inside it).
+  the others wait inside it);
+* per rank (a second table): ``host_chain``, the host's own work per step, from its notify's end (the receive
+  counts) to its next notify's launch, and its host us per call: in a host-bound step the rank with the longest
+  chain sets the period.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def rank_steps(trace: dict[str, list[list[Any]]]) -> list[dict[str, float]]:
     for i, by_kind in enumerate(kernels):
         for kind, ks in by_kind.items():
             ks.sort(key=lambda k: k[1])
+            out[i][f"t_{kind}_launch"] = ks[0][0]
             out[i][f"t_{kind}_start"] = ks[0][1]
             out[i][f"t_{kind}_end"] = ks[-1][2]
             out[i][f"gpu_{kind}_us"] = sum(end - start for _, start, end in ks)
@@ -99,7 +103,15 @@ def rank_steps(trace: dict[str, list[list[Any]]]) -> list[dict[str, float]]:
                 row["gpu_period_us"] = out[i + 1]["t_layout_start"] - row["t_layout_start"]
         if "t_notify_end" in row and "t_dispatch_start" in row:
             row["count_gap_us"] = row["t_dispatch_start"] - row["t_notify_end"]
+        if i + 1 < len(steps) and "t_notify_end" in row and "t_notify_launch" in out[i + 1]:
+            # The host's own chain per step: from the receive counts (its notify's end) through the dispatch
+            # launch, combine, the next layout and the next dispatch's checks to the next notify's launch. In a
+            # host-bound step the rank whose chain is longest sets the period; the others wait in notify.
+            row["host_chain_us"] = out[i + 1]["t_notify_launch"] - row["t_notify_end"]
     return out
+
+
+PER_RANK = ("host_chain_us", "host_layout_us", "host_dispatch_us", "host_combine_us", "gpu_notify_us")
 
 
 def summarize(traces: dict[int, dict[str, list[list[Any]]]]) -> dict[str, float]:
@@ -122,6 +134,11 @@ def summarize(traces: dict[int, dict[str, list[list[Any]]]]) -> dict[str, float]
                 skews.append(max(t) - min(t))
         if skews:
             summary[f"notify_{edge}_skew_us"] = statistics.median(skews)
+    for r, s in per_rank.items():  # per rank: which one is slow, and in which call
+        for key in PER_RANK:
+            values = [s[i][key] for i in range(1, n) if key in s[i]]
+            if values:
+                summary[f"r{r}_{key}"] = statistics.median(values)
     summary["steps"] = float(max(n - 1, 0))
     return summary
 
@@ -155,6 +172,18 @@ def table(summaries: dict[tuple[str, int, int, int], dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def rank_table(summaries: dict[tuple[str, int, int, int], dict[str, float]]) -> str:
+    """One line per configuration, library and rank: the PER_RANK medians (us)."""
+    lines = ["lib            R     T  SMs rank " + " ".join(f"{c.replace('_us', ''):>12.12s}" for c in PER_RANK)]
+    for (lib, ranks, tokens, sms), s in sorted(summaries.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
+        for r in range(ranks):
+            if not any(f"r{r}_{c}" in s for c in PER_RANK):
+                continue
+            cells = " ".join(f"{s[f'r{r}_{c}']:12.1f}" if f"r{r}_{c}" in s else f"{'-':>12s}" for c in PER_RANK)
+            lines.append(f"{lib:14.14s} {ranks:1d} {tokens:5d} {sms:4d} {r:4d} {cells}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m deepep_plugin.bench timeline", description=__doc__.split("\n")[0])
     p.add_argument("directory", help="the --trace-dir of a compare run")
@@ -165,6 +194,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"timeline: no <lib>_R<ranks>_T<tokens>_S<sms>_r<rank>.json files in {args.directory}")
     summaries = {key: summarize(traces) for key, traces in found.items()}
     print(table(summaries))
+    print()
+    print(rank_table(summaries))
     if args.json:
         rows = [{"lib": k[0], "ranks": k[1], "tokens": k[2], "num_sms": k[3], **v} for k, v in summaries.items()]
         with open(args.json, "w") as f:
