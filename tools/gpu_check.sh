@@ -32,6 +32,10 @@
 #                      compare without DeepEP
 #                      ($TUNING_ARGS, default 256, 1024 and 4096 tokens, 12 and 24 SMs, 2 and 4 ranks); writes
 #                      $OUT/tuning_<variant>.json
+#   sanitize           compute-sanitizer racecheck and synccheck over intranode GPU tests ($SANITIZE_K, default the
+#                      2-rank odd-hidden and 4-rank one-channel cases: every kernel, rings that wrap), ranks
+#                      time-sliced (no MPS), kernel waits given DEEPEP_PLUGIN_TEST_TIMEOUT_S (default here 300 s);
+#                      logs $OUT/sanitize_<tool>.log; the stage fails on any reported hazard
 #   bench              compare intranode-bench low-latency-bench internode-bench
 # Works with one GPU (2-4 processes share it) and with several (one process per GPU). Build failure stops the
 # script at once; any other failing stage makes it exit 1 after the rest have run.
@@ -45,7 +49,7 @@ INTRANODE_ARGS=${INTRANODE_ARGS:-"--tokens 512,4096 --sms 8,24 --warmup 2 --iter
 LOW_LATENCY_ARGS=${LOW_LATENCY_ARGS:-"--tokens 1 8 32 128 256 --iters 8 --warmup 2"}
 TUNING_ARGS=${TUNING_ARGS:-"--ranks 2,4 --tokens 256,1024,4096 --sms 12,24 --iters 10 --synced-iters 1 --warmup 2"}
 
-ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe sm-rates tuning-ab"
+ALL="build unpack tests recipe fuzz compare intranode-bench low-latency-bench internode-bench graph-moe sm-rates tuning-ab sanitize"
 requested=${*:-${STAGES:-"build tests recipe bench"}}
 STAGES=" "
 for s in $requested; do
@@ -175,6 +179,17 @@ if stage tuning-ab; then
       $TUNING_ARGS \
       --json "$OUT/tuning_$variant.json" --plot "/tmp/tuning_$variant.png" --results '' 2>&1 \
       | grep -E "^R=|rror|needs" | sed "s/^/$variant: /" || rc=1
+  done
+fi
+if stage sanitize; then
+  echo "== compute-sanitizer: racecheck and synccheck on the intranode kernels"
+  for tool in racecheck synccheck; do
+    DEEPEP_PLUGIN_TEST_TIMEOUT_S=${DEEPEP_PLUGIN_TEST_TIMEOUT_S:-300} timeout "${SANITIZE_TIMEOUT:-280}" \
+      compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
+      python3 -m pytest -q -m gpu tests/gpu/test_intranode.py \
+      -k "${SANITIZE_K:-odd_hidden_topk16 or one_channel_four_ranks}" > "$OUT/sanitize_$tool.log" 2>&1 \
+      || { rc=1; echo "sanitize: $tool failed or reported (see $OUT/sanitize_$tool.log)"; }
+    grep -E "ERROR SUMMARY|passed|failed|Error" "$OUT/sanitize_$tool.log" | tail -4 | sed "s/^/$tool: /"
   done
 fi
 exit $rc

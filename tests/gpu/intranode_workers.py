@@ -28,7 +28,12 @@ _TUNING_ENV = {"DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT": "local_split", "DEEPEP_PLUG
                "DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS": "combine_small_rounds"}
 
 
-def _runtime(rank: int, R: int, cfg: Config, hidden_bytes: int, timeout_s: float = 20.0) -> IntranodeRuntime:
+# Kernel waits give up after this (DEEPEP_PLUGIN_TEST_TIMEOUT_S raises it for runs under compute-sanitizer, whose
+# instrumented kernels run far slower than the 20 s a peer normally needs at most).
+_TIMEOUT_S = float(os.environ.get("DEEPEP_PLUGIN_TEST_TIMEOUT_S", "20"))
+
+
+def _runtime(rank: int, R: int, cfg: Config, hidden_bytes: int, timeout_s: float = _TIMEOUT_S) -> IntranodeRuntime:
     nbytes = cfg.get_nvl_buffer_size_hint(hidden_bytes, R)
     rt = IntranodeRuntime(dist.group.WORLD, rank, R, nbytes, take_device(rank), timeout_s)
     tuning = rt._ext.dispatch_tuning()  # a test of a tuning must run it: the environment reached the extension
