@@ -66,7 +66,7 @@ void check_cuda(cudaError_t e, const char* what) {
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
-  int early = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 late)
+  int early = 0;  // opt-in: measured slower on an H100 (RESULTS.md, 2026-12-07 night)
   int combine_share = 1;  // measured on an H100, 2 and 4 ranks (RESULTS.md, 2026-12-07 night)
   int combine_small_rounds = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 night)
 };
