@@ -45,17 +45,6 @@
 namespace deepep::intranode {
 namespace {
 
-// Rows this rank received from `src` on channel c (the rows it sends back), as [first row, count).
-__device__ __forceinline__ void source_channel_rows(const CombineArgs& a, int src, int c, int& row0, int& n) {
-  const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels;
-  const int src_start = src == 0 ? 0 : a.rank_prefix_matrix[(src - 1) * R + rank];
-  const int src_total = a.rank_prefix_matrix[src * R + rank] - src_start;
-  const int c_start = a.recv_channel_prefix_matrix[src * C + c];
-  const int c_end = c + 1 < C ? a.recv_channel_prefix_matrix[src * C + c + 1] : src_total;
-  row0 = src_start + c_start;
-  n = c_end - c_start;
-}
-
 // Leader of dst's sender group, after its sends: waits until dst has consumed every row of this call and
 // records the stream's end (so the next call starts from an empty queue).
 __device__ void drain_sends(const CombineArgs& a, int c, int dst) {
@@ -63,10 +52,7 @@ __device__ void drain_sends(const CombineArgs& a, int c, int dst) {
   int row0, n;
   source_channel_rows(a, dst, c, row0, n);
   const uint64_t end = self->sent[c][dst] + n;
-  if (spin_until(
-          a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
-          kWaitCombineDrain, dst, c, static_cast<int64_t>(end)))
-    self->sent[c][dst] = end;
+  if (wait_drained(a.env, self, c, dst, end, kWaitCombineDrain)) self->sent[c][dst] = end;
 }
 
 // Pushes this rank's rows of channel c back to `dst`. Returns false (in the whole group) after a failed wait.

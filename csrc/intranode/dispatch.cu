@@ -47,17 +47,6 @@
 namespace deepep::intranode {
 namespace {
 
-// Rows of source `src` on this rank, as [first row, count) of channel `c`.
-__device__ __forceinline__ void source_channel_rows(const DispatchArgs& a, int src, int c, int& row0, int& n) {
-  const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels;
-  const int src_start = src == 0 ? 0 : a.rank_prefix_matrix[(src - 1) * R + rank];
-  const int src_total = a.rank_prefix_matrix[src * R + rank] - src_start;
-  const int c_start = a.recv_channel_prefix_matrix[src * C + c];
-  const int c_end = c + 1 < C ? a.recv_channel_prefix_matrix[src * C + c + 1] : src_total;
-  row0 = src_start + c_start;
-  n = c_end - c_start;
-}
-
 // A token's metadata as the warp's lanes hold it between load and store: scales (lane i holds scales i and
 // i + 32; more than 64 scales go through a slow loop in store_meta), local top-k id and weight (lanes < K), and
 // whether this rank owns the expert.
@@ -103,14 +92,6 @@ __device__ __forceinline__ void store_meta(const DispatchArgs& a, const Meta& m,
     store_weight(lane, mine ? m.w : 0.0f);
   }
   if (lane == 0) store_src(token);
-}
-
-// One thread: wait until dst has consumed stream (c, dst) up to message `end` (the sender's drain).
-__device__ bool wait_drained(const DispatchArgs& a, int c, int dst, uint64_t end) {
-  const Header* self = a.peers.ctrl[a.peers.rank];
-  return spin_until(
-      a.env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; },
-      kWaitDispatchDrain, dst, c, static_cast<int64_t>(end));
 }
 
 template <int kDepth>
@@ -162,7 +143,7 @@ __device__ void run_sender(const DispatchArgs& a, int c, int t0, int t1, int dst
   }
   if (!failed && warp_in_group == 0 && lane == 0) {
     const uint64_t end = base + pos;
-    if (a.phase == 1 || wait_drained(a, c, dst, end))  // phase 1 leaves the drain to phase 2
+    if (a.phase == 1 || wait_drained(a.env, self, c, dst, end, kWaitDispatchDrain))  // phase 1: phase 2 drains
       self->sent[c][dst] = end;
   }
 }
@@ -347,7 +328,10 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch_kernel(DispatchArgs a
   if (group >= R - 1) return;  // warps left over by an uneven split
   const int peer = group < rank ? group : group + 1;
   if (is_sender && a.phase == 2) {  // phase 1 pushed the messages and recorded their end in sent[c][peer]
-    if (warp % group_warps == 0 && lane_id() == 0) wait_drained(a, c, peer, a.peers.ctrl[rank]->sent[c][peer]);
+    if (warp % group_warps == 0 && lane_id() == 0) {
+      const Header* self = a.peers.ctrl[rank];
+      wait_drained(a.env, self, c, peer, self->sent[c][peer], kWaitDispatchDrain);
+    }
   } else if (is_sender) {
     run_sender<kDepth>(a, c, t0, t1, peer, group, group_warps, warp % group_warps);
   } else {

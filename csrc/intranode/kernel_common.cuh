@@ -30,6 +30,20 @@ __device__ __forceinline__ int nth_set_bit(unsigned mask, int k) {
   return __ffs(mask) - 1;
 }
 
+// Rows this rank received from `src` on channel c, as [first row, count) of the receive order (source rank, then
+// source token): the rows dispatch writes for that stream, and those combine sends back on it. `Args` is
+// DispatchArgs or CombineArgs (peers, num_channels and the handle's two prefix matrices).
+template <typename Args>
+__device__ __forceinline__ void source_channel_rows(const Args& a, int src, int c, int& row0, int& n) {
+  const int R = a.peers.num_ranks, rank = a.peers.rank, C = a.num_channels;
+  const int src_start = src == 0 ? 0 : a.rank_prefix_matrix[(src - 1) * R + rank];
+  const int src_total = a.rank_prefix_matrix[src * R + rank] - src_start;
+  const int c_start = a.recv_channel_prefix_matrix[src * C + c];
+  const int c_end = c + 1 < C ? a.recv_channel_prefix_matrix[src * C + c + 1] : src_total;
+  row0 = src_start + c_start;
+  n = c_end - c_start;
+}
+
 // Tokens [t0, t1) of channel c when T tokens are split into C channels of ceil(T / C).
 __device__ __forceinline__ void channel_tokens(int num_tokens, int num_channels, int c, int& t0, int& t1) {
   const int per_channel = (num_tokens + num_channels - 1) / num_channels;
@@ -53,6 +67,16 @@ __device__ __forceinline__ bool wait_ring_slot(const ErrorEnv& env, const uint64
   if (!ok) return false;
   head = __shfl_sync(0xffffffffu, lane == 0 ? ld_acquire_sys(head_word) : 0ull, 0);
   return true;
+}
+
+// One thread, a sender's drain: wait (bounded) until `dst` has consumed this rank's stream (c, dst) up to message
+// `end`, i.e. head == tail, so the queue is empty for the next call. Returns false after a timeout (reported as
+// `what` on peer `dst`, channel `c`) or an abort.
+__device__ __forceinline__ bool wait_drained(const ErrorEnv& env, const Header* self, int c, int dst, uint64_t end,
+                                             int what) {
+  return spin_until(
+      env, [&] { return ld_acquire_sys(&self->head[c][dst]); }, [&](uint64_t h) { return h >= end; }, what, dst, c,
+      static_cast<int64_t>(end));
 }
 
 }  // namespace deepep::intranode

@@ -428,8 +428,9 @@ class Runtime {
     a.send_head = send_head.data_ptr<int>();
     a.combined_x = static_cast<uint16_t*>(combined_x.data_ptr());
     a.combined_topk_weights = ptr_or_null<float>(combined_w);
-    a.share_rounds = dispatch_tuning().combine_share;
-    a.small_rounds = dispatch_tuning().combine_small_rounds;
+    const DispatchTuning& tuning = dispatch_tuning();
+    a.share_rounds = tuning.combine_share;
+    a.small_rounds = tuning.combine_small_rounds;
     check_cuda(launch_combine(a, stream), "combine kernel launch");
     leave();
     return py::make_tuple(combined_x, opt(combined_w));
