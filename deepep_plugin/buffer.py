@@ -33,6 +33,7 @@ from .backends.base import (
     InternodeHandle,
     IntranodeHandle,
     LowLatencyHandle,
+    handle_channel_matrix,
     handle_num_channels,
     handle_recv_count,
 )
@@ -108,11 +109,6 @@ def _check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "to
     lo, hi = (int(v) for v in torch.aminmax(topk_idx))
     expect(lo >= -1 and hi < num_experts,
            f"{name} entries must be in [-1, num_experts={num_experts}) (-1 = unused slot), got values in [{lo}, {hi}]")
-
-
-def _channel_matrix(handle: Any) -> torch.Tensor:
-    """The handle's per-channel matrix whose width is its channel count (``handle_num_channels``)."""
-    return handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle) else handle.gbl_channel_prefix_matrix
 
 
 def _is_cuda_tensor(x: XType) -> bool:
@@ -581,7 +577,7 @@ class Buffer:
         channels = config.num_channels if config is not None else None
         ok = self._handle_ok.get(what)
         if (ok is not None and type(handle) is ok[0] and ok[1]() is handle.is_token_in_rank
-                and ok[2]() is _channel_matrix(handle) and ok[3] == num_tokens and ok[4] == channels):
+                and ok[2]() is handle_channel_matrix(handle) and ok[3] == num_tokens and ok[4] == channels):
             return handle  # its tensors passed the previous call of this kind, with the same token count and channels
         if not isinstance(handle, (IntranodeHandle, InternodeHandle)):
             raise DeepEPInputError(f"{what}: handle must be the handle a dispatch returned, passed on unchanged "
@@ -600,8 +596,8 @@ class Buffer:
         if config is not None and handle_num_channels(handle) != channels:
             raise DeepEPInputError(f"{what}: handle was made with num_sms={2 * handle_num_channels(handle)}, config "
                                    f"has num_sms={config.num_sms}")
-        self._handle_ok[what] = (type(handle), weakref.ref(in_rank), weakref.ref(_channel_matrix(handle)), num_tokens,
-                                 channels)
+        self._handle_ok[what] = (type(handle), weakref.ref(in_rank), weakref.ref(handle_channel_matrix(handle)),
+                                 num_tokens, channels)
         return handle
 
     def _check_resident(self, what: str, num_sms: int, device: torch.device) -> None:

@@ -84,10 +84,14 @@ def handle_recv_count(handle: Handle) -> int:
     return (handle.recv_src_idx if isinstance(handle, IntranodeHandle) else handle.recv_src_meta).size(0)
 
 
+def handle_channel_matrix(handle: Handle) -> torch.Tensor:
+    """The handle's per-channel prefix matrix, whose width is its channel count."""
+    return handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle) else handle.gbl_channel_prefix_matrix
+
+
 def handle_num_channels(handle: Handle) -> int:
     """Channels (``num_sms / 2``) of the config that made ``handle``."""
-    matrix = handle.channel_prefix_matrix if isinstance(handle, IntranodeHandle) else handle.gbl_channel_prefix_matrix
-    return matrix.size(1)
+    return handle_channel_matrix(handle).size(1)
 
 
 class DispatchResult(NamedTuple):

@@ -802,8 +802,14 @@ def _read_logs(log_dir: str, ranks: int) -> tuple[dict, list]:
     return cases, stops
 
 
+def _plugin_env() -> dict[str, str]:
+    """The DEEPEP_PLUGIN_* environment: the kernels' tunings (e.g. DEEPEP_PLUGIN_EARLY_DISPATCH=1 fuzzes the
+    split-launch dispatch), which a replay needs too."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")}
+
+
 def _replay_command(args: argparse.Namespace, case: int) -> str:
-    tunings = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")]
+    tunings = [f"{k}={shlex.quote(v)}" for k, v in _plugin_env().items()]
     parts = [*tunings, "python -m deepep_plugin.bench fuzz", f"--seed {args.seed}", f"--cases {args.cases}",
              f"--ranks {args.ranks}", f"--only-case {case}"]
     if args.kinds:
@@ -936,9 +942,7 @@ def run_fuzz(argv: Optional[list] = None) -> dict:
                "batches_died": died,
                "seconds": round(time.perf_counter() - started, 1), "batches": batch_reports,
                "command": "python -m deepep_plugin.bench fuzz " + " ".join(argv if argv is not None else sys.argv[1:]),
-               # The kernels' tunings come from the environment (e.g. DEEPEP_PLUGIN_EARLY_DISPATCH=1 fuzzes the
-               # split-launch dispatch): a replay needs the same.
-               "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DEEPEP_PLUGIN_")}}
+               "env": _plugin_env()}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "w") as f:
