@@ -31,7 +31,7 @@
 // slower side (4 ranks and more), the sender block finds no round left and nothing changes but one atomic per
 // round. The output is the same either way: a token's sum is computed by one warp (small rounds: each vector by one
 // warp) in the same order.
-// Small rounds (small_rounds, DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1, opt-in): see run_reducer. The sum of each
+// Small rounds (small_rounds, DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1, the default): see run_reducer. The sum of each
 // vector is still taken over the sources in the same order, so the output does not change either.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

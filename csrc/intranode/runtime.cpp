@@ -61,14 +61,15 @@ void check_cuda(cudaError_t e, const char* what) {
 //   DEEPEP_PLUGIN_COMBINE_SHARE         1 (default): a combine channel's sender block, its sends out, takes
 //                                       reduction rounds too (combine.cu: shared rounds); 0: the receiver block
 //                                       does them all
-//   DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS  1: a combine channel of fewer than 32 tokens reduces each token with 2 or 4
-//                                       warps in rounds of 16 or 8 tokens (combine.cu: run_reducer); 0 (default)
+//   DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS  1 (default): a combine channel of fewer than 32 tokens reduces each token
+//                                       with 2 or 4 warps in rounds of 16 or 8 tokens (combine.cu: run_reducer);
+//                                       0: one warp per token in rounds of 32
 struct DispatchTuning {
   int local_split = 1;
   int copy_depth = 8;
   int early = 0;  // opt-in: measured slower on an H100 (RESULTS.md, 2026-12-07 night)
   int combine_share = 1;  // measured on an H100, 2 and 4 ranks (RESULTS.md, 2026-12-07 night)
-  int combine_small_rounds = 0;  // opt-in until measured on a GPU (RESULTS.md, 2026-12-07 night)
+  int combine_small_rounds = 1;  // measured on an H100, 2 and 4 ranks (RESULTS.md, 2026-12-07, last session)
 };
 
 int env_choice(const char* name, int fallback, std::initializer_list<int> allowed) {
@@ -87,7 +88,7 @@ const DispatchTuning& dispatch_tuning() {
                                 env_choice("DEEPEP_PLUGIN_COPY_DEPTH", 8, {4, 8}),
                                 env_choice("DEEPEP_PLUGIN_EARLY_DISPATCH", 0, {0, 1}),
                                 env_choice("DEEPEP_PLUGIN_COMBINE_SHARE", 1, {0, 1}),
-                                env_choice("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", 0, {0, 1})};
+                                env_choice("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", 1, {0, 1})};
   return t;
 }
 

@@ -264,8 +264,8 @@ def _clone(obj: Any) -> Any:
 
 
 def _median_rounds(rounds: list[dict]) -> dict:
-    """Per op, the median over measuring rounds of every number (per kernel for kernel times); flags from the
-    first round; the notify trace of the first round."""
+    """Per op, the median over measuring rounds of every number (per kernel for kernel times; a round without a
+    number, as when its profiler failed, counts as the first round's); flags and the notify trace from the first."""
     out: dict[str, dict] = {}
     for op, first in rounds[0].items():
         merged: dict[str, Any] = {}
@@ -273,19 +273,19 @@ def _median_rounds(rounds: list[dict]) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
                 merged[key] = value
             elif isinstance(value, dict):
-                merged[key] = {k: statistics.median(r[op][key].get(k, v) for r in rounds) for k, v in value.items()}
+                merged[key] = {k: statistics.median(r[op].get(key, value).get(k, v) for r in rounds)
+                               for k, v in value.items()}
             else:
-                merged[key] = statistics.median(r[op][key] for r in rounds)
+                merged[key] = statistics.median(r[op].get(key, value) for r in rounds)
         out[op] = merged
     return out
 
 
-def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
-             barrier: Callable[[], None], trace: bool = True) -> tuple[dict, dict]:
-    """Time every op of ``lib`` on ``inp``; return (metrics, the first outputs of every op)."""
+def _ops(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
+         with_outputs: bool) -> tuple[dict[str, Callable[[], Any]], dict, Callable[[], Any]]:
+    """The ops of ``lib`` on ``inp`` (each a closure over one layout and one handle), the first outputs of every op
+    (when ``with_outputs``) and the forward step with ``step::*`` ranges for the timeline."""
     import torch
-
-    from .common import runahead_us
 
     lib.Buffer.set_num_sms(num_sms)
     dcfg, ccfg = lib.Buffer.get_dispatch_config(world), lib.Buffer.get_combine_config(world)
@@ -298,7 +298,6 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
         return buf.dispatch(xx, None, per_rank, per_rdma, in_rank, per_expert, idx, w, config=dcfg)
 
     recv_x, recv_idx, recv_w, counts, handle, _ = fresh(x)
-    recv_fp8 = fresh(x_fp8)
 
     def fwd() -> Any:
         a, b, c, d, _ = buf.get_dispatch_layout(idx, E)
@@ -308,6 +307,16 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
     def bwd() -> Any:
         rx = buf.dispatch(x, handle, config=dcfg)[0]
         return buf.combine(rx, handle, config=ccfg)
+
+    def fwd_marked() -> Any:
+        from torch.profiler import record_function
+
+        with record_function("step::layout"):
+            a, b, c, d, _ = buf.get_dispatch_layout(idx, E)
+        with record_function("step::dispatch"):
+            rx, _, rw, _, h, _ = buf.dispatch(x, None, a, b, d, c, idx, w, config=dcfg)
+        with record_function("step::combine"):
+            return buf.combine(rx, h, topk_weights=rw, config=ccfg)
 
     ops: dict[str, Callable[[], Any]] = {
         "layout": lambda: buf.get_dispatch_layout(idx, E),
@@ -319,17 +328,32 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
         "fwd_step": fwd,
         "bwd_step": bwd,
     }
-    outputs = {
-        "layout": [per_rank, per_expert, in_rank],
-        "dispatch_fresh": [recv_x, recv_idx, recv_w, torch.tensor(counts, dtype=torch.int64)],
-        "dispatch_fresh_fp8": [recv_fp8[0][0], recv_fp8[0][1], recv_fp8[1], recv_fp8[2],
-                               torch.tensor(recv_fp8[3], dtype=torch.int64)],
-        "dispatch_cached": [ops["dispatch_cached"]()[0]],
-        "dispatch_cached_fp8": list(ops["dispatch_cached_fp8"]()[0]),
-        "combine": list(ops["combine"]()[:2]),
-        "fwd_step": list(fwd()[:2]),
-    }
-    outputs = {k: _clone(v) for k, v in outputs.items()}
+    outputs: dict = {}
+    if with_outputs:
+        recv_fp8 = fresh(x_fp8)
+        outputs = {
+            "layout": [per_rank, per_expert, in_rank],
+            "dispatch_fresh": [recv_x, recv_idx, recv_w, torch.tensor(counts, dtype=torch.int64)],
+            "dispatch_fresh_fp8": [recv_fp8[0][0], recv_fp8[0][1], recv_fp8[1], recv_fp8[2],
+                                   torch.tensor(recv_fp8[3], dtype=torch.int64)],
+            "dispatch_cached": [ops["dispatch_cached"]()[0]],
+            "dispatch_cached_fp8": list(ops["dispatch_cached_fp8"]()[0]),
+            "combine": list(ops["combine"]()[:2]),
+            "fwd_step": list(fwd()[:2]),
+        }
+        outputs = {k: _clone(v) for k, v in outputs.items()}
+    return ops, outputs, fwd_marked
+
+
+def _measure_times(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
+                   barrier: Callable[[], None]) -> tuple[dict, dict]:
+    """Time every op of ``lib`` on ``inp`` (runahead, synced, whether it blocks the host); return (metrics, the
+    first outputs of every op)."""
+    import torch
+
+    from .common import runahead_us
+
+    ops, outputs, _ = _ops(lib, buf, inp, num_sms, world, args, with_outputs=True)
     metrics: dict[str, Any] = {}
     for name, fn in ops.items():
         torch.cuda.synchronize()
@@ -342,6 +366,18 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
         metrics[name] = {"runahead_us": gpu, "host_us": host,
                          "synced_us": _synced(fn, args.synced_iters, barrier),
                          "blocks_host": _blocks_host(fn, barrier)}
+    return metrics, outputs
+
+
+def _measure_kernels(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
+                     barrier: Callable[[], None], trace: bool) -> dict:
+    """Under the profiler: per op, kernel time, launches and synchronising calls; with ``trace``, the notify trace
+    of the forward step and its timeline file. Run only after every timing of the run: a process that has run the
+    profiler keeps CUPTI's callbacks (PyTorch does not tear CUPTI down by default), which slows every later launch."""
+    import torch
+
+    ops, _, fwd_marked = _ops(lib, buf, inp, num_sms, world, args, with_outputs=False)
+    metrics: dict[str, dict] = {name: {} for name in ops}
     if not args.no_profile:
         try:
             prof = _profile(ops, args.profile_iters, barrier)
@@ -353,25 +389,29 @@ def _measure(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: a
     if args.trace_notify and trace:
         metrics["fwd_step"]["notify_trace"] = _notify_trace(ops["fwd_step"], args.trace_notify, barrier)
     if args.trace_dir and trace:
-        def fwd_marked() -> Any:
-            from torch.profiler import record_function
-
-            with record_function("step::layout"):
-                a, b, c, d, _ = buf.get_dispatch_layout(idx, E)
-            with record_function("step::dispatch"):
-                rx, _, rw, _, h, _ = buf.dispatch(x, None, a, b, d, c, idx, w, config=dcfg)
-            with record_function("step::combine"):
-                return buf.combine(rx, h, topk_weights=rw, config=ccfg)
-
         tag = f"{lib.__name__}_R{world}_T{inp.x.size(0)}_S{num_sms}_r{torch.distributed.get_rank()}"
         try:
             _step_timeline(fwd_marked, args.trace_notify or 10, barrier, os.path.join(args.trace_dir, tag + ".json"))
         except Exception as e:  # noqa: BLE001 - the profiler is optional (CUPTI may be unavailable)
             print(f"compare: step timeline failed ({e}); none written for {tag}", flush=True)
-    for m in metrics.values():
-        api = m.get("api_syncs")
-        m["host_syncs"] = (api if api else 0.0) + (1.0 if m["blocks_host"] and not api else 0.0)
-    return metrics, outputs
+    return metrics
+
+
+def _host_syncs(m: dict) -> float:
+    """Host syncs per call: the synchronising runtime calls the profiler saw, else one where the call waited."""
+    api = m.get("api_syncs")
+    return (api if api else 0.0) + (1.0 if m["blocks_host"] and not api else 0.0)
+
+
+def _fill_row(row: dict, m: dict, timing: str) -> None:
+    for op in OPS:
+        row[f"{op}_us"] = m[op][f"{timing}_us"]
+        row[f"host_{op}_us"] = m[op]["host_us"]
+        row[f"syncs_{op}"] = _host_syncs(m[op])
+        if "kernel_us" in m[op]:
+            row[f"kernel_{op}_us"] = m[op]["kernel_us"]
+            row[f"launches_{op}"] = m[op]["launches"]
+            row[f"kernels_{op}"] = m[op]["kernels"]
 
 
 def _bits_equal(a: Any, b: Any) -> bool:
@@ -455,14 +495,18 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[di
     device = torch.cuda.get_device_name(dev)
     gpus = min(torch.cuda.device_count(), world)
     rows: list[dict] = []
+    # Every timing of the run comes first, every profiler pass after: a process that has run the profiler launches
+    # more slowly from then on (_measure_kernels), and timing after it would charge that to whichever library is
+    # timed later. Inputs are made again for the second pass from the same seeds.
+    configs: list[tuple[int, int, dict, list[tuple[str, str, dict]]]] = []
     for tokens in (int(v) for v in args.tokens.split(",")):
         inp = _Inputs(rank, tokens, args, dev)
         for sms in sms_list:
             outputs: dict[str, dict] = {}
             rounds: dict[str, list[dict]] = {name: [] for name, _ in libs}
-            for r in range(args.rounds):  # the libraries take turns, so a slow spell of the machine hits both
+            for _ in range(args.rounds):  # the libraries take turns, so a slow spell of the machine hits both
                 for name, lib in libs:
-                    m, out = _measure(lib, buffers[name], inp, sms, world, args, barrier, trace=r == 0)
+                    m, out = _measure_times(lib, buffers[name], inp, sms, world, args, barrier)
                     rounds[name].append(m)
                     outputs.setdefault(name, out)
             measured = {name: _median_rounds(ms) for name, ms in rounds.items()}
@@ -478,41 +522,55 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[di
                 _close(a, b) if op in loose else _bits_equal(a.cpu() if a is not None else None,
                                                             b.cpu() if b is not None else None)
                 for a, b in zip(mine[op], oracle[op])) for op in mine}
-            if args.trace_notify:
-                for name, _ in libs:
-                    traces: list[Any] = [None] * world
-                    dist.all_gather_object(traces, measured[name]["fwd_step"].pop("notify_trace"))
-                    if rank == 0:
-                        skew = notify_skew(traces)
-                        print(f"notify-trace R={world} T={tokens} SMs={sms} {name}: " +
-                              "  ".join(f"{k} {v:.1f}" for k, v in skew.items()), flush=True)
+            config_rows: list[tuple[str, str, dict]] = []
             for name, _ in libs:
                 for timing in ("runahead", "synced"):
                     row = {"lib": name, "ranks": world, "gpus": gpus, "tokens": tokens, "hidden": args.hidden,
                            "topk": args.topk, "experts": args.num_experts, "num_sms": sms, "timing": timing,
                            "device": device, "date": date, "rank": rank}
-                    m = measured[name]
-                    for op in OPS:
-                        row[f"{op}_us"] = m[op][f"{timing}_us"]
-                        row[f"host_{op}_us"] = m[op]["host_us"]
-                        row[f"syncs_{op}"] = m[op]["host_syncs"]
-                        if "kernel_us" in m[op]:
-                            row[f"kernel_{op}_us"] = m[op]["kernel_us"]
-                            row[f"launches_{op}"] = m[op]["launches"]
-                            row[f"kernels_{op}"] = m[op]["kernels"]
+                    _fill_row(row, measured[name], timing)
                     if name == "deepep_plugin":
                         row["outputs_equal"] = all(equal_by_op.values())
                         row["outputs_equal_by_op"] = equal_by_op
                         row["compared_with"] = oracle_name
                     rows.append(row)
+                    config_rows.append((name, timing, row))
+            configs.append((tokens, sms, measured, config_rows))
             # Every configuration's merged rows also go to a JSON-lines file at once, so a run cut short (a time
-            # limit) keeps what it measured: `<--json>.partial`, one {"rows": [...]} per configuration.
+            # limit) keeps what it measured: `<--json>.partial`, one {"rows": [...]} per configuration (times
+            # only: kernel times come in the profiler pass after all of them).
             fresh_rows: list[Any] = [None] * world
-            dist.all_gather_object(fresh_rows, rows[-2 * len(libs):])
+            dist.all_gather_object(fresh_rows, [row for _, _, row in config_rows])
             if rank == 0:
                 print(_progress_line(world, tokens, sms, measured), flush=True)
                 with open(args.json + ".partial", "a") as f:
                     f.write(json.dumps({"rows": _merge_ranks(fresh_rows)}) + "\n")
+            del outputs, mine, oracle
+            torch.cuda.empty_cache()
+        del inp
+    if not args.no_profile or args.trace_notify or args.trace_dir:
+        inputs: dict[int, _Inputs] = {}
+        for tokens, sms, measured, config_rows in configs:
+            if tokens not in inputs:
+                inputs.clear()
+                inputs[tokens] = _Inputs(rank, tokens, args, dev)
+            kernel_rounds: dict[str, list[dict]] = {name: [] for name, _ in libs}
+            for r in range(args.rounds):
+                for name, lib in libs:
+                    kernel_rounds[name].append(_measure_kernels(lib, buffers[name], inputs[tokens], sms, world,
+                                                                args, barrier, trace=r == 0))
+            for name, _ in libs:
+                for op, m in _median_rounds(kernel_rounds[name]).items():
+                    measured[name][op].update(m)
+                if args.trace_notify:
+                    traces: list[Any] = [None] * world
+                    dist.all_gather_object(traces, measured[name]["fwd_step"].pop("notify_trace", []))
+                    if rank == 0:
+                        skew = notify_skew(traces)
+                        print(f"notify-trace R={world} T={tokens} SMs={sms} {name}: " +
+                              "  ".join(f"{k} {v:.1f}" for k, v in skew.items()), flush=True)
+            for name, timing, row in config_rows:
+                _fill_row(row, measured[name], timing)
             torch.cuda.empty_cache()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)

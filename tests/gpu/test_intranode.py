@@ -99,16 +99,17 @@ def test_combine_round_sharing(share: str, world_size: int, queue_tokens: int, n
                     num_experts=48, topk=8, num_sms=num_sms, queue_tokens=queue_tokens, repeats=3, **SPAWN)
 
 
-@pytest.mark.parametrize("share", ["1", "0"], ids=["shared", "receivers"])
+@pytest.mark.parametrize("share,small", [("1", "1"), ("0", "1"), ("1", "0")],
+                         ids=["shared", "receivers", "one-warp-per-token"])
 @pytest.mark.parametrize("world_size,num_tokens,queue_tokens", [(2, 40, 64), (3, 60, 64), (4, 20, 16)],
                          ids=["2-ranks-4-warps", "3-ranks-2-warps", "4-ranks-mixed-shallow"])
-def test_combine_small_rounds(world_size: int, num_tokens: int, queue_tokens: int, share: str,
+def test_combine_small_rounds(world_size: int, num_tokens: int, queue_tokens: int, share: str, small: str,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1: a channel of fewer than 32 tokens gives each token 2 (16-31 tokens) or 4
+    # DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1 (the default; 0 is the one-warp path on the same small channels): a channel of fewer than 32 tokens gives each token 2 (16-31 tokens) or 4
     # warps, in rounds of 16 or 8 tokens. 3 channels per rank of 6 to 33 tokens (rank r has num_tokens + 37 r, the
     # last of 3 or 4 ranks none): 4, 2 and 1 warps per token within one call. 64 slots: rounds of 8, 16 and 32
     # tokens; 16 slots: rounds of 8 whatever the warps per token.
-    monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", "1")
+    monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", small)
     monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SHARE", share)
     run_distributed(w.dispatch_combine_worker, world_size, seed=29, num_tokens=num_tokens, hidden=7168,
                     num_experts=48, topk=8, num_sms=6, queue_tokens=queue_tokens, repeats=3, **SPAWN)
