@@ -16,6 +16,9 @@ Outputs (recv_x, FP8 data and scales, recv_topk_idx/weights, per-expert counts, 
 layout) are compared bit for bit with DeepEP's when ``import deep_ep`` works, else with the reference backend on
 CPU copies (bit for bit too, except combined rows: within BF16 rounding, as the reference may sum in another order).
 
+Every timing of a run (all configurations, all rounds) is taken before the first profiler pass: a process that
+has run the profiler keeps CUPTI attached and launches more slowly from then on (``tools/profiler_aftereffect.py``).
+
 Several processes on one GPU run concurrently only under MPS: the tool starts the MPS daemon (and stops it) when
 ranks share a GPU and none is running. Results: ``--json`` (``{"rows": [...]}``, one row per library, configuration
 and timing; while running, each configuration's rows are appended to ``<json>.partial`` as they are measured),
