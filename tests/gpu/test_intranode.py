@@ -105,10 +105,11 @@ def test_combine_round_sharing(share: str, world_size: int, queue_tokens: int, n
                          ids=["2-ranks-4-warps", "3-ranks-2-warps", "4-ranks-mixed-shallow"])
 def test_combine_small_rounds(world_size: int, num_tokens: int, queue_tokens: int, share: str, small: str,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1 (the default; 0 is the one-warp path on the same small channels): a channel of fewer than 32 tokens gives each token 2 (16-31 tokens) or 4
-    # warps, in rounds of 16 or 8 tokens. 3 channels per rank of 6 to 33 tokens (rank r has num_tokens + 37 r, the
-    # last of 3 or 4 ranks none): 4, 2 and 1 warps per token within one call. 64 slots: rounds of 8, 16 and 32
-    # tokens; 16 slots: rounds of 8 whatever the warps per token.
+    # DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1 (the default; 0 is the one-warp path on the same small channels): a
+    # channel of fewer than 32 tokens gives each token 2 (16-31 tokens) or 4 warps, in rounds of 16 or 8 tokens.
+    # 3 channels per rank of 6 to 33 tokens (rank r has num_tokens + 37 r, the last of 3 or 4 ranks none): 4, 2
+    # and 1 warps per token within one call. 64 slots: rounds of 8, 16 and 32 tokens; 16 slots: rounds of 8
+    # whatever the warps per token.
     monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS", small)
     monkeypatch.setenv("DEEPEP_PLUGIN_COMBINE_SHARE", share)
     run_distributed(w.dispatch_combine_worker, world_size, seed=29, num_tokens=num_tokens, hidden=7168,
