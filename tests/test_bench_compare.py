@@ -62,3 +62,74 @@ def test_notify_skew_names_the_late_rank_and_the_spreads() -> None:
     skew = notify_skew([early, late])
     assert skew["calls"] == 2 and skew["launch_spread_us"] == 35.0 and skew["start_spread_us"] == 35.0
     assert skew["end_spread_us"] == 1.5 and skew["late_rank_share"] == 1.0
+
+
+def test_every_timing_of_a_run_comes_before_any_profiler_pass(tmp_path, monkeypatch) -> None:
+    # compare's worker on one CPU rank with the measuring functions replaced by recorders and a stand-in DeepEP:
+    # every configuration and round is timed (the libraries taking turns) before the first profiler pass, since a
+    # process that has profiled launches more slowly; the profiler's kernel times still reach every row.
+    import sys
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    import deepep_plugin
+    from deepep_plugin.bench import common
+    from deepep_plugin.bench import compare as cmp
+
+    calls: list[tuple] = []
+
+    class FakeBuffer:
+        num_nvl_bytes = 1 << 20
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+    class FakeInputs:
+        def __init__(self, rank: int, tokens: int, args, dev) -> None:
+            self.x = torch.zeros(tokens, 4)
+
+    def outputs() -> dict:
+        return {op: [torch.arange(4)] for op in OPS if op != "bwd_step"}
+
+    def measure_times(lib, buf, inp, sms, world, args, barrier):
+        calls.append(("time", lib.__name__, inp.x.size(0), sms))
+        return {op: {"runahead_us": 10.0, "host_us": 5.0, "synced_us": 12.0, "blocks_host": op == "fwd_step"}
+                for op in OPS}, outputs()
+
+    def measure_kernels(lib, buf, inp, sms, world, args, barrier, trace):
+        calls.append(("kernels", lib.__name__, inp.x.size(0), sms, trace))
+        m = {op: {"kernel_us": 3.0, "launches": 2.0, "api_syncs": 0.0, "kernels": {"k": 3.0}} for op in OPS}
+        if trace:
+            m["fwd_step"]["notify_trace"] = [(0.0, 1.0, 2.0)]
+        return m
+
+    fake_deep_ep = types.ModuleType("deep_ep")
+    fake_deep_ep.Buffer = FakeBuffer
+    fake_deep_ep.Config = deepep_plugin.Config
+    monkeypatch.setitem(sys.modules, "deep_ep", fake_deep_ep)
+    monkeypatch.setattr(deepep_plugin, "Buffer", FakeBuffer)
+    monkeypatch.setattr(common, "rank_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cmp, "_fits", lambda sms, world: True)
+    monkeypatch.setattr(cmp, "_Inputs", FakeInputs)
+    monkeypatch.setattr(cmp, "_measure_times", measure_times)
+    monkeypatch.setattr(cmp, "_measure_kernels", measure_kernels)
+    args = cmp._parse(["--ranks", "1", "--tokens", "8,16", "--sms", "4,6", "--rounds", "2", "--trace-notify", "3",
+                       "--json", str(tmp_path / "rows.json")])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rows = cmp._worker(0, 1, args)
+    finally:
+        dist.destroy_process_group()
+    kinds = [c[0] for c in calls]
+    assert kinds == ["time"] * 16 + ["kernels"] * 16, kinds  # 2 token counts x 2 SM counts x 2 rounds x 2 libs
+    assert [c[1] for c in calls[:4]] == ["deepep_plugin", "deep_ep"] * 2  # the libraries take turns
+    assert sum(1 for c in calls if c[0] == "kernels" and c[4]) == 8  # traced in the first round only
+    assert rows is not None and len(rows) == 16  # 4 configurations x 2 libraries x 2 timings
+    for r in rows:
+        assert r["fwd_step_us"] == (10.0 if r["timing"] == "runahead" else 12.0)
+        assert r["kernel_fwd_step_us"] == 3.0 and r["launches_combine"] == 2.0 and r["syncs_fwd_step"] == 1.0
+    assert all(r["outputs_equal"] for r in rows if r["lib"] == "deepep_plugin")

@@ -26,7 +26,7 @@ def test_compare_writes_rows_and_timelines(tmp_path) -> None:
 
     traces = str(tmp_path / "timelines")
     rows_json = str(tmp_path / "rows.json")
-    cmd = [sys.executable, "-m", "deepep_plugin.bench", "compare", "--ranks", "2", "--tokens", "96", "--sms", "8",
+    cmd = [sys.executable, "-m", "deepep_plugin.bench", "compare", "--ranks", "2", "--tokens", "96,160", "--sms", "8",
            "--hidden", "2048", "--num-experts", "32", "--iters", "3", "--synced-iters", "1", "--profile-iters", "1",
            "--warmup", "1", "--no-deepep", "--trace-dir", traces, "--json", rows_json,
            "--plot", str(tmp_path / "rows.png"), "--results", ""]
@@ -36,8 +36,12 @@ def test_compare_writes_rows_and_timelines(tmp_path) -> None:
         rows = json.load(f)["rows"]
     mine = [r for r in rows if r["lib"] == "deepep_plugin"]
     assert mine and all(r["outputs_equal"] for r in mine), [r.get("outputs_equal_by_op") for r in mine]
+    # Both configurations' rows carry the profiler pass's numbers, which run after every timing of the run.
+    assert {r["tokens"] for r in mine} == {96, 160}
+    assert all(r["kernel_fwd_step_us"] > 0 and r["launches_fwd_step"] >= 4 for r in mine), mine
     found = load(traces)
-    assert set(found) == {("deepep_plugin", 2, 96, 8)} and set(found[("deepep_plugin", 2, 96, 8)]) == {0, 1}
+    assert set(found) == {("deepep_plugin", 2, 96, 8), ("deepep_plugin", 2, 160, 8)}
+    assert set(found[("deepep_plugin", 2, 96, 8)]) == {0, 1}
     summary = summarize(found[("deepep_plugin", 2, 96, 8)])
     assert summary["steps"] >= 5
     for key in ("gpu_layout_us", "gpu_notify_us", "gpu_dispatch_us", "gpu_combine_us", "count_gap_us",
