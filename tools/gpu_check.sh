@@ -28,7 +28,7 @@
 #                      two-GPU prediction they give; writes $OUT/sm_rates.json (copy it to benchmarks/results/)
 #   tuning-ab          the intranode kernels' tunings in one run (default; DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT=0;
 #                      DEEPEP_PLUGIN_COPY_DEPTH=4; DEEPEP_PLUGIN_EARLY_DISPATCH=1; DEEPEP_PLUGIN_COMBINE_SHARE=0;
-#                      DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1),
+#                      DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=0),
 #                      compare without DeepEP
 #                      ($TUNING_ARGS, default 256, 1024 and 4096 tokens, 12 and 24 SMs, 2 and 4 ranks); writes
 #                      $OUT/tuning_<variant>.json
@@ -165,14 +165,14 @@ if stage sm-rates; then
 fi
 if stage tuning-ab; then
   echo "== benchmark: kernel tunings, same run"
-  for variant in default local-split-0 copy-depth-4 early-dispatch-1 combine-share-0 combine-small-rounds-1; do
+  for variant in default local-split-0 copy-depth-4 early-dispatch-1 combine-share-0 combine-small-rounds-0; do
     case $variant in
       default) tune=() ;;
       local-split-0) tune=(DEEPEP_PLUGIN_DISPATCH_LOCAL_SPLIT=0) ;;
       copy-depth-4) tune=(DEEPEP_PLUGIN_COPY_DEPTH=4) ;;
       early-dispatch-1) tune=(DEEPEP_PLUGIN_EARLY_DISPATCH=1) ;;
       combine-share-0) tune=(DEEPEP_PLUGIN_COMBINE_SHARE=0) ;;
-      combine-small-rounds-1) tune=(DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=1) ;;
+      combine-small-rounds-0) tune=(DEEPEP_PLUGIN_COMBINE_SMALL_ROUNDS=0) ;;
     esac
     # shellcheck disable=SC2086  # TUNING_ARGS is a word list
     env "${tune[@]}" timeout "${BENCH_TIMEOUT:-110}" python3 -m deepep_plugin.bench compare --no-deepep --no-profile \

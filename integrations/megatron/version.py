@@ -4,8 +4,8 @@ The dispatcher contract this adapter relies on (``MoETokenDispatcher``'s six hoo
 constructor, ``fused_a2a``'s ``FusedDispatch``/``FusedCombine`` and its ``EventHandle``/``EventOverlap`` use) first
 appeared in core_v0.13 and is unchanged up to the 0.20 development line. Tested: 0.16.1 in CI (CPU, Python 3.11);
 0.19.2 (Python 3.12) on the CPU tests and on one H100 on 2026-12-07: the GPU layer tests against Megatron's
-all-to-all dispatcher that ran (``tests/gpu/test_megatron_cuda.py``: dispatcher mode 5 of 5, compat mode 3 of 4) and
-the Megatron recipe on the kernels pass. From 0.17 on the SM count lives in ``moe_flex_dispatcher_num_sms`` and
+all-to-all dispatcher (``tests/gpu/test_megatron_cuda.py``: dispatcher mode 5 of 5, compat mode 4 of 4) and the
+Megatron recipe on the kernels pass. From 0.17 on the SM count lives in ``moe_flex_dispatcher_num_sms`` and
 both it and ``moe_deepep_num_sms`` default to ``None`` (``settings.megatron_num_sms`` reads either). The sync-free
 MoE layer (dispatcher mode) captured in a CUDA graph, forward and backward, and replayed on new inputs equals eager on
 0.19.2 (``tests/gpu/test_cuda_graph_moe_cuda.py``, one H100, 2026-12-07 night), since the dispatcher drops the step's
