@@ -206,6 +206,10 @@ class Runtime {
   int64_t host_waits() const { return host_waits_; }
   // Fresh dispatches run as a split launch (DEEPEP_PLUGIN_EARLY_DISPATCH=1 and the sends fit), for tests.
   int64_t split_launches() const { return split_launches_; }
+  // The host clock (steady_clock ns, CLOCK_MONOTONIC: Python's time.perf_counter_ns) at the steps of the last
+  // fresh dispatch without num_worst_tokens: entry, notify enqueued, receive count seen, outputs allocated,
+  // dispatch enqueued, return. For the benchmark's unprofiled host breakdown (bench compare --host-stamps).
+  std::vector<int64_t> fresh_stamps() const { return std::vector<int64_t>(stamps_, stamps_ + kStamps); }
 
   // --- layout --------------------------------------------------------------------------------------------
   // (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool).
@@ -247,6 +251,7 @@ class Runtime {
                            const at::Tensor& num_tokens_per_rank, const at::Tensor& num_tokens_per_expert,
                            const at::Tensor& is_token_in_rank, int num_channels, int queue_tokens,
                            int expert_alignment, int64_t num_worst_tokens, double timeout_s) {
+    stamp(0);
     enter(x, "dispatch: x");
     const int R = num_ranks_, C = num_channels;
     const int64_t E = num_tokens_per_expert.numel();
@@ -320,6 +325,7 @@ class Runtime {
     split_launches_ += split ? 1 : 0;
     if (split) launch(/*with_outputs=*/false, /*phase=*/1);
     const int phase = split ? 2 : 0;
+    stamp(1);
 
     int64_t rows = num_worst_tokens;
     if (!worst) {
@@ -328,6 +334,7 @@ class Runtime {
                                                    py::none(), py::none(), py::none(), py::none(), py::none(),
                                                    status);
       rows = reinterpret_cast<volatile int64_t*>(host_->counters)[1];
+      stamp(2);
     }
     try {
       recv_x = at::empty({rows, x.size(1)}, x.options());
@@ -346,7 +353,9 @@ class Runtime {
       }
       throw;
     }
+    stamp(3);
     launch(/*with_outputs=*/true, phase);
+    stamp(4);
     // The per-expert list (E_loc Python ints) is built once the kernel is on its way, not in the GPU's idle gap
     // between notify and dispatch; only notify writes the counters, and the next one is a later call's.
     py::list per_expert;
@@ -355,6 +364,7 @@ class Runtime {
       for (int e = 0; e < E_loc; ++e) per_expert.append(static_cast<int64_t>(c[2 + e]));
     }
     const int status = host_->mailbox.status != kMailboxEmpty ? 3 : 0;
+    stamp(5);
     return py::make_tuple(recv_x, opt(recv_scales), opt(recv_topk_idx), opt(recv_topk_weights), per_expert,
                           rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx, send_head, status);
   }
@@ -625,6 +635,12 @@ class Runtime {
   HostPage* host_dev_ = nullptr;
   StreamOrder order_;  // the stream of the previous call (call_stream)
   int64_t host_waits_ = 0;
+  static constexpr int kStamps = 6;
+  int64_t stamps_[kStamps] = {};
+  void stamp(int i) {
+    stamps_[i] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
   int64_t split_launches_ = 0;
   uint8_t* peers_[kMaxRanks];
   Header* peer_ctrl_[kMaxRanks];
@@ -651,6 +667,7 @@ PYBIND11_MODULE(_intranode_C, m) {
       .def("local_buffer", &Runtime::local_buffer)
       .def("host_waits", &Runtime::host_waits)
       .def("split_launches", &Runtime::split_launches)
+      .def("fresh_stamps", &Runtime::fresh_stamps)
       .def("layout", &Runtime::layout)
       .def("dispatch_fresh", &Runtime::dispatch_fresh)
       .def("dispatch_cached", &Runtime::dispatch_cached)

@@ -68,6 +68,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trace-dir", type=str, default="", metavar="DIR",
                    help="also profile N forward steps (--trace-notify's N, else 10) and write each rank's host calls "
                         "and GPU work on the shared host clock to DIR/<lib>_R<ranks>_T<tokens>_S<sms>_r<rank>.json")
+    p.add_argument("--host-stamps", type=int, default=0, metavar="N",
+                   help="also run N forward steps back to back, unprofiled, with host clock stamps between the calls "
+                        "(and, for deepep_plugin, inside its fresh dispatch: notify enqueued, count seen, outputs "
+                        "allocated, dispatch enqueued) and print each rank's median segments (0: off)")
     p.add_argument("--no-deepep", action="store_true", help="do not run DeepEP even if importable")
     p.add_argument("--timeout", type=float, default=30.0, help="deepep_plugin's wait timeout (s)")
     p.add_argument("--json", type=str, default="benchmarks/results/intranode_vs_deepep.json")
@@ -369,7 +373,57 @@ def _measure_times(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, a
         metrics[name] = {"runahead_us": gpu, "host_us": host,
                          "synced_us": _synced(fn, args.synced_iters, barrier),
                          "blocks_host": _blocks_host(fn, barrier)}
+    if args.host_stamps:
+        metrics["fwd_step"]["stamps"] = _host_stamps(lib, buf, inp, num_sms, world, args, barrier)
     return metrics, outputs
+
+
+def _host_stamps(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
+                 barrier: Callable[[], None]) -> dict[str, float]:
+    """Median host us of each segment of ``args.host_stamps`` forward steps issued back to back (no profiler):
+    ``period`` (step start to the next step's start), ``layout``, ``dispatch``, ``combine`` (each call's host time)
+    and, for deepep_plugin, the fresh dispatch's parts from its runtime's stamps (runtime.cpp: fresh_stamps):
+    ``d_py_pre`` (Python before the C++ call), ``d_pre`` (to notify enqueued), ``d_wait`` (the count read),
+    ``d_alloc``, ``d_launch`` (dispatch enqueued), ``d_post`` (to the C++ return), ``d_py_post``."""
+    import torch
+
+    n = args.host_stamps
+    dcfg, ccfg = lib.Buffer.get_dispatch_config(world), lib.Buffer.get_combine_config(world)
+    rt = getattr(getattr(buf, "runtime", None), "intranode", None)
+    rt = getattr(rt, "_rt", None)
+    x, idx, w, E = inp.x, inp.topk_idx, inp.topk_weights, args.num_experts
+    clock = time.perf_counter_ns
+    rows: list[list[int]] = []
+    torch.cuda.synchronize()
+    barrier()
+    for _ in range(n + 1):
+        t0 = clock()
+        a, b, c, d, _ = buf.get_dispatch_layout(idx, E)
+        t1 = clock()
+        rx, _, rw, _, h, _ = buf.dispatch(x, None, a, b, d, c, idx, w, config=dcfg)
+        t2 = clock()
+        buf.combine(rx, h, topk_weights=rw, config=ccfg)
+        t3 = clock()
+        rows.append([t0, t1, t2, t3] + (list(rt.fresh_stamps()) if rt is not None else []))
+    torch.cuda.synchronize()
+    seg: dict[str, list[float]] = {}
+
+    def put(name: str, ns: int) -> None:
+        seg.setdefault(name, []).append(ns / 1e3)
+
+    for i in range(n):
+        t0, t1, t2, t3 = rows[i][:4]
+        put("period", rows[i + 1][0] - t0)
+        put("layout", t1 - t0)
+        put("dispatch", t2 - t1)
+        put("combine", t3 - t2)
+        if rt is not None:
+            s = rows[i][4:]
+            put("d_py_pre", s[0] - t1)
+            for k, name in enumerate(("d_pre", "d_wait", "d_alloc", "d_launch", "d_post")):
+                put(name, s[k + 1] - s[k])
+            put("d_py_post", t2 - s[5])
+    return {k: statistics.median(v) for k, v in seg.items()}
 
 
 def _measure_kernels(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
@@ -411,6 +465,8 @@ def _fill_row(row: dict, m: dict, timing: str) -> None:
         row[f"{op}_us"] = m[op][f"{timing}_us"]
         row[f"host_{op}_us"] = m[op]["host_us"]
         row[f"syncs_{op}"] = _host_syncs(m[op])
+        if "stamps" in m[op]:
+            row[f"stamps_{op}"] = m[op]["stamps"]
         if "kernel_us" in m[op]:
             row[f"kernel_{op}_us"] = m[op]["kernel_us"]
             row[f"launches_{op}"] = m[op]["launches"]
@@ -544,6 +600,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> Optional[list[di
             # only: kernel times come in the profiler pass after all of them).
             fresh_rows: list[Any] = [None] * world
             dist.all_gather_object(fresh_rows, [row for _, _, row in config_rows])
+            if args.host_stamps:
+                for name, _ in libs:
+                    st = measured[name]["fwd_step"].get("stamps", {})
+                    print(f"host-stamps R={world} T={tokens} SMs={sms} {name} rank {rank}: "
+                          + "  ".join(f"{k} {v:.1f}" for k, v in st.items()), flush=True)
             if rank == 0:
                 print(_progress_line(world, tokens, sms, measured), flush=True)
                 with open(args.json + ".partial", "a") as f:

@@ -28,7 +28,7 @@ def test_compare_writes_rows_and_timelines(tmp_path) -> None:
     rows_json = str(tmp_path / "rows.json")
     cmd = [sys.executable, "-m", "deepep_plugin.bench", "compare", "--ranks", "2", "--tokens", "96,160", "--sms", "8",
            "--hidden", "2048", "--num-experts", "32", "--iters", "3", "--synced-iters", "1", "--profile-iters", "1",
-           "--warmup", "1", "--no-deepep", "--trace-dir", traces, "--json", rows_json,
+           "--warmup", "1", "--no-deepep", "--trace-dir", traces, "--host-stamps", "4", "--json", rows_json,
            "--plot", str(tmp_path / "rows.png"), "--results", ""]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -39,6 +39,13 @@ def test_compare_writes_rows_and_timelines(tmp_path) -> None:
     # Both configurations' rows carry the profiler pass's numbers, which run after every timing of the run.
     assert {r["tokens"] for r in mine} == {96, 160}
     assert all(r["kernel_fwd_step_us"] > 0 and r["launches_fwd_step"] >= 4 for r in mine), mine
+    # The unprofiled host stamps: the fresh dispatch's parts lie inside its call, in order (no negative segment).
+    for r in mine:
+        st = r["stamps_fwd_step"]
+        parts = ("d_py_pre", "d_pre", "d_wait", "d_alloc", "d_launch", "d_post", "d_py_post")
+        assert all(st[k] >= 0 for k in parts), st
+        assert sum(st[k] for k in parts) <= st["dispatch"] * 1.5 + 5, st
+        assert st["period"] > 0 and "host-stamps R=2 T=96" in done.stdout, st
     found = load(traces)
     assert set(found) == {("deepep_plugin", 2, 96, 8), ("deepep_plugin", 2, 160, 8)}
     assert set(found[("deepep_plugin", 2, 96, 8)]) == {0, 1}
