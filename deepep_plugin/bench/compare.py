@@ -423,7 +423,39 @@ def _host_stamps(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, arg
             for k, name in enumerate(("d_pre", "d_wait", "d_alloc", "d_launch", "d_post")):
                 put(name, s[k + 1] - s[k])
             put("d_py_post", t2 - s[5])
-    return {k: statistics.median(v) for k, v in seg.items()}
+    out = {k: statistics.median(v) for k, v in seg.items()}
+    # Host us per call of combine and cached dispatch at each layer, calls issued back to back: Buffer (L0) and,
+    # for deepep_plugin, its backend (L1) and the extension's call itself (L2: argument conversion, allocation,
+    # launch), so the Python layers' share of a call's host time shows beside the C++ part.
+    rx, _, rw, _, h, _ = buf.dispatch(x, None, a, b, d, c, idx, w, config=dcfg)
+    layers: dict[str, Callable[[], Any]] = {
+        "combine_L0": lambda: buf.combine(rx, h, topk_weights=rw, config=ccfg),
+        "cached_L0": lambda: buf.dispatch(x, h, config=dcfg),
+    }
+    if rt is not None:
+        be = buf.runtime.intranode
+        C, Q, cq = dcfg.num_channels, dcfg.num_max_nvl_chunked_recv_tokens, ccfg.num_max_nvl_chunked_recv_tokens
+        layers.update({
+            "combine_L1": lambda: be.combine(rx, h, rw, None, None, ccfg),
+            "combine_L2": lambda: rt.combine(rx, rw, None, None, h.rank_prefix_matrix, h.channel_prefix_matrix,
+                                             h.recv_channel_prefix_matrix, h.send_head, cq, be.timeout_s),
+            "cached_L1": lambda: be.dispatch(x, None, h, None, None, None, 1, 0, dcfg),
+            "cached_L2": lambda: rt.dispatch_cached(x, None, h.is_token_in_rank, h.rank_prefix_matrix,
+                                                    h.recv_channel_prefix_matrix, h.recv_src_idx.size(0), C, Q,
+                                                    be.timeout_s),
+        })
+    for name, fn in layers.items():
+        torch.cuda.synchronize()
+        barrier()
+        times = []
+        for _ in range(n):
+            t0 = clock()
+            fn()
+            times.append((clock() - t0) / 1e3)
+        out[name] = statistics.median(times)
+    torch.cuda.synchronize()
+    barrier()
+    return out
 
 
 def _measure_kernels(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
