@@ -133,3 +133,88 @@ def test_every_timing_of_a_run_comes_before_any_profiler_pass(tmp_path, monkeypa
         assert r["fwd_step_us"] == (10.0 if r["timing"] == "runahead" else 12.0)
         assert r["kernel_fwd_step_us"] == 3.0 and r["launches_combine"] == 2.0 and r["syncs_fwd_step"] == 1.0
     assert all(r["outputs_equal"] for r in rows if r["lib"] == "deepep_plugin")
+
+
+def test_host_stamps_split_the_step_and_the_fresh_dispatch_at_the_runtime_stamps(monkeypatch) -> None:
+    """``--host-stamps``: each segment is the difference of the right two clock readings (a fake clock that only the
+    fake library's calls advance, by known amounts), and the layer timings call each layer."""
+    import argparse
+    import time
+    import types
+
+    import torch
+
+    from deepep_plugin.bench import compare
+
+    now = [0]
+    monkeypatch.setattr(time, "perf_counter_ns", lambda: now[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    called: list[str] = []
+
+    def tick(ns: int) -> int:
+        now[0] += ns
+        return now[0]
+
+    class Runtime:  # the extension: its stamps inside the fresh dispatch
+        stamps: list[int] = []
+
+        def fresh_stamps(self) -> list[int]:
+            return list(self.stamps)
+
+        def combine(self, *args: object) -> None:
+            called.append("combine_L2")
+            tick(1000)
+
+        def dispatch_cached(self, *args: object) -> None:
+            called.append("cached_L2")
+            tick(1500)
+
+    class Backend:
+        timeout_s = 30.0
+        _rt = Runtime()
+
+        def combine(self, *args: object) -> None:
+            called.append("combine_L1")
+            tick(2000)
+
+        def dispatch(self, *args: object) -> None:
+            called.append("cached_L1")
+            tick(2500)
+
+    handle = types.SimpleNamespace(rank_prefix_matrix=None, channel_prefix_matrix=None,
+                                   recv_channel_prefix_matrix=None, send_head=None, is_token_in_rank=None,
+                                   recv_src_idx=torch.zeros(5))
+    config = types.SimpleNamespace(num_channels=12, num_max_nvl_chunked_recv_tokens=256)
+
+    class Buf:
+        runtime = types.SimpleNamespace(intranode=Backend())
+
+        def get_dispatch_layout(self, idx: object, experts: int) -> tuple:
+            tick(2000)
+            return 1, 2, 3, 4, None
+
+        def dispatch(self, x: object, handle_or_none: object, *args: object, **kwargs: object) -> tuple:
+            if handle_or_none is not None:  # cached
+                called.append("cached_L0")
+                tick(3000)
+                return x, None, None, None, None, None
+            tick(500)  # Python before the extension
+            Runtime.stamps = [now[0]] + [tick(ns) for ns in (1000, 7000, 3000, 4000, 600)]
+            tick(400)  # Python after it
+            return x, None, None, None, handle, None
+
+        def combine(self, *args: object, **kwargs: object) -> None:
+            tick(5000)
+
+    lib = types.SimpleNamespace(Buffer=types.SimpleNamespace(get_dispatch_config=lambda w: config,
+                                                             get_combine_config=lambda w: config))
+    inp = types.SimpleNamespace(x=torch.zeros(4, 8), topk_idx=None, topk_weights=None)
+    out = compare._host_stamps(lib, Buf(), inp, 24, 2, argparse.Namespace(host_stamps=4, num_experts=8),
+                               lambda: None)
+    expect = {"layout": 2.0, "dispatch": 16.5, "combine": 5.0, "period": 23.5, "d_py_pre": 0.5, "d_pre": 1.0,
+              "d_wait": 7.0, "d_alloc": 3.0, "d_launch": 4.0, "d_post": 0.6, "d_py_post": 0.4,
+              "combine_L0": 5.0, "combine_L1": 2.0, "combine_L2": 1.0, "cached_L0": 3.0, "cached_L1": 2.5,
+              "cached_L2": 1.5}
+    assert out == expect
+    assert {c: called.count(c) for c in set(called)} == {k: 4 for k in expect if k[-3:] in ("_L1", "_L2")} | {
+        "cached_L0": 4}
