@@ -551,7 +551,7 @@ class Buffer:
         if isinstance(x, torch.Tensor):
             if x.dtype not in _FLOAT_DTYPES or x.dim() != 2 or not x.is_contiguous():
                 _check_tensor(x, "x", dtype=_FLOAT_DTYPES, ndim=2, contiguous=True)
-            if x.size(1) * x.element_size() % 16 != 0:
+            if x.shape[1] * x.element_size() % 16 != 0:
                 raise DeepEPInputError(f"{what}: a row of x must be a multiple of 16 bytes (hidden {x.size(1)} x "
                                        f"{x.element_size()} bytes)")
             return x, None
@@ -668,7 +668,7 @@ class Buffer:
             raise DeepEPInputError(f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
         if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
             raise DeepEPInputError(f"dispatch: num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
-        num_topk = topk_idx.size(1) if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
+        num_topk = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else 0
         layout = None
         r = self.group_size
         if handle is not None:
@@ -683,7 +683,7 @@ class Buffer:
         else:
             ok = self._layout_ok
             if (ok is not None and num_tokens_per_rank is ok[0]() and num_tokens_per_expert is ok[1]()
-                    and is_token_in_rank is ok[2]() and is_token_in_rank.size(0) == num_tokens
+                    and is_token_in_rank is ok[2]() and is_token_in_rank.shape[0] == num_tokens
                     and num_tokens_per_expert.numel() == ok[3] and num_tokens_per_rank.numel() == r
                     and is_token_in_rank.device == dev):
                 num_experts = ok[3]  # the tensors of the last get_dispatch_layout, checked when it made them
@@ -718,7 +718,7 @@ class Buffer:
                                     is_token_in_rank)
             self._check_nvl_bytes("dispatch", r * (r + num_experts // r) * 4)
         c, q = config.num_channels, config.num_max_nvl_chunked_recv_tokens
-        num_scales = scales.size(1) if scales is not None else 0
+        num_scales = scales.shape[1] if scales is not None else 0
         self._check_nvl_bytes("dispatch", r * r * 4 + c * r * 16 + c * r * q * (
             hidden * data.element_size() + 4 + num_topk * (TOPK_IDX_BYTES + 4) + 4 * num_scales))
 
@@ -728,12 +728,19 @@ class Buffer:
         else:
             self._check_resident("dispatch", config.num_sms, dev)
 
-        def run() -> Any:
-            return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
-                                   num_worst_tokens, config)
+        if ordered and previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # The common call (_run's first case, inlined: no closure, no list of inputs).
+            result = target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
+                                     num_worst_tokens, config)
+            event = EventOverlap(None)
+        else:
+            def run() -> Any:
+                return target.dispatch(data, scales, handle, layout, topk_idx, topk_weights, expert_alignment,
+                                       num_worst_tokens, config)
 
-        result, event = self._run(run, dev.type == "cuda", previous_event, async_finish, allocate_on_comm_stream,
-                                  [data, scales, topk_idx, topk_weights, is_token_in_rank], ordered)
+            result, event = self._run(run, dev.type == "cuda", previous_event, async_finish,
+                                      allocate_on_comm_stream, [data, scales, topk_idx, topk_weights,
+                                                                is_token_in_rank], ordered)
         recv_x = result.recv_x if result.recv_x_scales is None else (result.recv_x, result.recv_x_scales)
         if handle is not None:
             return recv_x, None, None, None, None, event
@@ -769,20 +776,20 @@ class Buffer:
         handle = self._check_handle(handle, None, None, "combine")
         dev = x.device
         n_recv = handle_recv_count(handle)
-        if x.size(0) < n_recv:
+        x_rows, hidden = x.shape
+        if x_rows < n_recv:
             raise DeepEPInputError(f"combine: x must have at least the {n_recv} rows dispatch received, "
-                                   f"got {x.size(0)}")
-        num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
+                                   f"got {x_rows}")
+        num_tokens = handle.is_token_in_rank.shape[0]
         if hidden * x.element_size() % 16 != 0:
             raise DeepEPInputError(f"combine: a row of x must be a multiple of 16 bytes (hidden {hidden} x "
                                    f"{x.element_size()} bytes)")
         num_topk = 0
         if topk_weights is not None:
             _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, ndim=2, device=dev, contiguous=True)
-            if topk_weights.size(0) != x.size(0):
-                raise DeepEPInputError(f"combine: topk_weights must have {x.size(0)} rows (as x), got "
-                                       f"{topk_weights.size(0)}")
-            num_topk = topk_weights.size(1)
+            w_rows, num_topk = topk_weights.shape
+            if w_rows != x_rows:
+                raise DeepEPInputError(f"combine: topk_weights must have {x_rows} rows (as x), got {w_rows}")
         bias0, bias1 = self._unpack_bias(bias)
         if bias0 is not None:
             _check_tensor(bias0, "bias[0]", dtype=x.dtype, shape=[num_tokens, hidden], device=dev, contiguous=True)
@@ -797,6 +804,11 @@ class Buffer:
             runtime.check_error()
         else:
             self._check_resident("combine", config.num_sms, dev)
+
+        if ordered and previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # The common call (_run's first case, inlined: no closure, no list of inputs).
+            result = target.combine(x, handle, topk_weights, bias0, bias1, config)
+            return result.combined_x, result.combined_topk_weights, EventOverlap(None)
 
         def run() -> Any:
             return target.combine(x, handle, topk_weights, bias0, bias1, config)

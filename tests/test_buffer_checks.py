@@ -76,3 +76,69 @@ def _lifetimes(rank: int, world_size: int) -> None:
     del layout, handle
     gc.collect()
     assert all(r() is None for r in refs), "the Buffer keeps a layout or handle tensor alive"
+
+
+def _ordered_runtime_calls(rank: int, world_size: int) -> None:
+    """A runtime that orders its own streams (the intranode kernels) takes the inlined common call: the same
+    arguments reach it and the same results come back as through ``_run``; a call with ``async_finish`` or a
+    ``previous_event`` still goes through ``_run`` and gets its event."""
+    from deepep_plugin.events import EventOverlap
+
+    me = make_case("imbalanced", 92, rank, world_size, hidden=256)
+    size = dp.Buffer.get_dispatch_config(world_size).get_nvl_buffer_size_hint(512, world_size)
+    buf = dp.Buffer(dist.group.WORLD, size, 0)
+    reference = buf.runtime.reference
+    calls: list[str] = []
+    real_run = buf._run
+
+    class Ordered:  # the reference's results, announced as a stream-ordering runtime
+        orders_streams = True
+
+        def __getattr__(self, name: str):
+            return getattr(reference, name)
+
+        def dispatch(self, *args, **kwargs):
+            calls.append("dispatch")
+            return reference.dispatch(*args, **kwargs)
+
+        def combine(self, *args, **kwargs):
+            calls.append("combine")
+            return reference.combine(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        calls.append("_run")
+        return real_run(*args, **kwargs)
+
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(me.topk_idx, me.num_experts)
+    want_x, want_idx, want_w, want_counts, handle, _ = buf.dispatch(
+        me.x, None, per_rank, per_rdma, in_rank, per_expert, me.topk_idx, me.topk_weights)
+    want_comb, want_cw, _ = buf.combine(want_x, handle, topk_weights=want_w)
+    want_cached = buf.dispatch(me.x, handle=handle)[0]
+
+    real_for, real_resident = buf.runtime.runtime_for, buf._check_resident
+    buf.runtime.runtime_for = lambda op, cuda, dtype=None: Ordered()
+    buf._check_resident, buf._run = (lambda *a: None), run
+    try:
+        got_x, got_idx, got_w, got_counts, got_handle, event = buf.dispatch(
+            me.x, None, per_rank, per_rdma, in_rank, per_expert, me.topk_idx, me.topk_weights)
+        assert isinstance(event, EventOverlap) and event.event is None
+        assert torch.equal(got_x, want_x) and torch.equal(got_idx, want_idx) and torch.equal(got_w, want_w)
+        assert got_counts == want_counts
+        assert torch.equal(buf.dispatch(me.x, handle=got_handle)[0], want_cached)
+        comb, cw, event = buf.combine(got_x, got_handle, topk_weights=got_w)
+        assert event.event is None and torch.equal(comb, want_comb) and torch.equal(cw, want_cw)
+        assert calls == ["dispatch", "dispatch", "combine"], calls
+        calls.clear()
+        _, _, event = buf.combine(got_x, got_handle, topk_weights=got_w, async_finish=True)
+        assert event.event is not None
+        _, _, _, _, _, event = buf.dispatch(me.x, handle=got_handle, async_finish=True)
+        assert event.event is not None
+        buf.dispatch(me.x, handle=got_handle, previous_event=event)
+        buf.combine(got_x, got_handle, topk_weights=got_w, previous_event=event)
+        assert calls == ["_run", "combine", "_run", "dispatch", "_run", "dispatch", "_run", "combine"], calls
+    finally:
+        buf.runtime.runtime_for, buf._check_resident, buf._run = real_for, real_resident, real_run
+
+
+def test_a_stream_ordering_runtime_takes_the_inlined_call_with_the_same_results() -> None:
+    run_distributed(_ordered_runtime_calls, 2)

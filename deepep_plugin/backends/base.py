@@ -81,7 +81,7 @@ Handle = IntranodeHandle | InternodeHandle
 
 def handle_recv_count(handle: Handle) -> int:
     """Rows the dispatch that made ``handle`` received (``num_worst_tokens`` when it padded them)."""
-    return (handle.recv_src_idx if isinstance(handle, IntranodeHandle) else handle.recv_src_meta).size(0)
+    return (handle.recv_src_idx if isinstance(handle, IntranodeHandle) else handle.recv_src_meta).shape[0]
 
 
 def handle_channel_matrix(handle: Handle) -> torch.Tensor:
@@ -91,7 +91,7 @@ def handle_channel_matrix(handle: Handle) -> torch.Tensor:
 
 def handle_num_channels(handle: Handle) -> int:
     """Channels (``num_sms / 2``) of the config that made ``handle``."""
-    return handle_channel_matrix(handle).size(1)
+    return handle_channel_matrix(handle).shape[1]
 
 
 class DispatchResult(NamedTuple):

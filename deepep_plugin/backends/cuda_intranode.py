@@ -210,7 +210,7 @@ class IntranodeRuntime:
                                       out[4] if num_worst_tokens <= 0 else [], handle)
             if topk_idx is not None or topk_weights is not None:
                 raise DeepEPInputError("cached dispatch: topk_idx/topk_weights must be None")
-            rows = num_worst_tokens if num_worst_tokens > 0 else handle.recv_src_idx.size(0)
+            rows = num_worst_tokens if num_worst_tokens > 0 else handle.recv_src_idx.shape[0]
             recv_x, recv_scales = self._rt.dispatch_cached(
                 x, x_scales, handle.is_token_in_rank, handle.rank_prefix_matrix, handle.recv_channel_prefix_matrix,
                 rows, C, Q, self.timeout_s)
