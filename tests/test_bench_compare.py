@@ -209,7 +209,7 @@ def test_host_stamps_split_the_step_and_the_fresh_dispatch_at_the_runtime_stamps
     lib = types.SimpleNamespace(Buffer=types.SimpleNamespace(get_dispatch_config=lambda w: config,
                                                              get_combine_config=lambda w: config))
     inp = types.SimpleNamespace(x=torch.zeros(4, 8), topk_idx=None, topk_weights=None)
-    out = compare._host_stamps(lib, Buf(), inp, 24, 2, argparse.Namespace(host_stamps=4, num_experts=8),
+    out = compare._host_stamps(lib, Buf(), inp, 2, argparse.Namespace(host_stamps=4, num_experts=8),
                                lambda: None)
     expect = {"layout": 2.0, "dispatch": 16.5, "combine": 5.0, "period": 23.5, "d_py_pre": 0.5, "d_pre": 1.0,
               "d_wait": 7.0, "d_alloc": 3.0, "d_launch": 4.0, "d_post": 0.6, "d_py_post": 0.4,

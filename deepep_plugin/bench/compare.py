@@ -374,17 +374,18 @@ def _measure_times(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, a
                          "synced_us": _synced(fn, args.synced_iters, barrier),
                          "blocks_host": _blocks_host(fn, barrier)}
     if args.host_stamps:
-        metrics["fwd_step"]["stamps"] = _host_stamps(lib, buf, inp, num_sms, world, args, barrier)
+        metrics["fwd_step"]["stamps"] = _host_stamps(lib, buf, inp, world, args, barrier)
     return metrics, outputs
 
 
-def _host_stamps(lib: Any, buf: Any, inp: _Inputs, num_sms: int, world: int, args: argparse.Namespace,
+def _host_stamps(lib: Any, buf: Any, inp: _Inputs, world: int, args: argparse.Namespace,
                  barrier: Callable[[], None]) -> dict[str, float]:
     """Median host us of each segment of ``args.host_stamps`` forward steps issued back to back (no profiler):
     ``period`` (step start to the next step's start), ``layout``, ``dispatch``, ``combine`` (each call's host time)
     and, for deepep_plugin, the fresh dispatch's parts from its runtime's stamps (runtime.cpp: fresh_stamps):
     ``d_py_pre`` (Python before the C++ call), ``d_pre`` (to notify enqueued), ``d_wait`` (the count read),
-    ``d_alloc``, ``d_launch`` (dispatch enqueued), ``d_post`` (to the C++ return), ``d_py_post``."""
+    ``d_alloc``, ``d_launch`` (dispatch enqueued), ``d_post`` (to the C++ return), ``d_py_post``. deepep_plugin's
+    ``period`` also holds the read of those stamps after each step (one small extension call)."""
     import torch
 
     n = args.host_stamps
